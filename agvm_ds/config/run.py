@@ -1,0 +1,314 @@
+"""Load one run file: DeepSpeed's sections plus validated ``agvm``, ``model``, ``data``, ``train``.
+
+``load_run_config(path, overrides)`` reads the JSON, applies ``--override key.path=value``
+(dotted path into the JSON, value JSON-parsed with a fallback to a plain string), drops
+comment keys (any key starting with ``_``, at any depth), validates the four agvm-ds
+sections with pydantic (``extra="forbid"``) and checks DeepSpeed's batch keys — all before
+any distributed work, so a bad file fails in about a second.
+
+Errors are :class:`agvm_ds.config.base.ConfigError` whose message names the file or the
+dotted key. Every other top-level section goes to DeepSpeed unchanged.
+
+Notes:
+    ``train_batch_size = train_micro_batch_size_per_gpu * gradient_accumulation_steps *
+    world_size`` is checked (and missing keys are filled in) when the world size is known:
+    the ``world_size`` argument, else the ``WORLD_SIZE`` variable the launchers set. Without
+    one, only divisibility is checked and the implied world size is recorded.
+
+Limitations:
+    DeepSpeed ignores top-level keys it does not know. A key that is a near miss of a known
+    section (``zero_optimisation``) is an error here; any other unknown key only warns.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from agvm_ds.config.base import ConfigError, parse_section
+from agvm_ds.config.train import TrainConfig
+
+OWN_SECTIONS = ("agvm", "model", "data", "train")
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu",
+              "gradient_accumulation_steps")
+# Top-level keys DeepSpeed 0.19 reads (used only to flag near-miss typos).
+DEEPSPEED_KEYS = frozenset("""
+train_batch_size train_micro_batch_size_per_gpu gradient_accumulation_steps optimizer
+scheduler fp16 bf16 bfloat16 amp torch_autocast zero_optimization
+zero_allow_untested_optimizer zero_force_ds_cpu_optimizer gradient_clipping
+prescale_gradients gradient_predivide_factor gradient_allreduce_op communication_data_type
+seq_parallel_communication_data_type steps_per_print wall_clock_breakdown memory_breakdown
+dump_state activation_checkpointing flops_profiler tensorboard wandb csv_monitor comet
+comms_logger checkpoint data_types dataloader_drop_last disable_allgather sparse_gradients
+elasticity aio nebula compression_training data_efficiency curriculum_learning pipeline
+tensor_parallel autotuning hybrid_engine timers compile graph_harvesting
+load_universal_checkpoint use_node_local_storage weight_quantization disable_python_gc
+log_level sparse_attention eigenvalue progressive_layer_drop quantize_training
+sequence_parallel_size zenflow
+""".split())
+
+
+@dataclass
+class RunConfig:
+    """A validated run file. ``deepspeed`` holds DeepSpeed's sections (comments removed)."""
+
+    path: Path
+    name: str
+    deepspeed: dict[str, Any]
+    agvm: Any  # agvm_ds.config.agvm.AGVMConfig
+    model: Any  # agvm_ds.config.model.ModelConfig
+    data: Any  # agvm_ds.config.data.DataConfig
+    train: TrainConfig
+    world_size: Optional[int] = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def micro_batch(self) -> int:
+        return int(self.deepspeed["train_micro_batch_size_per_gpu"])
+
+    @property
+    def grad_accum(self) -> int:
+        return int(self.deepspeed["gradient_accumulation_steps"])
+
+    @property
+    def global_batch(self) -> int:
+        return int(self.deepspeed["train_batch_size"])
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.deepspeed.get("zero_optimization", {}).get("stage", 0))
+
+    def initialize_config(self) -> dict[str, Any]:
+        """The dict for ``agvm_ds.initialize(config=...)``: DeepSpeed's sections + ``agvm``."""
+        return {**copy.deepcopy(self.deepspeed), "agvm": self.agvm.model_dump()}
+
+
+# ----------------------------------------------------------------------------- overrides
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b.c=1e-3"`` → (``["a", "b", "c"]``, ``0.001``). Unparseable JSON stays a str."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--override {text!r}: expected key.path=value")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_override(config: dict, text: str) -> None:
+    """Set one dotted key in place, creating missing objects along the way."""
+    parts, value = parse_override(text)
+    node: Any = config
+    for i, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, dict):
+            node = node.setdefault(part, {})
+        elif isinstance(node, list) and part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node):
+            node = node[int(part)]
+        else:
+            raise ConfigError(f"--override {text!r}: {where} is not an object")
+    last = parts[-1]
+    if isinstance(node, dict):
+        node[last] = value
+    elif isinstance(node, list) and last.lstrip("-").isdigit() and -len(node) <= int(last) < len(node):
+        node[int(last)] = value
+    else:
+        raise ConfigError(f"--override {text!r}: {'.'.join(parts[:-1])} is not an object")
+
+
+def strip_comments(node: Any) -> Any:
+    """Drop every key that starts with ``_`` (``"_comment"`` …) at any depth."""
+    if isinstance(node, dict):
+        return {k: strip_comments(v) for k, v in node.items()
+                if not (isinstance(k, str) and k.startswith("_"))}
+    if isinstance(node, list):
+        return [strip_comments(v) for v in node]
+    return node
+
+
+# ----------------------------------------------------------------------------- reading
+def read_json(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config file ({err.strerror or err})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a JSON object")
+    return data
+
+
+def _positive_int(ds: dict, key: str) -> Optional[int]:
+    value = ds.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key}: must be a positive integer, got {value!r}")
+    return value
+
+
+def resolve_batch(ds: dict, world_size: Optional[int]) -> Optional[int]:
+    """Check/complete DeepSpeed's three batch keys in place; return the (implied) world size."""
+    tbs, mb, gas = (_positive_int(ds, k) for k in BATCH_KEYS)
+    if tbs is None and mb is None:
+        raise ConfigError("train_batch_size: set train_batch_size or "
+                          "train_micro_batch_size_per_gpu")
+    if world_size is None:
+        if tbs is not None and mb is not None:
+            per_rank = mb * (gas or 1)
+            if tbs % per_rank:
+                raise ConfigError(
+                    f"train_batch_size ({tbs}) is not a multiple of "
+                    f"train_micro_batch_size_per_gpu ({mb}) x gradient_accumulation_steps "
+                    f"({gas or 1})")
+            ds.setdefault("gradient_accumulation_steps", gas or 1)
+            return tbs // per_rank
+        return None
+
+    ws = world_size
+    if tbs is not None and mb is not None and gas is not None:
+        if tbs != mb * gas * ws:
+            raise ConfigError(
+                f"train_batch_size ({tbs}) != train_micro_batch_size_per_gpu ({mb}) x "
+                f"gradient_accumulation_steps ({gas}) x world size ({ws})")
+    elif tbs is not None and mb is not None:
+        if tbs % (mb * ws):
+            raise ConfigError(f"train_batch_size ({tbs}) is not divisible by "
+                              f"train_micro_batch_size_per_gpu ({mb}) x world size ({ws})")
+        gas = tbs // (mb * ws)
+    elif tbs is not None:
+        gas = gas or 1
+        if tbs % (gas * ws):
+            raise ConfigError(f"train_batch_size ({tbs}) is not divisible by "
+                              f"gradient_accumulation_steps ({gas}) x world size ({ws})")
+        mb = tbs // (gas * ws)
+    else:
+        gas = gas or 1
+        tbs = mb * gas * ws
+    ds.update({"train_batch_size": tbs, "train_micro_batch_size_per_gpu": mb,
+               "gradient_accumulation_steps": gas})
+    return ws
+
+
+def _check_deepspeed_sections(ds: dict, train: TrainConfig, warnings: list[str]) -> None:
+    known = DEEPSPEED_KEYS | set(OWN_SECTIONS)
+    for key in ds:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
+        if close:
+            raise ConfigError(f"{key}: unknown top-level key (did you mean {close[0]!r}?)")
+        warnings.append(f"{key}: unknown top-level key, passed to DeepSpeed (which ignores it)")
+
+    opt = ds.get("optimizer")
+    if not isinstance(opt, dict) or not isinstance(opt.get("type"), str):
+        raise ConfigError("optimizer.type: name the base optimizer (SGD, AdamW, Lamb, Lars or "
+                          "any torch.optim class)")
+    params = opt.get("params", {})
+    if not isinstance(params, dict):
+        raise ConfigError("optimizer.params: must be an object")
+    lr = params.get("lr")
+    if train.lr_scaling is None and (isinstance(lr, bool) or not isinstance(lr, (int, float))
+                                     or lr <= 0):
+        raise ConfigError(f"optimizer.params.lr: must be a positive number (or set "
+                          f"train.lr_scaling), got {lr!r}")
+    if "scheduler" in ds:
+        raise ConfigError("scheduler: the launcher schedules the lr from the train section "
+                          "(train.warmup*, train.decay); remove the DeepSpeed scheduler")
+    if train.grad_clip is not None and ds.get("gradient_clipping", 0.0) not in (0, 0.0):
+        raise ConfigError("gradient_clipping: train.grad_clip owns clipping; set one of "
+                          "gradient_clipping and train.grad_clip, not both")
+
+    zero = ds.get("zero_optimization")
+    if zero is not None:
+        if not isinstance(zero, dict):
+            raise ConfigError("zero_optimization: must be an object")
+        from pydantic import ValidationError
+
+        from agvm_ds.config.base import format_validation_error
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+        try:
+            DeepSpeedZeroConfig(**zero)
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(err, "zero_optimization")) from None
+
+
+def validate_run_dict(raw: dict, path: Path, world_size: Optional[int] = None) -> RunConfig:
+    """Validate an already-read (and overridden) run dict. See :func:`load_run_config`."""
+    from agvm_ds.config.agvm import AGVMConfig
+    from agvm_ds.config.data import DataConfig
+    from agvm_ds.config.model import ModelConfig
+
+    raw = strip_comments(raw)
+    for sec in OWN_SECTIONS:
+        if sec in raw and raw[sec] is not None and not isinstance(raw[sec], dict):
+            raise ConfigError(f"{sec}: must be an object")
+    if "model" not in raw:
+        raise ConfigError("model: missing section")
+    train = parse_section(TrainConfig, raw.get("train"), "train")
+    agvm = parse_section(AGVMConfig, raw.get("agvm"), "agvm")
+    model = parse_section(ModelConfig, raw.get("model"), "model")
+    data = parse_section(DataConfig, raw.get("data"), "data")
+    ds = {k: v for k, v in raw.items() if k not in OWN_SECTIONS}
+    warnings: list[str] = []
+    _check_deepspeed_sections(ds, train, warnings)
+    ws = resolve_batch(ds, world_size)
+    return RunConfig(path=path, name=path.stem, deepspeed=ds, agvm=agvm, model=model,
+                     data=data, train=train, world_size=ws, warnings=warnings)
+
+
+def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None,
+                    world_size: Optional[int] = None) -> RunConfig:
+    """Read, override and validate one run file; raise :class:`ConfigError` on any mistake.
+
+    Args:
+        path: the JSON run file.
+        overrides: ``key.path=value`` strings, applied in order.
+        world_size: data-parallel ranks; default ``$WORLD_SIZE`` when set.
+    """
+    path = Path(path)
+    raw = read_json(path)
+    for text in overrides or []:
+        apply_override(raw, text)
+    if world_size is None and os.environ.get("WORLD_SIZE", "").isdigit():
+        world_size = int(os.environ["WORLD_SIZE"])
+    return validate_run_dict(raw, path, world_size)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m agvm_ds.config.run FILE [--override k=v …] [--world_size N]``: check a file."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("file")
+    parser.add_argument("--override", action="append", default=[])
+    parser.add_argument("--world_size", type=int, default=None)
+    args = parser.parse_args(argv)
+    try:
+        run = load_run_config(args.file, args.override, args.world_size)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for w in run.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(f"{args.file}: ok (global batch {run.global_batch}, world size "
+          f"{run.world_size if run.world_size is not None else 'unspecified'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""AGVM core: the modulator math, the optimizer wrapper, estimators and ZeRO adapters."""

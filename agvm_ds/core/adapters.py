@@ -1,0 +1,265 @@
+"""Per-ZeRO-stage adapters: where this rank's share of the averaged gradient lives.
+
+This is the only module that reads DeepSpeed internals (measured on deepspeed 0.19.8;
+design.md §2–§3). Each adapter describes an **ownership layout**: every trainable
+element is owned by exactly one rank, and each rank keeps its owned elements in one flat
+fp32 buffer ("local layout"). The layout is chosen so that the averaged gradient DeepSpeed
+already holds on this rank *is* this rank's owned part:
+
+* stage 0 — DeepSpeed keeps the full averaged gradient everywhere; we split each
+  parameter into ``world`` near-equal slices (as ZeRO-3 would), so statistics cost P/N;
+* stage 1/2 — DeepSpeed's flat group buffers, cut into ``partition_size`` pieces per rank
+  (``round_robin_bit16_groups`` order, alignment padding included);
+* stage 3 — each parameter's own partition (``ds_tensor``, ``ceil(numel / world)``).
+
+Each adapter yields :class:`Chunk` s — a contiguous run of the local layout with its module,
+its param group, the averaged gradient and (for Adam) the second moment there.
+``layout`` maps every parameter to the pieces every rank owns, which the streaming reducer
+needs to send signed gradients straight to their owners.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class Piece:
+    rank: int      # owner
+    p_lo: int      # [p_lo, p_hi) in the parameter's flattened elements
+    p_hi: int
+    acc_lo: int    # offset in the owner's local layout
+
+
+@dataclass
+class Chunk:
+    module: int
+    group: int
+    lo: int
+    hi: int
+    grad: torch.Tensor                 # fp32, hi - lo elements
+    second_moment: Optional[torch.Tensor] = None
+
+
+def _device():
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().current_device_name()
+
+
+def _even_split(numel: int, world: int, part: int | None = None) -> list[tuple[int, int, int]]:
+    part = part or math.ceil(numel / world)
+    out = []
+    for r in range(world):
+        lo, hi = r * part, min(numel, (r + 1) * part)
+        if lo < hi:
+            out.append((r, lo, hi))
+    return out
+
+
+class StageAdapter:
+    """Common bookkeeping; subclasses fill ``layout``/``local_numel`` and the reads."""
+
+    stage: int = -1
+    #: DeepSpeed reduces (and partitions) gradients on every micro-step (ZeRO-2/3).
+    reduces_every_micro_step: bool = False
+
+    def __init__(self, engine, groups: list[list[torch.nn.Parameter]], group_modules: list[int]):
+        self.engine = engine
+        self.zero = engine.optimizer
+        self.groups = groups
+        self.group_modules = group_modules
+        self.rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        self.layout: dict[int, list[Piece]] = {}
+        self.local_numel = 0
+        self.params = [p for g in groups for p in g]
+
+    # -- reads -----------------------------------------------------------------------
+    def chunks(self, want_second_moment: bool = False, boundary: bool = True) -> Iterator[Chunk]:
+        raise NotImplementedError
+
+    def local_unreduced_grad(self, p: torch.nn.Parameter) -> Optional[torch.Tensor]:
+        """This rank's own (not yet reduced) accumulated gradient; stages 0 and 1 only."""
+        raise NotImplementedError(f"stage {self.stage} reduces gradients during backward")
+
+    def grad_scale(self) -> float:
+        """The fp16 loss scale still inside the gradients DeepSpeed holds (1 otherwise)."""
+        if self.engine.fp16_enabled():
+            return float(getattr(self.zero, "loss_scale", getattr(self.zero, "cur_scale", 1.0)))
+        return 1.0
+
+    def set_gradient_clipping(self, max_norm: float) -> None:
+        self.engine._config.gradient_clipping = float(max_norm)
+        if hasattr(self.zero, "clip_grad"):
+            self.zero.clip_grad = float(max_norm)
+
+
+class Stage0Adapter(StageAdapter):
+    stage = 0
+
+    def __init__(self, engine, groups, group_modules):
+        super().__init__(engine, groups, group_modules)
+        offsets = [0] * self.world
+        self._own: list[tuple[int, int, torch.nn.Parameter, int, int, int]] = []
+        for gi, g in enumerate(groups):
+            for p in g:
+                pieces = []
+                for r, lo, hi in _even_split(p.numel(), self.world):
+                    pieces.append(Piece(r, lo, hi, offsets[r]))
+                    if r == self.rank:
+                        self._own.append((group_modules[gi], gi, p, lo, hi, offsets[r]))
+                    offsets[r] += hi - lo
+                self.layout[id(p)] = pieces
+        self.local_numel = offsets[self.rank]
+        # bf16 / fp16 wrappers optimize fp32 copies: map model params to them for Adam state.
+        opt_groups = getattr(self.zero, "fp32_groups", None)
+        self._state_param = {}
+        if opt_groups is not None:
+            for model_g, fp32_g in zip(getattr(self.zero, "fp16_groups"), opt_groups):
+                for mp, fp in zip(model_g, fp32_g):
+                    self._state_param[id(mp)] = fp
+        self._base_state = engine.basic_optimizer.state
+
+    def _moment(self, p):
+        st = self._base_state.get(self._state_param.get(id(p), p))
+        return None if not st or "exp_avg_sq" not in st else st["exp_avg_sq"]
+
+    def chunks(self, want_second_moment=False, boundary=True):
+        for m, gi, p, lo, hi, acc in self._own:
+            g = p.grad
+            grad = torch.zeros(hi - lo) if g is None else g.detach().reshape(-1)[lo:hi].float()
+            v = None
+            if want_second_moment:
+                mom = self._moment(p)
+                v = None if mom is None else mom.reshape(-1)[lo:hi].float()
+            yield Chunk(m, gi, acc, acc + hi - lo, grad, v)
+
+    def local_unreduced_grad(self, p):
+        return p.grad
+
+
+class Stage12Adapter(StageAdapter):
+    """ZeRO-1 and ZeRO-2: flat, padded param-group buffers split into equal partitions."""
+
+    def __init__(self, engine, groups, group_modules):
+        super().__init__(engine, groups, group_modules)
+        zo = self.zero
+        self.stage = int(engine.zero_optimization_stage())
+        self.reduces_every_micro_step = self.stage == 2
+        self._base = []
+        base = 0
+        for gi in range(len(zo.round_robin_bit16_groups)):
+            ps = int(zo.partition_size[gi])
+            for p, off in zip(zo.round_robin_bit16_groups[gi], zo.round_robin_bit16_offsets[gi]):
+                pieces = []
+                n = p.numel()
+                for r in range(self.world):
+                    lo, hi = max(off, r * ps), min(off + n, (r + 1) * ps)
+                    if lo < hi:
+                        pieces.append(Piece(r, lo - off, hi - off, base + lo - r * ps))
+                self.layout[id(p)] = pieces
+            self._base.append((base, ps))
+            base += ps
+        self.local_numel = base
+
+    def _partition_grad(self, gi: int, boundary: bool) -> torch.Tensor:
+        zo = self.zero
+        held = zo.averaged_gradients.get(gi) if isinstance(zo.averaged_gradients, dict) else None
+        flat = getattr(held, "flat_partition", None)
+        if flat is not None:
+            return flat.reshape(-1).float()
+        if boundary:
+            if held is None:
+                return torch.zeros(self._base[gi][1])
+            return torch.cat([t.reshape(-1).float() for t in held])
+        # ZeRO-2 between boundaries: the reduced running sum sits in all_grad_tensors.
+        if zo.all_grad_tensors.get(gi) is None:
+            return torch.zeros(self._base[gi][1])
+        return zo.get_flat_partition(zo.params_in_partition[gi], zo.first_offset[gi], zo.partition_size[gi],
+                                     dtype=torch.float32, device=_device(), param_group_idx=gi).float()
+
+    def chunks(self, want_second_moment=False, boundary=True):
+        zo = self.zero
+        for gi, (base, ps) in enumerate(self._base):
+            v = None
+            if want_second_moment:
+                st = zo.optimizer.state.get(zo.single_partition_of_fp32_groups[gi])
+                v = None if not st or "exp_avg_sq" not in st else st["exp_avg_sq"].reshape(-1).float()
+            yield Chunk(self.group_modules[gi], gi, base, base + ps, self._partition_grad(gi, boundary), v)
+
+    def local_unreduced_grad(self, p):
+        if self.stage != 1:
+            return super().local_unreduced_grad(p)
+        return self.zero.get_param_gradient_attribute(p)
+
+
+class Stage3Adapter(StageAdapter):
+    stage = 3
+    reduces_every_micro_step = True
+
+    def __init__(self, engine, groups, group_modules):
+        super().__init__(engine, groups, group_modules)
+        offsets = [0] * self.world
+        self._own = []
+        for gi, g in enumerate(groups):
+            for p in g:
+                part = int(p.ds_tensor.ds_numel)
+                pieces = []
+                for r, lo, hi in _even_split(int(p.ds_numel), self.world, part):
+                    pieces.append(Piece(r, lo, hi, offsets[r]))
+                    if r == self.rank:
+                        self._own.append((group_modules[gi], gi, p, lo, hi, offsets[r]))
+                    offsets[r] += hi - lo
+                self.layout[id(p)] = pieces
+        self.local_numel = offsets[self.rank]
+
+    def chunks(self, want_second_moment=False, boundary=True):
+        from deepspeed.utils import safe_get_local_grad, safe_get_local_optimizer_state
+
+        for m, gi, p, lo, hi, acc in self._own:
+            g = safe_get_local_grad(p)
+            grad = torch.zeros(hi - lo) if g is None else g.reshape(-1)[: hi - lo].float()
+            v = None
+            if want_second_moment:
+                try:
+                    s = safe_get_local_optimizer_state(p, "exp_avg_sq")
+                except (KeyError, AttributeError, AssertionError):
+                    s = None
+                v = None if s is None else s.reshape(-1)[: hi - lo].float()
+            yield Chunk(m, gi, acc, acc + hi - lo, grad, v)
+
+
+def build_adapter(engine, groups, group_modules) -> StageAdapter:
+    stage = int(engine.zero_optimization_stage())
+    if stage == 0:
+        return Stage0Adapter(engine, groups, group_modules)
+    if stage in (1, 2):
+        return Stage12Adapter(engine, groups, group_modules)
+    if stage == 3:
+        return Stage3Adapter(engine, groups, group_modules)
+    raise ValueError(f"unsupported ZeRO stage {stage}")
+
+
+def install_engine_hooks(engine, after_backward, before_reduction):
+    """Wrap the engine's backward epilogue (every backward, after DeepSpeed's reduction and
+    before any clipping) and, for stages 0/1, its boundary reduction (local grads still
+    unreduced). Instance attributes shadow the methods, so DeepSpeed's own calls and its
+    torch-style backward hook path both go through the wrappers."""
+    orig_epilogue = engine._backward_epilogue
+    orig_reduce = engine.allreduce_gradients
+
+    def _backward_epilogue():
+        orig_epilogue()
+        after_backward()
+
+    def allreduce_gradients(*args, **kwargs):
+        before_reduction()
+        return orig_reduce(*args, **kwargs)
+
+    engine._backward_epilogue = _backward_epilogue
+    engine.allreduce_gradients = allreduce_gradients

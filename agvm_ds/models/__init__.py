@@ -1,0 +1,15 @@
+"""Dense-prediction models with AGVM module metadata.
+
+``build_model(spec)`` builds RetinaNet, Faster R-CNN, Mask R-CNN or Semantic FPN on a timm
+or UniNet-style backbone from a JSON spec in ``models/``; the returned module carries
+``agvm_modules`` (module name -> parameter-name prefixes, anchor first) and
+``agvm_anchor``. ``param_groups(model, weight_decay)`` builds decay / no-decay groups per
+module for the optimizer.
+"""
+
+from agvm_ds.models.build import assign_modules, build_model, partition_problems
+from agvm_ds.models.param_groups import param_groups
+from agvm_ds.models.spec import ModelSpec, load_spec, resolve_spec_path
+
+__all__ = ["ModelSpec", "assign_modules", "build_model", "load_spec", "param_groups",
+           "partition_problems", "resolve_spec_path"]

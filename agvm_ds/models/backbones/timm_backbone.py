@@ -1,0 +1,75 @@
+"""Any timm model as a detection backbone, through ``features_only``.
+
+timm's feature wrappers return the chosen stage outputs plus ``feature_info`` (channels and
+reduction of each). Hierarchical transformers such as Swin produce NHWC maps; those are
+permuted to the NCHW the necks expect, based on the wrapper's ``output_fmt``.
+
+Weights start random. Pretrained weights come only from a local file (``checkpoint``) -
+timm's own ``pretrained_cfg_overlay={"file": ...}`` loads it into the full classifier
+model before the feature wrapper prunes it, so any checkpoint timm can read works, with
+timm's key remapping (e.g. for Swin's relative-position tables) applied.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from agvm_ds.config.base import ConfigError
+
+__all__ = ["TimmBackbone"]
+
+# Swin & co. fix the input size at construction unless told otherwise; detection inputs vary.
+_DYNAMIC_SIZE_KWARGS = {"swin": {"strict_img_size": False}}
+
+
+def _on_meta_device() -> bool:
+    return torch.empty(0).device.type == "meta"
+
+
+class TimmBackbone(nn.Module):
+    def __init__(self, spec):
+        super().__init__()
+        import timm  # deferred: importing timm costs seconds
+
+        kwargs = dict(spec.kwargs)
+        for key, extra in _DYNAMIC_SIZE_KWARGS.items():
+            if key in spec.name:
+                for k, v in extra.items():
+                    kwargs.setdefault(k, v)
+        pretrained = False
+        if spec.checkpoint and not _on_meta_device():
+            path = Path(spec.checkpoint).expanduser()
+            if not path.is_file():
+                raise ConfigError(f"backbone.checkpoint: {path} does not exist")
+            pretrained = True
+            kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
+        def create(out_indices):
+            extra = {} if out_indices is None else {"out_indices": tuple(out_indices)}
+            try:
+                return timm.create_model(spec.name, pretrained=pretrained, features_only=True,
+                                         **extra, **kwargs)
+            except RuntimeError as err:  # unknown model / no feature support
+                raise ConfigError(f"backbone.name: timm cannot build {spec.name!r} with "
+                                  f"features_only ({err})") from None
+            except TypeError as err:  # a bad entry in kwargs
+                raise ConfigError(f"backbone.kwargs: {err}") from None
+
+        model = create(spec.out_indices)
+        if not spec.out_indices:  # keep the last (up to) four levels with stride >= 4
+            reductions = model.feature_info.reduction()
+            wanted = [i for i, r in enumerate(reductions) if r >= 4][-4:]
+            if len(wanted) != len(reductions):
+                model = create(wanted)
+        self.body = model
+        self.nhwc = str(getattr(model, "output_fmt", "NCHW")).endswith("NHWC")
+        self.channels = list(model.feature_info.channels())
+        self.strides = list(model.feature_info.reduction())
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        feats = self.body(x)
+        if self.nhwc:
+            feats = [f.permute(0, 3, 1, 2) for f in feats]
+        return [f.contiguous() for f in feats]

@@ -1,0 +1,117 @@
+"""RetinaNet head (Lin et al. 2017): dense per-anchor classification and box regression.
+
+Two towers of 3x3 convs shared across pyramid levels; sigmoid classifiers trained with
+focal loss, whose bias starts at ``-log((1 - p) / p)`` so every anchor initially predicts
+background with probability ``1 - p`` (otherwise the ~10^4 background anchors swamp the
+first iterations). Matching and loss are vectorized over anchors; the only Python loops
+are over images and pyramid levels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from agvm_ds.models.heads.anchors import anchor_generator
+from agvm_ds.models.layers import make_norm
+from agvm_ds.ops import (BoxCoder, Matcher, batched_nms, box_iou, giou_loss,
+                         sigmoid_focal_loss, smooth_l1_loss)
+
+__all__ = ["RetinaHead"]
+
+
+def _tower(channels: int, num_convs: int, norm: str) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for _ in range(num_convs):
+        layers += [nn.Conv2d(channels, channels, 3, padding=1), make_norm(norm, channels), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def _flatten(x: Tensor, k: int) -> Tensor:
+    """``[N, A*k, H, W]`` -> ``[N, H*W*A, k]`` (the anchor generator's order)."""
+    n, _, h, w = x.shape
+    return x.view(n, -1, k, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, k)
+
+
+class RetinaHead(nn.Module):
+    def __init__(self, spec, channels: int, strides: list[int], num_classes: int):
+        super().__init__()
+        self.spec = spec
+        self.num_classes = num_classes
+        self.anchors = anchor_generator(spec.anchors, strides)
+        a = self.anchors.num_anchors[0]
+        self.cls_tower = _tower(channels, spec.num_convs, spec.norm)
+        self.box_tower = _tower(channels, spec.num_convs, spec.norm)
+        self.cls_logits = nn.Conv2d(channels, a * num_classes, 3, padding=1)
+        self.box_deltas = nn.Conv2d(channels, a * 4, 3, padding=1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=0.01)
+                nn.init.zeros_(m.bias)
+        nn.init.constant_(self.cls_logits.bias, -math.log((1 - spec.prior_prob) / spec.prior_prob))
+        self.coder = BoxCoder()
+        self.matcher = Matcher(spec.fg_iou, spec.bg_iou, spec.allow_low_quality)
+        # EMA of foreground anchors per batch (detectron2's trick against noisy per-batch
+        # counts); starts at the first batch's count rather than a batch-16-sized guess.
+        self.normalizer: float | None = None
+
+    def forward(self, feats: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        logits = [_flatten(self.cls_logits(self.cls_tower(f)), self.num_classes) for f in feats]
+        deltas = [_flatten(self.box_deltas(self.box_tower(f)), 4) for f in feats]
+        return logits, deltas
+
+    def losses(self, feats: list[Tensor], targets: list[dict]) -> dict[str, Tensor]:
+        logits, deltas = self(feats)
+        anchors = torch.cat(self.anchors(feats))
+        logits, deltas = torch.cat(logits, dim=1), torch.cat(deltas, dim=1)
+        labels, boxes = [], []
+        for t in targets:
+            gt = t["boxes"].to(anchors.dtype)
+            idx, lab = self.matcher(box_iou(gt, anchors))
+            cls = torch.full_like(idx, -1)  # -1 ignored, num_classes background
+            cls[lab == 0] = self.num_classes
+            if len(gt):
+                cls[lab == 1] = t["labels"][idx[lab == 1]]
+                boxes.append(gt[idx])
+            else:
+                boxes.append(anchors)
+            labels.append(cls)
+        labels, boxes = torch.stack(labels), torch.stack(boxes)
+        valid, fg = labels >= 0, (labels >= 0) & (labels < self.num_classes)
+        num_fg = fg.sum().item()
+        n = float(max(num_fg, 1))
+        self.normalizer = n if self.normalizer is None else 0.9 * self.normalizer + 0.1 * n
+        onehot = torch.zeros_like(logits[valid])
+        onehot[torch.arange(len(onehot)), labels[valid].clamp(max=self.num_classes - 1)] = 1.0
+        onehot[labels[valid] == self.num_classes] = 0.0
+        s = self.spec
+        loss_cls = sigmoid_focal_loss(logits[valid], onehot, s.focal_alpha, s.focal_gamma)
+        anc = anchors[None].expand_as(boxes)[fg]
+        if s.box_loss == "giou":
+            loss_box = giou_loss(self.coder.decode(deltas[fg], anc), boxes[fg])
+        else:
+            loss_box = smooth_l1_loss(deltas[fg], self.coder.encode(anc, boxes[fg]), s.smooth_l1_beta)
+        return {"loss_cls": loss_cls / self.normalizer, "loss_box": loss_box / self.normalizer}
+
+    def inference(self, feats: list[Tensor], sizes: list[tuple[int, int]]) -> list[dict]:
+        logits, deltas = self(feats)
+        anchors = self.anchors(feats)
+        s, k = self.spec, self.num_classes
+        results = []
+        for i in range(len(sizes)):
+            all_boxes, all_scores, all_cls = [], [], []
+            for lg, dl, an in zip(logits, deltas, anchors):
+                scores = lg[i].sigmoid().flatten()
+                keep = torch.nonzero(scores > s.score_thresh).squeeze(1)
+                if len(keep) > s.topk_candidates:
+                    keep = keep[scores[keep].topk(s.topk_candidates).indices]
+                a_idx, cls = keep // k, keep % k
+                all_boxes.append(self.coder.decode(dl[i][a_idx], an[a_idx]))
+                all_scores.append(scores[keep])
+                all_cls.append(cls)
+            boxes, scores, cls = torch.cat(all_boxes), torch.cat(all_scores), torch.cat(all_cls)
+            keep = batched_nms(boxes, scores, cls, s.nms_thresh)[: s.max_detections]
+            results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": cls[keep]})
+        return results

@@ -1,0 +1,108 @@
+"""Small building blocks shared by backbones, necks and heads."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["make_norm", "ConvNormAct", "DropPath", "LayerScale", "SqueezeExcite", "LayerNorm2d",
+           "NORM_TYPES"]
+
+# Norm layers get no weight decay (see agvm_ds.models.param_groups); keep this tuple complete.
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
+              nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW tensor (each pixel normalized on its own)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+def make_norm(kind: str | None, channels: int) -> nn.Module:
+    """``"bn"`` BatchNorm, ``"gn"`` GroupNorm (32 groups, fewer when channels demand),
+    ``"ln"`` channel LayerNorm, ``None``/``"none"`` identity.
+
+    GroupNorm is the usual choice for detection heads and for training from scratch with
+    few images per device, where BatchNorm statistics are noisy.
+    """
+    if kind in (None, "none"):
+        return nn.Identity()
+    if kind == "bn":
+        return nn.BatchNorm2d(channels)
+    if kind == "gn":
+        groups = 32
+        while channels % groups:
+            groups //= 2
+        return nn.GroupNorm(groups, channels)
+    if kind == "ln":
+        return LayerNorm2d(channels)
+    raise ValueError(f"unknown norm {kind!r} (expected 'bn', 'gn', 'ln' or 'none')")
+
+
+class ConvNormAct(nn.Sequential):
+    """Conv -> norm -> activation; the conv has a bias only when there is no norm after it."""
+
+    def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1,
+                 norm: str | None = "bn", act: type[nn.Module] | None = nn.SiLU):
+        has_norm = norm not in (None, "none")
+        layers = [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=not has_norm)]
+        if has_norm:
+            layers.append(make_norm(norm, cout))
+        if act is not None:
+            layers.append(act())
+        super().__init__(*layers)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample with probability ``p``."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class LayerScale(nn.Module):
+    """Learnable per-channel scale of a residual branch (Touvron et al., CaiT).
+
+    Starting the scale small lets very deep attention stacks train stably: every block
+    begins close to the identity. ``dim`` says which axis holds the channels.
+    """
+
+    def __init__(self, channels: int, init: float, dim: int = -1):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((channels,), float(init)))
+        self.dim = dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = [1] * x.dim()
+        shape[self.dim] = -1
+        return x * self.gamma.view(shape)
+
+
+class SqueezeExcite(nn.Module):
+    """Channel attention (Hu et al.): global pool -> bottleneck -> sigmoid gate."""
+
+    def __init__(self, channels: int, reduced: int):
+        super().__init__()
+        self.reduce = nn.Conv2d(channels, reduced, 1)
+        self.expand = nn.Conv2d(reduced, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = x.mean(dim=(2, 3), keepdim=True)
+        s = self.expand(F.silu(self.reduce(s)))
+        return x * torch.sigmoid(s)

@@ -1,0 +1,120 @@
+"""Greedy non-maximum suppression in plain torch, exact and vectorized.
+
+Greedy NMS visits boxes by decreasing score and keeps a box unless a *kept* higher-scoring
+box overlaps it by more than the threshold. Written as a recursion over the sorted order,
+``keep[i] = not any(keep[j] and iou[j, i] > t for j < i)``, it has exactly one solution,
+and the Jacobi iteration ``keep <- not ((keep @ S) > 0)`` (``S`` = strictly-upper-triangular
+"j suppresses i" matrix), started from "keep everything", reaches it: after ``k`` rounds the
+first ``k + 1`` entries are final, and once a round changes nothing the fixed point *is*
+the greedy answer. In practice suppression chains are short, so a handful of mat-vecs
+replace a Python loop over every box.
+
+Boxes are processed in blocks of :data:`BLOCK` sorted boxes so memory stays
+``O(BLOCK^2 + kept * BLOCK)`` however many candidates there are: a block is first
+suppressed by everything kept in earlier blocks, then resolved internally as above.
+
+When torchvision's compiled kernels load (CUDA builds with a matching torch) they are used
+instead; on CPU-only torch they do not load and this file is the implementation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from agvm_ds.ops.boxes import box_iou
+
+__all__ = ["nms", "batched_nms"]
+
+BLOCK = 2048
+_tv_nms = None  # resolved lazily: False when torchvision's kernel cannot be used
+
+
+def _torchvision_nms():
+    global _tv_nms
+    if _tv_nms is None:
+        _tv_nms = False
+        try:
+            import torchvision
+            from torchvision.extension import _has_ops
+            if _has_ops():
+                _tv_nms = torchvision.ops.nms
+        except Exception:  # noqa: BLE001 - any failure just means "use ours"
+            _tv_nms = False
+    return _tv_nms
+
+
+def _resolve_block(iou: Tensor, threshold: float) -> Tensor:
+    """Greedy keep-mask of one block of score-sorted boxes from its own ``[n, n]`` IoU."""
+    n = iou.shape[0]
+    sup = torch.triu(iou > threshold, diagonal=1).to(iou.dtype)  # sup[j, i]: j may kill i
+    keep = torch.ones(n, dtype=iou.dtype, device=iou.device)
+    for _ in range(n + 1):
+        new = ((keep @ sup) == 0).to(iou.dtype)
+        if torch.equal(new, keep):
+            break
+        keep = new
+    return keep.bool()
+
+
+def _pairwise(a: Tensor, b: Tensor, ca: Tensor | None, cb: Tensor | None) -> Tensor:
+    """IoU of every pair; pairs of different categories get IoU 0 so never suppress."""
+    iou = box_iou(a, b)
+    if ca is not None:
+        iou = iou * (ca[:, None] == cb[None, :])
+    return iou
+
+
+def _greedy(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Tensor | None) -> Tensor:
+    if boxes.numel() == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    boxes = boxes.detach()
+    if boxes.dtype in (torch.float16, torch.bfloat16):
+        boxes = boxes.float()
+    order = torch.sort(scores.detach(), descending=True, stable=True).indices
+    sorted_boxes = boxes[order]
+    sorted_cls = idxs[order] if idxs is not None else None
+    kept: list[Tensor] = []  # positions (into ``order``) kept so far
+    for start in range(0, len(order), BLOCK):
+        stop = min(start + BLOCK, len(order))
+        block = sorted_boxes[start:stop]
+        bcls = sorted_cls[start:stop] if sorted_cls is not None else None
+        alive = torch.ones(stop - start, dtype=torch.bool, device=boxes.device)
+        if kept:
+            prev = torch.cat(kept)
+            pcls = sorted_cls[prev] if sorted_cls is not None else None
+            alive = (_pairwise(sorted_boxes[prev], block, pcls, bcls) <= iou_threshold).all(dim=0)
+        cand = torch.nonzero(alive).squeeze(1)
+        if len(cand) == 0:
+            continue
+        ccls = bcls[cand] if bcls is not None else None
+        keep = _resolve_block(_pairwise(block[cand], block[cand], ccls, ccls), iou_threshold)
+        kept.append(cand[keep] + start)
+    if not kept:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    return order[torch.cat(kept)]
+
+
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """Indices (int64, by decreasing score) of the boxes greedy NMS keeps.
+
+    A box is suppressed when its IoU with a kept, higher-scoring box is strictly greater than
+    ``iou_threshold`` (torchvision's convention). Equal scores keep the lower index first.
+    """
+    tv = _torchvision_nms() if boxes.is_cuda else False
+    if tv and boxes.numel():
+        return tv(boxes, scores, iou_threshold)
+    return _greedy(boxes, scores, iou_threshold, None)
+
+
+def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    """NMS run independently per category ``idxs``; returns indices by decreasing score.
+
+    IoUs across categories are masked to zero rather than separating the categories by a
+    coordinate offset, so no float precision is lost on large images or many classes.
+    """
+    tv = _torchvision_nms() if boxes.is_cuda else False
+    if tv and boxes.numel():
+        span = boxes.max() - boxes.min() + 1
+        return tv(boxes + (idxs.to(boxes.dtype) * span)[:, None], scores, iou_threshold)
+    return _greedy(boxes, scores, iou_threshold, idxs)

@@ -1,0 +1,66 @@
+"""Process-group set-up and tear-down for the launcher, plus the test-only fault knob.
+
+Notes:
+    * ``TORCH_EXTENSIONS_DIR`` defaults to ``<repo>/.cache/torch_extensions`` so DeepSpeed's
+      one-time JIT build (~30 s on CPU) is cached next to the checkout.
+    * On the CPU accelerator the backend is gloo and each rank gets
+      ``cpu_count // local ranks`` torch threads unless ``OMP_NUM_THREADS`` is set.
+    * :func:`teardown` is barrier + ``destroy_process_group``; without it processes
+      sometimes abort at exit (design §3). After a failure it only destroys.
+    * ``AGVM_DS_FAULT_AT_STEP=N`` makes rank ``AGVM_DS_FAULT_RANK`` (default 1) leave with
+      ``os._exit(17)`` just before optimizer step N+1 (i.e. after N steps) — for tests
+      of crash handling and resumption; never set it in real runs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+FAULT_EXIT_CODE = 17
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Initialize DeepSpeed's process group from the launcher's env; return (rank, world, local)."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))
+    import torch
+    import deepspeed
+    import deepspeed.comm as dist
+    from deepspeed.accelerator import get_accelerator
+
+    on_cpu = get_accelerator().device_name() == "cpu"
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+    if on_cpu and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else None, verbose=False)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not on_cpu:
+        get_accelerator().set_device(local_rank)
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def teardown(ok: bool) -> None:
+    """Barrier (only after success) and destroy the process group."""
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized():
+        return
+    try:
+        if ok:
+            tdist.barrier()
+        tdist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - a peer is gone; the exit code already says so
+        pass
+
+
+def maybe_inject_fault(steps_done: int, rank: int) -> None:
+    """Test-only: die hard on the configured rank once ``steps_done`` reaches the set step."""
+    at = os.environ.get("AGVM_DS_FAULT_AT_STEP")
+    if at is None or int(at) != steps_done:
+        return
+    if rank == int(os.environ.get("AGVM_DS_FAULT_RANK", "1")):
+        print(f"[agvm-ds] AGVM_DS_FAULT_AT_STEP={at}: rank {rank} exits now", file=sys.stderr,
+              flush=True)
+        os._exit(FAULT_EXIT_CODE)

@@ -1,0 +1,110 @@
+"""Per-step metrics: ``metrics.jsonl`` (one JSON object per optimizer step), DeepSpeed's monitor.
+
+Each line holds ``step`` (1-based: the number of optimizer steps done), ``epoch``, ``loss``
+(mean over the step's micro-batches and ranks) and its parts (``loss_<name>``), ``lr`` (the
+scheduled base lr, before AGVM's μ), ``step_time_s``, ``images_per_s`` and, on the steps
+where AGVM updated μ, ``"agvm": {module: {"cos", "phi", "mu"}}``.
+
+Notes:
+    On resume the file is cut back to the steps before the resumed one, so it always has
+    exactly one line per step of the run, as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+
+def reduce_losses(parts: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Mean of each loss part over this rank's micro-batches and then over all ranks.
+
+    Collective: every rank must call it with the same part names.
+    """
+    names = sorted(parts[0])
+    local = torch.tensor([[float(p[n].detach()) for n in names] for p in parts],
+                         dtype=torch.float64).mean(0)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(local)
+        local /= dist.get_world_size()
+    out = {f"loss_{n}": float(v) for n, v in zip(names, local)}
+    out = {"loss": float(local.sum()), **out}
+    return out
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut short by a crash: everything after it is stale
+    return rows
+
+
+def _finite(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if math.isnan(x) else (1e308 if x > 0 else -1e308)
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    return x
+
+
+class MetricsWriter:
+    """Appends step records on rank 0 and mirrors scalars to DeepSpeed's monitor."""
+
+    def __init__(self, path: Path, start_step: int, monitor=None, enabled: bool = True):
+        self.path, self.monitor, self.enabled = path, monitor, enabled
+        self._fh = None
+        if not enabled:
+            return
+        kept = [r for r in read_metrics(path) if r.get("step", 0) <= start_step]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as fh:
+            for r in kept:
+                fh.write(json.dumps(r) + "\n")
+        self._fh = open(path, "a", buffering=1)
+
+    def write(self, record: dict[str, Any], to_monitor: bool = True) -> None:
+        if not self.enabled:
+            return
+        self._fh.write(json.dumps(_finite(record)) + "\n")
+        if to_monitor and self.monitor is not None and getattr(self.monitor, "enabled", False):
+            step = record["step"]
+            events = [(f"Train/{k}", float(v), step) for k, v in record.items()
+                      if k not in ("step", "epoch") and isinstance(v, (int, float))]
+            for module, stats in (record.get("agvm") or {}).items():
+                events += [(f"AGVM/{k}/{module}", float(v), step) for k, v in stats.items()
+                           if isinstance(v, (int, float))]
+            self.monitor.write_events(events)
+
+    def write_eval(self, step: int, stats: dict[str, float]) -> None:
+        if self.enabled and self.monitor is not None and getattr(self.monitor, "enabled", False):
+            self.monitor.write_events([(f"Eval/{k}", float(v), step) for k, v in stats.items()
+                                       if isinstance(v, (int, float))])
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def agvm_record(modulation: Optional[dict], last_step: Optional[int]) -> tuple[Optional[dict], Optional[int]]:
+    """The ``"agvm"`` entry when ``modulation`` reports an update newer than ``last_step``."""
+    if not modulation or not modulation.get("modules"):
+        return None, last_step
+    step = modulation.get("step")
+    if step is None or step == last_step:
+        return None, last_step
+    modules = {name: {k: float(s[k]) for k in ("cos", "phi", "mu") if k in s}
+               for name, s in modulation["modules"].items()}
+    return modules, step

@@ -1,0 +1,119 @@
+"""Rank-side code for the distributed AGVM tests (module-level so spawned ranks can import it)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+IN, HID, OUT = 6, 8, 3
+MODULES = {"backbone": ["backbone."], "neck": ["neck."], "head": ["head."]}
+
+
+class Tiny(nn.Module):
+    """Three modules, each with weights (decay) and biases/norm (no decay): 2 groups per module."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(IN, HID), nn.LayerNorm(HID), nn.Tanh())
+        self.neck = nn.Sequential(nn.Linear(HID, HID), nn.Tanh())
+        self.head = nn.Linear(HID, OUT)
+
+    def forward(self, x):
+        return self.head(self.neck(self.backbone(x)))
+
+
+def build_model(dtype=torch.float32) -> Tiny:
+    torch.manual_seed(1234)
+    return Tiny().to(dtype)
+
+
+def batch(step: int, rank: int, micro: int, bs: int = 4, dtype=torch.float32):
+    g = torch.Generator().manual_seed(100_000 * step + 100 * rank + micro)
+    x = torch.randn(bs, IN, generator=g, dtype=torch.float64)
+    y = torch.randn(bs, OUT, generator=g, dtype=torch.float64)
+    return x.to(dtype), y.to(dtype)
+
+
+def loss_fn(out, y):
+    return (out - y).pow(2).mean()
+
+
+def ds_config(stage, gas, opt, precision="fp32", clip=0.0, estimator="micro", interval=2, start=1,
+              momentum=0.5, world=2):
+    cfg = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": 4 * gas * world,
+        "gradient_clipping": clip,
+        "zero_optimization": {"stage": stage, "reduce_bucket_size": 16, "allgather_bucket_size": 16,
+                              "sub_group_size": 16, "stage3_param_persistence_threshold": 0,
+                              "stage3_max_live_parameters": 64, "stage3_prefetch_bucket_size": 16,
+                              "contiguous_gradients": False, "overlap_comm": False},
+        "agvm": {"interval": interval, "start_step": start, "momentum": momentum, "estimator": estimator},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if opt == "sgd":
+        cfg["optimizer"] = {"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.01}}
+    else:
+        cfg["optimizer"] = {"type": "AdamW", "params": {"lr": 0.01, "betas": [0.9, 0.99], "eps": 1e-8,
+                                                        "weight_decay": 0.05}}
+    if precision == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    return cfg
+
+
+def full_params(engine) -> dict:
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for n, p in engine.module.named_parameters():
+        if engine.zero_optimization_stage() == 0:
+            out[n] = p.detach().double().clone()
+        else:
+            out[n] = safe_get_full_fp32_param(p).detach().double().clone()
+    return out
+
+
+def train(rank, world, stage, gas, opt, steps, precision="fp32", clip=0.0, estimator="micro",
+          interval=2, start=1, inject=None):
+    """Run ``steps`` optimizer steps; return losses, per-step modulation reports, final params.
+
+    ``inject=(step, rank, value)`` poisons one neck gradient on that rank at that step.
+    """
+    import agvm_ds
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model = build_model()
+    cfg = ds_config(stage, gas, opt, precision, clip, estimator, interval, start, world=world)
+    engine, _, _, _ = agvm_ds.initialize(model=model, config=cfg, modules=MODULES)
+    if inject is not None:
+        s_inj, r_inj, value = inject
+        target = engine.module.neck[0].weight
+
+        def poison(grad):
+            if engine.global_steps == s_inj and rank == r_inj:
+                return grad * value
+            return grad
+        target.register_hook(poison)
+    losses, reports, params_by_step = [], [], []
+    for t in range(steps):
+        for k in range(gas):
+            x, y = batch(t, rank, k, dtype=dtype)
+            loss = loss_fn(engine(x).float(), y.float())
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss))
+        rep = agvm_ds.modulation(engine)
+        reports.append({"step": rep["step"], "modules": rep["modules"], "mu": rep["mu"],
+                        "skipped": rep["skipped"], "skipped_steps": engine.agvm.optimizer.skipped_steps})
+        if inject is not None:
+            params_by_step.append(full_params(engine))
+    result = {"losses": losses, "reports": reports, "params": full_params(engine),
+              "estimator": engine.agvm.estimator, "params_by_step": params_by_step}
+    engine.destroy() if hasattr(engine, "destroy") else None
+    return result
+
+
+def train_many(rank, world, cases):
+    return [train(rank, world, **case) for case in cases]

@@ -1,0 +1,107 @@
+"""Independent float64 reference for AGVM: brute-force halves, hand-written optimizers.
+
+Nothing here imports agvm_ds: every number is recomputed from the definitions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from agvm_cases import MODULES, batch, build_model, loss_fn
+
+
+def module_of(name: str) -> str:
+    return next(m for m, prefixes in MODULES.items() if any(name.startswith(p) for p in prefixes))
+
+
+def _grads(model, params, step, rank, micro):
+    x, y = batch(step, rank, micro, dtype=torch.float64)
+    for p in params.values():
+        p.grad = None
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    return float(loss), {n: p.grad.detach().clone() for n, p in params.items()}
+
+
+def _precond(g, v, beta2, eps):
+    return g / (torch.sqrt(beta2 * v + (1 - beta2) * g * g) + eps)
+
+
+def replay(world, gas, opt, steps, estimator, clip=0.0, mus=None):
+    """Float64 replay. Returns losses [(step, rank, micro) order per rank], cos per update step,
+    and the final parameters. ``mus[t]`` (module → μ) are the multipliers to apply at step t."""
+    model = build_model().double()
+    params = dict(model.named_parameters())
+    names = list(params)
+    state = {n: {} for n in names}
+    losses = {r: [] for r in range(world)}
+    cos_by_step = {}
+    lr, wd = (0.05, 0.01) if opt == "sgd" else (0.01, 0.05)
+    b1, b2, eps = 0.9, 0.99, 1e-8
+    for t in range(steps):
+        g = {}
+        for r in range(world):
+            for k in range(gas):
+                loss, gr = _grads(model, params, t, r, k)
+                losses[r].append(loss)
+                g[(r, k)] = gr
+        G = {n: sum(g[key][n] for key in g) / len(g) for n in names}
+        if estimator == "micro" and gas >= 2:
+            a1 = gas // 2
+            h1 = [(r, k) for r in range(world) for k in range(a1)]
+            h2 = [(r, k) for r in range(world) for k in range(a1, gas)]
+        else:
+            n1 = world // 2
+            h1 = [(r, k) for r in range(n1) for k in range(gas)]
+            h2 = [(r, k) for r in range(n1, world) for k in range(gas)]
+        G1 = {n: sum(g[key][n] for key in h1) / len(h1) for n in names}
+        G2 = {n: sum(g[key][n] for key in h2) / len(h2) for n in names}
+        if opt == "adamw":
+            v_prev = {n: state[n].get("v", torch.zeros_like(G[n])) for n in names}
+            G1 = {n: _precond(G1[n], v_prev[n], b2, eps) for n in names}
+            G2 = {n: _precond(G2[n], v_prev[n], b2, eps) for n in names}
+        cos = {}
+        for m in MODULES:
+            a = torch.cat([G1[n].reshape(-1) for n in names if module_of(n) == m])
+            b = torch.cat([G2[n].reshape(-1) for n in names if module_of(n) == m])
+            cos[m] = float(a @ b / (a.norm() * b.norm()))
+        cos_by_step[t] = cos
+        if clip > 0:
+            norm = math.sqrt(sum(float(G[n].pow(2).sum()) for n in names))
+            coef = clip / (norm + 1e-6)
+            if coef < 1:
+                G = {n: G[n] * coef for n in names}
+        with torch.no_grad():
+            for n in names:
+                mu = (mus or {}).get(t, {}).get(module_of(n), 1.0)
+                p, st = params[n], state[n]
+                decay = 0.0 if p.ndim <= 1 else wd
+                if opt == "sgd":
+                    d = G[n] + decay * p
+                    st["buf"] = d.clone() if "buf" not in st else 0.9 * st["buf"] + d
+                    p -= lr * mu * st["buf"]
+                else:
+                    st["t"] = st.get("t", 0) + 1
+                    p *= 1 - lr * mu * decay
+                    st["m"] = b1 * st.get("m", torch.zeros_like(p)) + (1 - b1) * G[n]
+                    st["v"] = b2 * st.get("v", torch.zeros_like(p)) + (1 - b2) * G[n] ** 2
+                    mhat = st["m"] / (1 - b1 ** st["t"])
+                    vhat = st["v"] / (1 - b2 ** st["t"])
+                    p -= lr * mu * mhat / (vhat.sqrt() + eps)
+    return losses, cos_by_step, {n: p.detach().clone() for n, p in params.items()}
+
+
+def expected_mu(cos_by_step, steps, interval, start, momentum, clamp=(0.5, 10.0), eps=1e-6, anchor="backbone"):
+    """μ per step from the paper's formulas, written independently of agvm_ds.core.modulator."""
+    mu = {m: 1.0 for m in MODULES}
+    out = {}
+    for t in range(steps):
+        if t >= start and (t - start) % interval == 0:
+            phi = {m: 1 - c for m, c in cos_by_step[t].items()}
+            for m in MODULES:
+                r = 1.0 if m == anchor else math.sqrt(min(max((phi[anchor] + eps) / (phi[m] + eps), clamp[0]), clamp[1]))
+                mu[m] = momentum * mu[m] + (1 - momentum) * r
+        out[t] = dict(mu) if t >= start else {m: 1.0 for m in MODULES}
+    return out
