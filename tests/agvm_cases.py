@@ -117,3 +117,58 @@ def train(rank, world, stage, gas, opt, steps, precision="fp32", clip=0.0, estim
 
 def train_many(rank, world, cases):
     return [train(rank, world, **case) for case in cases]
+
+
+def checkpoint_round_trip(rank, world, stage, tmpdir):
+    """Train 3 steps, save; a fresh engine loads and must hold the same μ and modulator state,
+    then both continue 2 steps identically."""
+    import agvm_ds
+
+    cfg = ds_config(stage, 2, "sgd", interval=1, start=0, world=world)
+
+    def make():
+        engine, *_ = agvm_ds.initialize(model=build_model(), config=cfg, modules=MODULES)
+        return engine
+
+    def run(engine, steps, first):
+        out = []
+        for t in range(first, first + steps):
+            for k in range(2):
+                x, y = batch(t, rank, k)
+                loss = loss_fn(engine(x), y)
+                engine.backward(loss)
+                engine.step()
+                out.append(float(loss.detach()))
+        return out
+
+    a = make()
+    run(a, 3, 0)
+    a.save_checkpoint(tmpdir, tag="s3")
+    mod_a = agvm_ds.modulation(a)
+    tail_a = run(a, 2, 3)
+    b = make()
+    b.load_checkpoint(tmpdir, tag="s3")
+    mod_b = agvm_ds.modulation(b)
+    tail_b = run(b, 2, 3)
+    return {"mod_a": mod_a, "mod_b": mod_b, "tail_a": tail_a, "tail_b": tail_b,
+            "mu_a": agvm_ds.modulation(a)["mu"], "mu_b": agvm_ds.modulation(b)["mu"],
+            "updates_b": b.agvm.modulator.updates, "step_b": b.global_steps}
+
+
+def unused_module(rank, world, stage):
+    """The head gets no gradient on step 1 (all ranks): no hang, its μ is kept, others update."""
+    import agvm_ds
+
+    cfg = ds_config(stage, 2, "sgd", interval=1, start=0, momentum=0.5, world=world)
+    engine, *_ = agvm_ds.initialize(model=build_model(), config=cfg, modules=MODULES)
+    mus = []
+    for t in range(3):
+        for k in range(2):
+            x, y = batch(t, rank, k)
+            feats = engine.module.neck(engine.module.backbone(x))
+            out = feats[:, :OUT] if t == 1 else engine.module.head(feats)
+            loss = loss_fn(out, y)
+            engine.backward(loss)
+            engine.step()
+        mus.append(agvm_ds.modulation(engine)["mu"])
+    return mus

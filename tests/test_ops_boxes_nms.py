@@ -119,3 +119,15 @@ def test_matcher_and_sampler():
     pos, neg = sample_balanced(lab, 16, 0.25)
     assert len(pos) == 4 and len(neg) == 12
     assert (lab[pos] == 1).all() and (lab[neg] == 0).all()
+
+
+def test_batched_nms_split_path_matches(monkeypatch):
+    import importlib
+    nms_module = importlib.import_module("agvm_ds.ops.nms")
+    boxes = _random_boxes(300, seed=14, dtype=torch.float32)
+    scores = torch.rand(300, generator=torch.Generator().manual_seed(15))
+    scores[10:20] = scores[5]  # ties across categories
+    classes = torch.randint(0, 5, (300,), generator=torch.Generator().manual_seed(16))
+    monkeypatch.setattr(nms_module, "SPLIT_ABOVE", 10)
+    assert nms_module.batched_nms(boxes, scores, classes, 0.45).tolist() == \
+        _greedy_nms(boxes, scores, 0.45, classes)

@@ -11,8 +11,9 @@ Algorithm (paper §3, Eq. 4–5; constants from the authors' release)::
     μ_i  <- α μ_i + (1 - α) r_i                        # μ starts at 1
 
 μ is updated every ``interval`` steps from ``start_step`` on. If any statistic is
-non-finite (or a norm is zero, which leaves the cosine undefined) the update is skipped:
-μ keeps its previous value and ``skipped`` is incremented. A NaN never enters μ.
+non-finite, or the anchor's cosine is undefined (a zero norm), the whole update is skipped:
+μ keeps its previous value and ``skipped`` is incremented. A NaN never enters μ. A module
+with a zero norm (no gradient reached it this step) keeps its μ while the others update.
 """
 
 from __future__ import annotations
@@ -84,9 +85,10 @@ class Modulator:
             raise ValueError(f"expected sums of shape {(len(self.modules), 3)}, got {tuple(sums.shape)}")
         s12, s11, s22 = sums.unbind(1)
         denom = torch.sqrt(s11 * s22)
-        if not torch.isfinite(sums).all() or not (denom > 0).all():
+        if not torch.isfinite(sums).all() or not denom[self.anchor_index] > 0:
             return None
-        cos = (s12 / denom).clamp(-1.0, 1.0)
+        valid = denom > 0
+        cos = torch.where(valid, s12 / denom.clamp_min(1e-300), torch.full_like(denom, float("nan"))).clamp(-1.0, 1.0)
         phi = 1.0 - cos
         lo, hi = self.clamp
         ratio = ((phi[self.anchor_index] + self.eps) / (phi + self.eps)).clamp(lo, hi)
@@ -101,7 +103,8 @@ class Modulator:
             self.skipped += 1
             return False
         cos, phi, raw = out
-        self.mu = self.momentum * self.mu + (1.0 - self.momentum) * raw
+        new_mu = self.momentum * self.mu + (1.0 - self.momentum) * raw
+        self.mu = torch.where(torch.isfinite(raw), new_mu, self.mu)
         self.updates += 1
         self.last_step = step
         self.last = {name: ModuleStats(float(cos[i]), float(phi[i]), float(self.mu[i]))

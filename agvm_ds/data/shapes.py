@@ -124,9 +124,9 @@ def render_scene(rng: np.random.Generator, height: int, width: int,
     Objects are 22–50 % of the short side, rotated, slightly stretched and coloured at
     random; a later object may overlap earlier ones, but no object ends up with more than
     ``max_hidden`` of its area hidden (a candidate that would hide more is re-placed or
-    dropped), so
-    every drawn object is annotated and recognisable. Semantic labels are ``0`` for
-    background and ``label + 1`` for the visible pixels of each shape.
+    dropped), so every drawn object is annotated and recognisable. Colours contrast with
+    whatever lies under the object's centre. Semantic labels are ``0`` for background and
+    ``label + 1`` for the visible pixels of each shape.
     """
     img = _background(rng, height, width)
     short = min(height, width)

@@ -50,7 +50,7 @@ from agvm_ds.evaluation.results import encode_mask
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 1  # bump whenever rendered bytes change: cached copies then regenerate
 CATEGORY_IDS = (1, 2, 4, 5, 7, 8)  # non-contiguous on purpose, like COCO's
 SPLIT_CODES = {"train": 0, "val": 1}
 MARKER = ".complete.json"

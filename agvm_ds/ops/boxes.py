@@ -23,12 +23,18 @@ def box_area(boxes: Tensor) -> Tensor:
 
 
 def _inter_union(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """Intersection and union of every pair: ``a [N, 4]`` x ``b [M, 4]`` -> two ``[N, M]``."""
-    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
-    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    union = box_area(a)[:, None] + box_area(b)[None, :] - inter
+    """Intersection and union of every pair: ``a [N, 4]`` x ``b [M, 4]`` -> two ``[N, M]``.
+
+    Computed per axis on ``[N, M]`` tensors (not on stacked ``[N, M, 2]`` corners): the
+    same arithmetic with contiguous operands, which is markedly faster on CPU for the
+    large matrices NMS builds.
+    """
+    ax1, ay1, ax2, ay2 = (c[:, None] for c in a.unbind(1))
+    bx1, by1, bx2, by2 = (c[None, :] for c in b.unbind(1))
+    iw = (torch.minimum(ax2, bx2) - torch.maximum(ax1, bx1)).clamp_(min=0)
+    ih = (torch.minimum(ay2, by2) - torch.maximum(ay1, by1)).clamp_(min=0)
+    inter = iw.mul_(ih)
+    union = (box_area(a)[:, None] + box_area(b)[None, :]) - inter
     return inter, union
 
 

@@ -27,6 +27,7 @@ from agvm_ds.ops.boxes import box_iou
 __all__ = ["nms", "batched_nms"]
 
 BLOCK = 2048
+SPLIT_ABOVE = 1024  # batched_nms: per-category passes above this many boxes
 _tv_nms = None  # resolved lazily: False when torchvision's kernel cannot be used
 
 
@@ -110,11 +111,22 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
     """NMS run independently per category ``idxs``; returns indices by decreasing score.
 
-    IoUs across categories are masked to zero rather than separating the categories by a
-    coordinate offset, so no float precision is lost on large images or many classes.
+    Small inputs run as one masked NMS (IoUs across categories are zeroed - no coordinate
+    offset trick, so no precision is lost on large images). Large inputs run one NMS per
+    category and merge, which skips the cross-category part of the IoU matrix entirely.
     """
     tv = _torchvision_nms() if boxes.is_cuda else False
     if tv and boxes.numel():
         span = boxes.max() - boxes.min() + 1
         return tv(boxes + (idxs.to(boxes.dtype) * span)[:, None], scores, iou_threshold)
-    return _greedy(boxes, scores, iou_threshold, idxs)
+    if boxes.shape[0] <= SPLIT_ABOVE:
+        return _greedy(boxes, scores, iou_threshold, idxs)
+    kept = []
+    for c in torch.unique(idxs):
+        members = torch.nonzero(idxs == c).squeeze(1)
+        kept.append(members[_greedy(boxes[members], scores[members], iou_threshold, None)])
+    kept_idx = torch.cat(kept)
+    # final order: decreasing score, lower index first on ties (what one greedy pass gives)
+    kept_idx = kept_idx.sort().values
+    order = torch.sort(scores[kept_idx], descending=True, stable=True).indices
+    return kept_idx[order]

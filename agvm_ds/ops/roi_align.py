@@ -67,8 +67,11 @@ def _align_group(feat: Tensor, rois: Tensor, out_h: int, out_w: int, sr_h: int, 
     grid = grid.reshape(1, k * gh, gw, 2)
     sampled = F.grid_sample(feat[None], grid, mode="bilinear", padding_mode="border",
                             align_corners=True)  # [1, C, K * gh, gw]
-    sampled = sampled.reshape(c, k, gh, gw) * valid[None].to(sampled.dtype)
-    sampled = sampled.reshape(c, k, out_h, sr_h, out_w, sr_w).sum(dim=(3, 5)) / max(sr_h * sr_w, 1)
+    if not bool(valid.all()):
+        sampled = sampled * valid.reshape(1, 1, k * gh, gw).to(sampled.dtype)
+    # mean over each bin's sr_h x sr_w samples == average pooling with that window
+    sampled = F.avg_pool2d(sampled, (sr_h, sr_w)) if sr_h * sr_w > 1 else sampled
+    sampled = sampled.reshape(c, k, out_h, out_w)
     return sampled.permute(1, 0, 2, 3)
 
 

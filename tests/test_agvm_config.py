@@ -1,0 +1,90 @@
+"""Bad `agvm` sections and partitions raise one clear error naming the key; the optimizer
+wrapper restores the scheduled lr and scales only its own module's groups."""
+
+import pytest
+import torch
+from torch import nn
+
+from agvm_ds.config.agvm import AGVMConfig
+from agvm_ds.config.base import ConfigError, parse_section
+from agvm_ds.core.modulator import Modulator
+from agvm_ds.core.optimizer import AGVM, base_optimizer_class, build_base_optimizer
+from agvm_ds.core.partition import PartitionError, build_param_groups, resolve_partition
+
+
+@pytest.mark.parametrize("section, key", [
+    ({"intervall": 5}, "agvm.intervall"),
+    ({"interval": 0}, "agvm.interval"),
+    ({"interval": -3}, "agvm.interval"),
+    ({"momentum": 1.0}, "agvm.momentum"),
+    ({"momentum": -0.5}, "agvm.momentum"),
+    ({"clamp": [10, 0.5]}, "agvm.clamp"),
+    ({"estimator": "halves"}, "agvm.estimator"),
+    ({"precondition": "rms"}, "agvm.precondition"),
+])
+def test_bad_agvm_section_names_the_key(section, key):
+    with pytest.raises(ConfigError) as err:
+        parse_section(AGVMConfig, section, "agvm")
+    assert str(err.value).startswith(key), str(err.value)
+
+
+def test_unknown_anchor_is_rejected_before_any_distributed_work():
+    import agvm_ds
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    cfg = {"train_batch_size": 1, "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
+           "agvm": {"anchor": "trunk"}}
+    with pytest.raises(ConfigError, match=r"^agvm.anchor: unknown module 'trunk'"):
+        agvm_ds.initialize(model=model, config=cfg, modules={"backbone": ["0."], "head": ["1."]})
+    with pytest.raises(ConfigError, match="belong to no module: 1.weight, 1.bias"):
+        agvm_ds.initialize(model=model, config={**cfg, "agvm": {}}, modules={"backbone": ["0."]})
+    with pytest.raises(ConfigError, match=r"optimizer.type: unknown optimizer 'Adamm'"):
+        agvm_ds.initialize(model=model, config={**cfg, "agvm": {}, "optimizer": {"type": "Adamm"}},
+                           modules={"backbone": ["0."], "head": ["1."]})
+
+
+def test_partition_longest_prefix_and_empty_module():
+    model = nn.ModuleDict({"head": nn.ModuleDict({"cls": nn.Linear(2, 2), "box": nn.Linear(2, 2)})})
+    owner = resolve_partition(model, {"a": ["head."], "b": ["head.cls."]})
+    assert owner["head.cls.weight"] == "b" and owner["head.box.weight"] == "a"
+    with pytest.raises(PartitionError, match="match no trainable parameter"):
+        resolve_partition(model, {"a": ["head."], "ghost": ["neck."]})
+
+
+def test_wrapper_scales_lr_per_module_and_restores_it():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"bb": nn.Linear(3, 3), "hd": nn.Linear(3, 3)})
+    owner = resolve_partition(model, {"bb": ["bb."], "hd": ["hd."]})
+    groups = build_param_groups(model, owner, ["bb", "hd"], weight_decay=0.1)
+    assert [(g["module"], g["weight_decay"]) for g in groups] == [("bb", 0.1), ("bb", 0.0), ("hd", 0.1), ("hd", 0.0)]
+    mod = Modulator(["bb", "hd"], "bb", start_step=1)
+    mod.mu = torch.tensor([1.0, 2.5], dtype=torch.float64)
+    opt = AGVM(build_base_optimizer({"type": "SGD", "params": {"lr": 0.1}}, groups), mod)
+    ref = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for step in (0, 1):
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step_index = step
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.param_groups = [opt.param_groups[2]]  # as ZeRO-1/2 do: one group per call
+        opt.step()
+        assert len(opt.base.param_groups) == 1
+        opt.param_groups = groups
+        for n, p in model.named_parameters():
+            expected = torch.zeros_like(p)
+            if n == "hd.weight":  # plain SGD with decay 0.1: Δ = lr·μ·(g + wd·w)
+                expected = 0.1 * (2.5 if step >= 1 else 1.0) * (1 + 0.1 * before[n])
+            assert torch.allclose(before[n] - p.detach(), expected, atol=1e-6), (step, n)
+        assert all(g["lr"] == 0.1 for g in groups)
+    assert ref  # parameters existed
+
+
+def test_optimizer_registry():
+    assert base_optimizer_class("adamw") is torch.optim.AdamW
+    assert base_optimizer_class("SGD") is torch.optim.SGD
+    import timm.optim
+
+    assert base_optimizer_class("Lamb") is timm.optim.Lamb
+    assert base_optimizer_class("Lars") is timm.optim.Lars
+    with pytest.raises(ValueError, match="optimizer.type"):
+        base_optimizer_class("NoSuchOpt")
