@@ -1,0 +1,35 @@
+# Set-up is two commands on a fresh machine: `make train` and `make test`.
+# Both create .venv when it is missing. torch and torchvision are pinned through
+# constraints.txt so pip never swaps the CPU torch wheel for a CUDA build.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+NUM_RANKS ?= 2
+CONFIG ?= ds_configs/quickstart.json
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export DS_ACCELERATOR ?= cpu
+export PYTHONWARNINGS ?= ignore::DeprecationWarning,ignore::FutureWarning
+
+.PHONY: install test train bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0 -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+train: $(STAMP)
+	@echo "+ $(BIN)/deepspeed --num_gpus $(NUM_RANKS) launch/train.py --deepspeed_config $(CONFIG)"
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/deepspeed --num_gpus $(NUM_RANKS) launch/train.py --deepspeed_config $(CONFIG)
+
+bench: $(STAMP)
+	$(BIN)/python bench/overhead.py --out docs/benchmarks.md
+
+clean:
+	rm -rf $(VENV) .cache runs
