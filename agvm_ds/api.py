@@ -162,10 +162,6 @@ def set_gradient_clipping(engine, max_norm: float) -> None:
     """Change DeepSpeed's global-norm clipping threshold at run time (0 disables it)."""
     if max_norm < 0:
         raise ValueError(f"max_norm must be >= 0, got {max_norm}")
-    from agvm_ds.core.adapters import StageAdapter
+    from agvm_ds.core.adapters import set_engine_gradient_clipping
 
-    ctrl = getattr(engine, "agvm", None)
-    if ctrl is not None:
-        ctrl.adapter.set_gradient_clipping(max_norm)
-    else:
-        StageAdapter.set_gradient_clipping(type("A", (), {"engine": engine, "zero": engine.optimizer})(), max_norm)
+    set_engine_gradient_clipping(engine, max_norm)

@@ -76,7 +76,7 @@ def full_params(engine) -> dict:
 
 
 def train(rank, world, stage, gas, opt, steps, precision="fp32", clip=0.0, estimator="micro",
-          interval=2, start=1, inject=None):
+          interval=2, start=1, inject=None, runtime_clip=None):
     """Run ``steps`` optimizer steps; return losses, per-step modulation reports, final params.
 
     ``inject=(step, rank, value)`` poisons one neck gradient on that rank at that step.
@@ -87,6 +87,8 @@ def train(rank, world, stage, gas, opt, steps, precision="fp32", clip=0.0, estim
     model = build_model()
     cfg = ds_config(stage, gas, opt, precision, clip, estimator, interval, start, world=world)
     engine, _, _, _ = agvm_ds.initialize(model=model, config=cfg, modules=MODULES)
+    if runtime_clip is not None:
+        agvm_ds.set_gradient_clipping(engine, runtime_clip)
     if inject is not None:
         s_inj, r_inj, value = inject
         target = engine.module.neck[0].weight

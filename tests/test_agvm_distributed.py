@@ -86,3 +86,15 @@ def test_micro_on_one_rank_and_adamw_preconditioned_with_clipping():
         for a, b in zip(res["losses"], losses[0]):
             assert _rel(a, b) <= 1e-5
         assert _max_param_rel(res["params"], params_ref) <= 1e-5
+
+
+def test_runtime_gradient_clipping_matches_reference_in_every_stage():
+    cases = [dict(stage=s, gas=GAS, opt="sgd", steps=STEPS, runtime_clip=0.05) for s in (0, 1, 2, 3)]
+    runs = run_distributed(train_many, 2, cases)
+    for res in runs[0]:
+        losses, params_ref = _check_against_reference(res, 2, "sgd", "micro", 0.05)
+        for a, b in zip(res["losses"], losses[0]):
+            assert _rel(a, b) <= 1e-5
+        assert _max_param_rel(res["params"], params_ref) <= 1e-5
+    _, _, unclipped = replay(2, GAS, "sgd", STEPS, "micro", mus={t: runs[0][0]["reports"][t]["mu"] for t in range(STEPS)})
+    assert _max_param_rel(runs[0][0]["params"], unclipped) > 1e-3, "clipping never engaged: test is vacuous"

@@ -83,6 +83,12 @@ class StageAdapter:
     def chunks(self, want_second_moment: bool = False, boundary: bool = True) -> Iterator[Chunk]:
         raise NotImplementedError
 
+    def grad_views(self) -> Iterator[torch.Tensor]:
+        """This rank's owned averaged gradient as views (no copies), for the per-step
+        finiteness check."""
+        for ch in self.chunks(boundary=True):
+            yield ch.grad
+
     def local_unreduced_grad(self, p: torch.nn.Parameter) -> Optional[torch.Tensor]:
         """This rank's own (not yet reduced) accumulated gradient; stages 0 and 1 only."""
         raise NotImplementedError(f"stage {self.stage} reduces gradients during backward")
@@ -94,9 +100,15 @@ class StageAdapter:
         return 1.0
 
     def set_gradient_clipping(self, max_norm: float) -> None:
-        self.engine._config.gradient_clipping = float(max_norm)
-        if hasattr(self.zero, "clip_grad"):
-            self.zero.clip_grad = float(max_norm)
+        set_engine_gradient_clipping(self.engine, max_norm)
+
+
+def set_engine_gradient_clipping(engine, max_norm: float) -> None:
+    """Stage 0 clips from the engine's config on every step; ZeRO optimizers keep their own
+    copy of the threshold (``clip_grad``), read on every step."""
+    engine._config.gradient_clipping = float(max_norm)
+    if hasattr(engine.optimizer, "clip_grad"):
+        engine.optimizer.clip_grad = float(max_norm)
 
 
 class Stage0Adapter(StageAdapter):
@@ -138,6 +150,11 @@ class Stage0Adapter(StageAdapter):
                 mom = self._moment(p)
                 v = None if mom is None else mom.reshape(-1)[lo:hi].float()
             yield Chunk(m, gi, acc, acc + hi - lo, grad, v)
+
+    def grad_views(self):
+        for _, _, p, lo, hi, _ in self._own:
+            if p.grad is not None:
+                yield p.grad.reshape(-1)[lo:hi]
 
     def local_unreduced_grad(self, p):
         return p.grad
@@ -191,6 +208,13 @@ class Stage12Adapter(StageAdapter):
                 st = zo.optimizer.state.get(zo.single_partition_of_fp32_groups[gi])
                 v = None if not st or "exp_avg_sq" not in st else st["exp_avg_sq"].reshape(-1).float()
             yield Chunk(self.group_modules[gi], gi, base, base + ps, self._partition_grad(gi, boundary), v)
+
+    def grad_views(self):
+        for held in self.zero.averaged_gradients.values():
+            if held is None:
+                continue
+            flat = getattr(held, "flat_partition", None)
+            yield from ([flat] if flat is not None else held)
 
     def local_unreduced_grad(self, p):
         if self.stage != 1:

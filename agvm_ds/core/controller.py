@@ -179,10 +179,9 @@ class AGVMController:
                 local[i + 2] += torch.dot(g2, g2)
             self.reducer.release()
         elif self.cfg.skip_nonfinite:
-            for ch in self.adapter.chunks(boundary=True):
-                if not torch.isfinite(ch.grad.sum(dtype=torch.float64)):
-                    local[-1] += 1
-                    break
+            sums = [t.sum(dtype=torch.float64) for t in self.adapter.grad_views()]
+            if sums and not torch.isfinite(torch.stack(sums).sum()):
+                local[-1] += 1
         if self.world > 1 and (update or self.cfg.skip_nonfinite):
             if update:
                 dist.all_reduce(local)

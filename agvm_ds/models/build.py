@@ -69,13 +69,13 @@ def partition_problems(model: nn.Module, modules: dict[str, list[str]] | None = 
     return problems
 
 
-def build_model(spec: "ModelSpec | dict | str | Path", *, num_classes: int | None = None,
+def build_model(spec: "ModelSpec | dict | str | Path | Any", *, num_classes: int | None = None,
                 overrides: dict[str, Any] | None = None, check_partition: bool = True) -> nn.Module:
     """Build the network a spec describes.
 
     Args:
-        spec: a :class:`ModelSpec`, a dict, or a JSON path (absolute, relative to the repo
-            root, or a bare name in ``models/``).
+        spec: a :class:`ModelSpec`, a dict, a JSON path (absolute, relative to the repo
+            root, or a bare name in ``models/``), or a run file's ``ModelConfig`` section.
         num_classes: overrides the spec's ``num_classes`` (datasets know theirs).
         overrides: dotted-key overrides applied to the spec before validation.
         check_partition: raise :class:`ConfigError` when the AGVM partition is invalid.
@@ -83,6 +83,9 @@ def build_model(spec: "ModelSpec | dict | str | Path", *, num_classes: int | Non
     Returns an ``nn.Module`` with ``agvm_modules`` (anchor first) and ``agvm_anchor``.
     Works under ``with torch.device("meta"):`` (no memory, no checkpoint loading).
     """
+    if hasattr(spec, "model_spec") and callable(spec.model_spec):  # a ModelConfig section
+        overrides = {**spec.spec_overrides(), **(overrides or {})}
+        spec = spec.spec
     overrides = dict(overrides or {})
     if num_classes is not None:
         overrides["num_classes"] = int(num_classes)

@@ -247,6 +247,7 @@ def resolve_spec_path(path: str | Path) -> Path:
     candidates = [p] if p.is_absolute() else [REPO_ROOT / p, Path.cwd() / p,
                                               REPO_ROOT / "models" / p,
                                               REPO_ROOT / "models" / f"{p}.json"]
+    candidates = list(dict.fromkeys(candidates))
     for c in candidates:
         if c.is_file():
             return c

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from agvm_ds.config.base import ConfigError
 from agvm_ds.config.run import RunConfig
 from agvm_ds.train.schedule import scaled_lr
 
@@ -57,10 +58,12 @@ def choose_lr(run: RunConfig) -> tuple[float, Optional[str]]:
     return lr, note
 
 
-def build_model(run: RunConfig) -> nn.Module:
-    from agvm_ds.models import build_model as _build
-
-    return _build(run.model)
+def build_model(run: RunConfig, num_classes: Optional[int] = None) -> nn.Module:
+    """The ``model`` section's network; ``num_classes`` (the dataset's) must match the section's."""
+    if num_classes is not None and num_classes != run.model.num_classes:
+        raise ConfigError(f"model.num_classes: {run.model.num_classes} but the dataset has "
+                          f"{num_classes} classes")
+    return run.model.build()
 
 
 def build_datasets(run: RunConfig, rank: int = 0, need_val: bool = True):

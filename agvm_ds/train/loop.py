@@ -88,7 +88,7 @@ def train(run: RunConfig, out_dir: Path, resume: Optional[str], rank: int, world
 
     # -- model, param groups, engine
     torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
-    model = B.build_model(run)
+    model = B.build_model(run, getattr(train_set, "num_classes", None))
     weight_decay = float(run.deepspeed["optimizer"].get("params", {}).get("weight_decay", 0.0))
     groups = B.build_param_groups(model, weight_decay, base_lr, tcfg.norm_bias_decay)
     engine = B.build_engine(run, model, groups)
