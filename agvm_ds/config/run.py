@@ -305,8 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for w in run.warnings:
         print(f"warning: {w}", file=sys.stderr)
-    print(f"{args.file}: ok (global batch {run.global_batch}, world size "
-          f"{run.world_size if run.world_size is not None else 'unspecified'})")
+    print(f"{args.file}: ok (train_batch_size {run.deepspeed.get('train_batch_size', '?')}, "
+          f"world size {run.world_size if run.world_size is not None else 'unspecified'})")
     return 0
 
 
