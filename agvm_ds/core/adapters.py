@@ -79,6 +79,24 @@ class StageAdapter:
         self.local_numel = 0
         self.params = [p for g in groups for p in g]
 
+    def _per_parameter_layout(self, sizes) -> list[tuple[int, int, torch.nn.Parameter, int, int, int]]:
+        """Split each parameter evenly over the ranks, in group order; fill ``layout`` and
+        ``local_numel``; return this rank's pieces as (module, group, param, lo, hi, offset)."""
+        offsets = [0] * self.world
+        own = []
+        for gi, g in enumerate(self.groups):
+            for p in g:
+                numel, part = sizes(p)
+                pieces = []
+                for r, lo, hi in _even_split(numel, self.world, part):
+                    pieces.append(Piece(r, lo, hi, offsets[r]))
+                    if r == self.rank:
+                        own.append((self.group_modules[gi], gi, p, lo, hi, offsets[r]))
+                    offsets[r] += hi - lo
+                self.layout[id(p)] = pieces
+        self.local_numel = offsets[self.rank]
+        return own
+
     # -- reads -----------------------------------------------------------------------
     def chunks(self, want_second_moment: bool = False, boundary: bool = True) -> Iterator[Chunk]:
         raise NotImplementedError
@@ -116,18 +134,7 @@ class Stage0Adapter(StageAdapter):
 
     def __init__(self, engine, groups, group_modules):
         super().__init__(engine, groups, group_modules)
-        offsets = [0] * self.world
-        self._own: list[tuple[int, int, torch.nn.Parameter, int, int, int]] = []
-        for gi, g in enumerate(groups):
-            for p in g:
-                pieces = []
-                for r, lo, hi in _even_split(p.numel(), self.world):
-                    pieces.append(Piece(r, lo, hi, offsets[r]))
-                    if r == self.rank:
-                        self._own.append((group_modules[gi], gi, p, lo, hi, offsets[r]))
-                    offsets[r] += hi - lo
-                self.layout[id(p)] = pieces
-        self.local_numel = offsets[self.rank]
+        self._own = self._per_parameter_layout(lambda p: (p.numel(), None))
         # bf16 / fp16 wrappers optimize fp32 copies: map model params to them for Adam state.
         opt_groups = getattr(self.zero, "fp32_groups", None)
         self._state_param = {}
@@ -228,19 +235,8 @@ class Stage3Adapter(StageAdapter):
 
     def __init__(self, engine, groups, group_modules):
         super().__init__(engine, groups, group_modules)
-        offsets = [0] * self.world
-        self._own = []
-        for gi, g in enumerate(groups):
-            for p in g:
-                part = int(p.ds_tensor.ds_numel)
-                pieces = []
-                for r, lo, hi in _even_split(int(p.ds_numel), self.world, part):
-                    pieces.append(Piece(r, lo, hi, offsets[r]))
-                    if r == self.rank:
-                        self._own.append((group_modules[gi], gi, p, lo, hi, offsets[r]))
-                    offsets[r] += hi - lo
-                self.layout[id(p)] = pieces
-        self.local_numel = offsets[self.rank]
+        # ZeRO-3 partitions every parameter on its own: ceil(numel / N) elements per rank.
+        self._own = self._per_parameter_layout(lambda p: (int(p.ds_numel), int(p.ds_tensor.ds_numel)))
 
     def chunks(self, want_second_moment=False, boundary=True):
         from deepspeed.utils import safe_get_local_grad, safe_get_local_optimizer_state

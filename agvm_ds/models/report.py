@@ -1,0 +1,150 @@
+"""Partition report: parameters per AGVM module, their param groups, ZeRO memory per rank.
+
+The memory model is ZeRO's (Rajbhandari et al. 2020, §3): with ``P`` trainable parameters
+on ``N`` data-parallel ranks,
+
+* mixed precision (bf16 / fp16): 2 bytes of parameters + 2 of gradients per element, plus
+  ``K`` bytes of optimizer state = a 4-byte fp32 master copy + the optimizer's own fp32
+  state (Adam-family 8, SGD with momentum / Lars 4, plain SGD 0); fp32 gradient
+  accumulation (``data_types.grad_accum_dtype: "fp32"``) makes gradients 4 bytes;
+* fp32: 4 + 4 bytes and only the optimizer's own state (no master copy);
+* stage 1 shards optimizer state, stage 2 also gradients, stage 3 also parameters
+  (divided by ``N``); stage 0 keeps everything on every rank.
+
+Not included: activations, ZeRO-3's gathered working set (prefetch / live-parameter
+buckets), communication buffers, and fragmentation - all of which depend on the run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from agvm_ds.models.build import assign_modules, partition_problems
+from agvm_ds.models.param_groups import param_groups
+
+__all__ = ["optimizer_state_bytes", "zero_memory", "partition_report", "format_report"]
+
+_ADAM_LIKE = ("adam", "adamw", "fusedadam", "cpuadam", "deepspeedcpuadam", "lamb", "fusedlamb",
+              "onebitadam", "zerooneadam", "onebitlamb", "adamax", "nadam", "radam", "adan",
+              "lion")
+_ONE_STATE = ("lars", "adagrad", "rmsprop", "muon", "lion")
+
+
+def optimizer_state_bytes(opt: dict | None) -> tuple[int, str]:
+    """fp32 state bytes per parameter the base optimizer keeps (excluding a master copy)."""
+    opt = opt or {}
+    kind = str(opt.get("type", "AdamW"))
+    params = opt.get("params", {}) or {}
+    k = kind.lower().replace("_", "")
+    if k == "sgd":
+        return (4 if float(params.get("momentum", 0.0)) > 0 else 0), kind
+    if k == "lion":
+        return 4, kind
+    if k in _ADAM_LIKE:
+        return 8, kind
+    if k in _ONE_STATE:
+        extra = 4 if k == "rmsprop" and float(params.get("momentum", 0.0)) > 0 else 0
+        return 4 + extra, kind
+    return 8, f"{kind} (unknown: assumed Adam-like, 8 bytes)"
+
+
+def _precision(ds: dict) -> str:
+    if (ds.get("bf16") or {}).get("enabled", False) or (ds.get("bfloat16") or {}).get("enabled", False):
+        return "bf16"
+    if (ds.get("fp16") or {}).get("enabled", False):
+        return "fp16"
+    return "fp32"
+
+
+def zero_memory(num_params: int, world_size: int, precision: str, opt_state: int,
+                grad_accum_fp32: bool = False) -> dict[str, dict[str, float]]:
+    """Bytes per rank for each ZeRO stage: ``{"zero0": {"params", "grads", "optimizer", "total"}}``."""
+    mixed = precision in ("bf16", "fp16")
+    p_b = 2 if mixed else 4
+    g_b = 4 if (not mixed or grad_accum_fp32) else 2
+    o_b = opt_state + (4 if mixed else 0)
+    n = max(int(world_size), 1)
+    out = {}
+    for stage in range(4):
+        p = num_params * p_b / (n if stage >= 3 else 1)
+        g = num_params * g_b / (n if stage >= 2 else 1)
+        o = num_params * o_b / (n if stage >= 1 else 1)
+        out[f"zero{stage}"] = {"params": p, "grads": g, "optimizer": o, "total": p + g + o}
+    return out
+
+
+def partition_report(model: nn.Module, ds_config: dict, world_size: int) -> dict[str, Any]:
+    """Everything ``launch/partition.py`` prints, as one JSON-able dict."""
+    modules = model.agvm_modules
+    owners = assign_modules(model, modules)
+    params = dict(model.named_parameters())
+    count = lambda names: int(sum(params[n].numel() for n in names))  # noqa: E731
+    unassigned = owners.pop("<unassigned>")
+    ambiguous = owners.pop("<ambiguous>")
+    problems = partition_problems(model, modules)
+    opt = ds_config.get("optimizer") or {}
+    wd = float((opt.get("params") or {}).get("weight_decay", 0.0))
+    report_modules: dict[str, Any] = {m: {"params": count(n), "tensors": len(n),
+                                          "prefixes": list(modules[m]), "groups": []}
+                                      for m, n in owners.items()}
+    groups = []
+    if not unassigned and not ambiguous:
+        for g in param_groups(model, wd, modules=modules):
+            entry = {"module": g["module"], "weight_decay": g["weight_decay"],
+                     "params": int(sum(p.numel() for p in g["params"])), "tensors": len(g["params"])}
+            groups.append(entry)
+            report_modules[g["module"]]["groups"].append(
+                {k: entry[k] for k in ("weight_decay", "params", "tensors")})
+    trainable = int(sum(p.numel() for p in params.values() if p.requires_grad))
+    precision = _precision(ds_config)
+    opt_bytes, opt_name = optimizer_state_bytes(opt)
+    grad_fp32 = str((ds_config.get("data_types") or {}).get("grad_accum_dtype", "")).lower() in ("fp32", "float32")
+    stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+    return {
+        "model": getattr(model.spec, "name", type(model).__name__),
+        "architecture": getattr(model.spec, "architecture", None),
+        "anchor": model.agvm_anchor,
+        "total_params": trainable,
+        "frozen_params": int(sum(p.numel() for p in params.values() if not p.requires_grad)),
+        "modules": report_modules,
+        "unassigned_params": count(unassigned),
+        "ambiguous_params": count(ambiguous),
+        "problems": problems,
+        "param_groups": groups,
+        "world_size": int(world_size),
+        "precision": precision,
+        "optimizer": opt_name,
+        "optimizer_state_bytes_per_param": opt_bytes + (4 if precision != "fp32" else 0),
+        "zero_stage": stage,
+        "memory_per_rank_bytes": zero_memory(trainable, world_size, precision, opt_bytes, grad_fp32),
+    }
+
+
+def _gib(b: float) -> str:
+    return f"{b / 2 ** 30:9.3f} GiB"
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """A human-readable table of :func:`partition_report`'s dict."""
+    total = max(r["total_params"], 1)
+    lines = [f"model {r['model']} ({r['architecture']}), anchor: {r['anchor']}",
+             f"{'module':<12}{'params':>16}{'share':>9}  groups (weight_decay: params)"]
+    for name, m in r["modules"].items():
+        gs = ", ".join(f"wd={g['weight_decay']:g}: {g['params']:,} in {g['tensors']}" for g in m["groups"])
+        lines.append(f"{name:<12}{m['params']:>16,}{100 * m['params'] / total:>8.2f}%  {gs}")
+    lines.append(f"{'total':<12}{r['total_params']:>16,}   ({len(r['param_groups'])} param groups;"
+                 f" unassigned {r['unassigned_params']:,}, frozen {r['frozen_params']:,})")
+    for p in r["problems"]:
+        lines.append(f"PROBLEM: {p}")
+    lines.append("")
+    lines.append(f"ZeRO memory per rank, {r['world_size']} ranks, {r['precision']}, optimizer "
+                 f"{r['optimizer']} ({r['optimizer_state_bytes_per_param']} B/param of state"
+                 f"{' incl. fp32 master' if r['precision'] != 'fp32' else ''}); activations excluded")
+    lines.append(f"{'stage':<8}{'params':>14}{'grads':>14}{'optimizer':>14}{'total':>14}")
+    for stage, m in r["memory_per_rank_bytes"].items():
+        mark = "  <- config" if stage == f"zero{r['zero_stage']}" else ""
+        lines.append(f"{stage:<8}{_gib(m['params']):>14}{_gib(m['grads']):>14}"
+                     f"{_gib(m['optimizer']):>14}{_gib(m['total']):>14}{mark}")
+    return "\n".join(lines)
