@@ -87,3 +87,18 @@ def test_checkpoint_round_trip_keeps_mu(tmp_path, stage):
     assert res["updates_b"] == 5 and res["step_b"] == 5
     assert res["tail_a"] == pytest.approx(res["tail_b"], rel=1e-6)
     assert res["mu_a"] == pytest.approx(res["mu_b"], rel=1e-6)
+
+
+def test_four_ranks_match_bruteforce():
+    cases = [dict(stage=2, gas=2, opt="sgd", steps=4, estimator="micro"),
+             dict(stage=3, gas=2, opt="sgd", steps=4, estimator="ranks")]
+    runs = run_distributed(train_many, 4, cases)
+    for i, case in enumerate(cases):
+        res = runs[3][i]
+        mus = {t: res["reports"][t]["mu"] for t in range(4)}
+        _, cos_ref, params_ref = replay(4, 2, "sgd", 4, case["estimator"], mus=mus)
+        for t in (1, 3):
+            for m, c in cos_ref[t].items():
+                assert abs(res["reports"][t]["modules"][m]["cos"] - c) <= 1e-4 * max(abs(c), 1e-3), (case, t, m)
+        for n, p in params_ref.items():
+            assert float((torch.as_tensor(res["params"][n]) - p).norm()) <= 1e-5 * max(float(p.norm()), 1e-6)
