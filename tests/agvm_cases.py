@@ -53,7 +53,9 @@ def ds_config(stage, gas, opt, precision="fp32", clip=0.0, estimator="micro", in
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if opt == "sgd":
+    if isinstance(opt, dict):
+        cfg["optimizer"] = opt
+    elif opt == "sgd":
         cfg["optimizer"] = {"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.01}}
     else:
         cfg["optimizer"] = {"type": "AdamW", "params": {"lr": 0.01, "betas": [0.9, 0.99], "eps": 1e-8,

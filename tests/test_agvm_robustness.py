@@ -102,3 +102,18 @@ def test_four_ranks_match_bruteforce():
                 assert abs(res["reports"][t]["modules"][m]["cos"] - c) <= 1e-4 * max(abs(c), 1e-3), (case, t, m)
         for n, p in params_ref.items():
             assert float((torch.as_tensor(res["params"][n]) - p).norm()) <= 1e-5 * max(float(p.norm()), 1e-6)
+
+
+def test_other_base_optimizers_train_under_zero():
+    opts = [{"type": "Lamb", "params": {"lr": 0.01, "weight_decay": 0.01}},
+            {"type": "Lars", "params": {"lr": 0.1, "momentum": 0.9}},
+            {"type": "RMSprop", "params": {"lr": 0.001}}]
+    cases = [dict(stage=s, gas=2, opt=o, steps=4) for o in opts for s in (2, 3)]
+    runs = run_distributed(train_many, 2, cases)
+    for i, case in enumerate(cases):
+        res = runs[0][i]
+        mus = res["reports"][-1]["mu"]
+        assert all(math.isfinite(v) for v in mus.values()) and any(abs(v - 1) > 1e-4 for v in mus.values()), case
+        assert res["reports"][1]["step"] == 1
+        # both ranks ran the same optimizer on the same parameters
+        assert all(torch.equal(runs[0][i]["params"][n], runs[1][i]["params"][n]) for n in res["params"])
