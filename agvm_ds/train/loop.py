@@ -38,7 +38,7 @@ from agvm_ds.train import build as B
 from agvm_ds.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from agvm_ds.train.distributed import maybe_inject_fault
 from agvm_ds.train.evaluate import evaluate
-from agvm_ds.train.metrics import MetricsWriter, agvm_record, reduce_losses
+from agvm_ds.train.metrics import MetricsWriter, agvm_record, read_metrics, reduce_losses
 from agvm_ds.train.plot import plot_modulation
 from agvm_ds.train.sampler import (SeededDataset, StepBatchSampler, StepSampler, mix_seed,
                                    seed_all)
@@ -62,10 +62,22 @@ def _collate_fn():
 
 
 def _progress(rank: int, total: int, initial: int):
+    """tqdm on rank 0; redrawn every second on a terminal, every 30 s into a log file."""
+    import sys
+
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, disable=rank != 0, dynamic_ncols=True,
-                desc="train", unit="step", mininterval=1.0)
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, initial=initial, disable=rank != 0, dynamic_ncols=tty,
+                desc="train", unit="step", mininterval=1.0 if tty else 30.0, ascii=not tty)
+
+
+def _default_monitor_paths(run: RunConfig, out_dir: Path) -> None:
+    """DeepSpeed monitors that are enabled without an ``output_path`` write into the run."""
+    for key in ("tensorboard", "csv_monitor"):
+        section = run.deepspeed.get(key)
+        if isinstance(section, dict) and section.get("enabled") and not section.get("output_path"):
+            section["output_path"] = str(out_dir / "monitor") + "/"
 
 
 def train(run: RunConfig, out_dir: Path, resume: Optional[str], rank: int, world: int) -> int:
@@ -80,6 +92,11 @@ def train(run: RunConfig, out_dir: Path, resume: Optional[str], rank: int, world
     train_set, val_set = B.build_datasets(run, rank, need_val=need_val)
     total_steps, warmup = resolve_steps(tcfg, len(train_set), run.global_batch)
     schedule = build_lr_schedule(tcfg, total_steps, warmup)
+    try:
+        sampler = StepSampler(len(train_set), world, rank, run.micro_batch, run.grad_accum,
+                              seed=tcfg.seed)
+    except ValueError as err:
+        raise ConfigError(f"train_batch_size: {err}") from None
     if run.agvm.start_step is None:
         run.agvm.start_step = warmup
     base_lr, lr_note = B.choose_lr(run)
@@ -88,6 +105,7 @@ def train(run: RunConfig, out_dir: Path, resume: Optional[str], rank: int, world
 
     # -- model, param groups, engine
     torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
+    _default_monitor_paths(run, out_dir)
     model = B.build_model(run, getattr(train_set, "num_classes", None))
     weight_decay = float(run.deepspeed["optimizer"].get("params", {}).get("weight_decay", 0.0))
     groups = B.build_param_groups(model, weight_decay, base_lr, tcfg.norm_bias_decay)
@@ -107,11 +125,8 @@ def train(run: RunConfig, out_dir: Path, resume: Optional[str], rank: int, world
         state = load_checkpoint(engine, tag_dir)
         start = int(state.get("step", 0))
         _say(rank, f"resumed from {tag_dir} at step {start}")
-    try:
-        sampler = StepSampler(len(train_set), world, rank, run.micro_batch, run.grad_accum,
-                              seed=tcfg.seed)
-    except ValueError as err:
-        raise ConfigError(f"train_batch_size: {err}") from None
+        if rank == 0:
+            _trim_jsonl(out_dir / "eval_history.jsonl", start)
     loader = torch.utils.data.DataLoader(
         SeededDataset(train_set), batch_sampler=StepBatchSampler(sampler, start, total_steps),
         collate_fn=_collate_fn(), num_workers=run.data.num_workers,
@@ -126,7 +141,7 @@ def train(run: RunConfig, out_dir: Path, resume: Optional[str], rank: int, world
                            enabled=rank == 0)
     bar = _progress(rank, total_steps, start)
     clip_now: Optional[float] = None
-    last_update: Optional[int] = None
+    _, last_update = agvm_record(B.modulation(engine), None)  # a restored update is not new
     last_saved = start if tag_dir is not None else -1
     engine.train()
     try:
@@ -195,6 +210,12 @@ def train(run: RunConfig, out_dir: Path, resume: Optional[str], rank: int, world
                                             if isinstance(v, float) and not k.endswith("_s")))
         _say(rank, f"outputs in {out_dir}")
     return 0
+
+
+def _trim_jsonl(path: Path, last_step: int) -> None:
+    rows = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
+    if path.is_file():
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _to_device(images, targets, device, dtype):

@@ -32,7 +32,7 @@ def reduce_losses(parts: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(local)
         local /= dist.get_world_size()
-    out = {f"loss_{n}": float(v) for n, v in zip(names, local)}
+    out = {(n if n.startswith("loss") else f"loss_{n}"): float(v) for n, v in zip(names, local)}
     out = {"loss": float(local.sum()), **out}
     return out
 
