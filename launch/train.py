@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
 
     rank0 = os.environ.get("RANK", "0") == "0"
     try:
-        run = load_run_config(args.deepspeed_config, args.override)
+        # the launchers set WORLD_SIZE; a plain `python launch/train.py` is one rank
+        run = load_run_config(args.deepspeed_config, args.override,
+                              world_size=int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

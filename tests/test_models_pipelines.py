@@ -45,7 +45,9 @@ def make_batch(scale: float = 0.5, flipped: bool = False):
 
 def overfit(model, images, targets, steps: int, lr: float = 2e-3) -> list[float]:
     torch.manual_seed(0)
-    opt = torch.optim.AdamW(param_groups(model, 1e-4), lr=lr)
+    opt = torch.optim.AdamW(param_groups(model, 1e-4), lr=lr, foreach=True)
+    # linear decay to 0: the last steps settle instead of bouncing on the sampled RoIs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - i / steps)
     model.train()
     history = []
     for _ in range(steps):
@@ -55,6 +57,7 @@ def overfit(model, images, targets, steps: int, lr: float = 2e-3) -> list[float]
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
         history.append(loss.item())
     return history
 
@@ -146,18 +149,18 @@ def test_semantic_fpn_overfits_and_predicts_label_maps():
 
 TIMM_CASES = [
     ("retinanet_uninet_tiny", {"type": "timm", "name": "resnet18", "out_indices": [2, 3, 4]}),
-    ("faster_rcnn_uninet_tiny", {"type": "timm", "name": "swin_tiny_patch4_window7_224",
-                                 "out_indices": [0, 1, 2, 3],
+    ("retinanet_uninet_tiny", {"type": "timm", "name": "swin_tiny_patch4_window7_224",
+                               "out_indices": [1, 2, 3],
                                  "kwargs": {"embed_dim": 32, "depths": [1, 1, 1, 1],
-                                            "num_heads": [1, 2, 4, 8], "window_size": 4}}),
+                                          "num_heads": [1, 2, 4, 8], "window_size": 4}}),
 ]
 
 
-@pytest.mark.parametrize("spec,backbone", TIMM_CASES, ids=["resnet18-retinanet", "swin-faster_rcnn"])
+@pytest.mark.parametrize("spec,backbone", TIMM_CASES, ids=["resnet18-retinanet", "swin-retinanet"])
 def test_timm_backbones_inside_pipelines(spec, backbone):
     torch.manual_seed(0)
     model = build_model(spec, num_classes=3, overrides={"backbone": backbone})
-    assert model.backbone.strides == ([8, 16, 32] if "resnet" in backbone["name"] else [4, 8, 16, 32])
+    assert model.backbone.strides == [8, 16, 32]
     if "swin" in backbone["name"]:
         assert model.backbone.nhwc  # timm's Swin features are NHWC; the wrapper permutes them
     images, targets = make_batch()
@@ -188,3 +191,32 @@ def test_predictions_map_back_to_original_and_unflip():
             p["masks"][:, None].float(), scale_factor=2.0)[:, 0] > 0.5, dims=[-1])
         agree = (mirrored == f["masks"]).float().mean()
         assert agree > 0.97
+
+
+@pytest.mark.parametrize("spec", ["mask_rcnn_uninet_tiny", "retinanet_uninet_tiny"])
+def test_bf16_weights_train_and_predict_in_fp32_box_space(spec):
+    """DeepSpeed's bf16 mode casts the module: losses stay finite, outputs stay fp32."""
+    torch.manual_seed(0)
+    model = build_model(spec, num_classes=3).to(torch.bfloat16)
+    images, targets = make_batch()
+    losses = model(images.to(torch.bfloat16), targets)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    preds = model.predict(images.to(torch.bfloat16))  # no targets: padded-image coordinates
+    assert preds[0]["boxes"].dtype == torch.float32 and preds[0]["scores"].dtype == torch.float32
+    assert preds[0]["boxes"].numel() == 0 or preds[0]["boxes"].max() <= SIZE
+
+
+@pytest.mark.parametrize("spec", ["retinanet_uninet_tiny", "mask_rcnn_uninet_tiny"])
+def test_image_without_objects(spec):
+    """An image with no annotations gives finite losses and gradients everywhere."""
+    torch.manual_seed(0)
+    model = build_model(spec, num_classes=3)
+    images, targets = make_batch()
+    targets[1] = dict(targets[1], boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.int64),
+                      masks=torch.zeros(0, SIZE, SIZE, dtype=torch.uint8))
+    losses = model(images, targets)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in model.parameters())

@@ -126,9 +126,10 @@ def test_mask_targets_and_paste_roundtrip():
     masks[1, 0:40, 30:50] = 1
     boxes = torch.tensor([[5.0, 10, 25, 30], [30.0, 0, 50, 40]])
     t = mask_targets(masks, torch.tensor([0, 1]), boxes, 14)
-    assert (t > 0.5).all()  # box == mask extent: the target is full (edges are blurred)
-    assert torch.allclose(t[:, 2:-2, 2:-2], torch.ones(2, 10, 10))
+    assert torch.equal(t, torch.ones(2, 14, 14))  # box == mask extent: the target is full
     t = mask_targets(masks, torch.tensor([0]), torch.tensor([[0.0, 0, 50, 40]]), 10)
-    assert t[0, 0, 0] == 0 and t[0, 5, 3] == 1  # mask occupies x 5..25, y 10..30 of 50x40
+    expected = torch.zeros(10, 10)
+    expected[2:8, 1:5] = 1  # the mask covers x 5..25 of 50 and y 10..30 of 40: cells 1..4, 2..7
+    assert torch.equal(t[0], expected)
     pasted = paste_masks(torch.ones(2, 28, 28), boxes, 40, 50) > 0.5
     assert torch.equal(pasted, masks.bool())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -22,6 +23,16 @@ CONFIG_1B = REPO / "ds_configs" / "maskrcnn_uninet_1b_bs960.json"
 def _run(*args, timeout=120):
     return subprocess.run([sys.executable, str(REPO / "launch" / "partition.py"), *args],
                           capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def _main(capsys, *args):
+    """Run the CLI's ``main`` in-process (cheaper than a subprocess): (code, stdout, stderr)."""
+    spec = importlib.util.spec_from_file_location("partition_cli", REPO / "launch" / "partition.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    code = module.main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 def test_1b_config_report_json():
@@ -48,15 +59,15 @@ def test_1b_config_report_json():
     assert z0["total"] == pytest.approx(total * 16)
 
 
-def test_text_report_and_default_world_size():
-    proc = _run("--deepspeed_config", str(CONFIG_1B))
-    assert proc.returncode == 0, proc.stderr
-    assert "480 ranks" in proc.stdout  # 960 / (2 x 1)
+def test_text_report_and_default_world_size(capsys):
+    code, out, err = _main(capsys, "--deepspeed_config", str(CONFIG_1B))
+    assert code == 0, err
+    assert "480 ranks" in out  # 960 / (2 x 1)
     for name in ("backbone", "neck", "rpn", "roi_box", "roi_mask", "zero3"):
-        assert name in proc.stdout
+        assert name in out
 
 
-def test_bad_configs_exit_2_without_traceback(tmp_path):
+def test_bad_configs_exit_2_without_traceback(tmp_path, capsys):
     cases = {
         "nomodel.json": ({"train_batch_size": 2}, "model"),
         "badspec.json": ({"model": {"spec": "models/missing.json", "num_classes": 3}}, "model.spec"),
@@ -66,21 +77,24 @@ def test_bad_configs_exit_2_without_traceback(tmp_path):
     for name, (body, key) in cases.items():
         path = tmp_path / name
         path.write_text(json.dumps(body))
-        proc = _run("--deepspeed_config", str(path))
-        assert proc.returncode == 2, (name, proc.stdout, proc.stderr)
-        assert key in proc.stderr and "Traceback" not in proc.stderr
+        code, out, err = _main(capsys, "--deepspeed_config", str(path))
+        assert code == 2, (name, out, err)
+        assert key in err and "Traceback" not in err
+    # and as a real process: one line on stderr, no traceback
+    proc = _run("--deepspeed_config", str(tmp_path / "badspec.json"))
+    assert proc.returncode == 2 and "model.spec" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_report_flags_unassigned_parameters(tmp_path):
+def test_report_flags_unassigned_parameters(tmp_path, capsys):
     spec = json.loads((REPO / "models" / "faster_rcnn_uninet_tiny.json").read_text())
     spec["modules"] = {"backbone": ["backbone"], "neck": ["neck"], "rpn": ["rpn"]}
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(spec))
     cfg = tmp_path / "run.json"
     cfg.write_text(json.dumps({"model": {"spec": str(spec_path), "num_classes": 3}}))
-    proc = _run("--deepspeed_config", str(cfg), "--json")
-    assert proc.returncode == 1
-    report = json.loads(proc.stdout)
+    code, out, _ = _main(capsys, "--deepspeed_config", str(cfg), "--json")
+    assert code == 1
+    report = json.loads(out)
     with torch.device("meta"):
         model = build_model("faster_rcnn_uninet_tiny", num_classes=3)
     assert report["unassigned_params"] == sum(p.numel() for p in model.roi_box.parameters())

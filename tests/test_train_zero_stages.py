@@ -3,11 +3,12 @@
 Real runs of ``launch/train.py`` through ``torchrun`` (CPU, gloo, fp32). The run crosses an
 epoch boundary, turns global-norm clipping on for its first steps and off after, and has
 AGVM updates every second step, so the schedule, the clipping switch and the statistics
-are all compared across stages.
+are all compared across stages, and so is the final (distributed) evaluation.
 """
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -23,14 +24,16 @@ def _close(a: float, b: float, rel: float = 1e-4) -> bool:
 
 def test_zero_stages_agree(tmp_path):
     config = write_config(tmp_path / "tiny.json")
-    runs = {}
+    runs, evals = {}, {}
     for stage in (0, 1, 2, 3):
         out = tmp_path / f"stage{stage}"
         proc = run_train(config, out, "--override", f"zero_optimization.stage={stage}",
                          "--override", "train.checkpoint_every=0",
-                         "--override", "train.checkpoint_at_end=false")
+                         "--override", "train.checkpoint_at_end=false",
+                         "--override", "train.eval_at_end=true")
         assert proc.returncode == 0, tail(proc)
         runs[stage] = metrics(out)
+        evals[stage] = json.loads((out / "eval.json").read_text())
         assert [r["step"] for r in runs[stage]] == list(range(1, 13))
 
     ref = runs[0]
@@ -42,6 +45,8 @@ def test_zero_stages_agree(tmp_path):
         for a, b in zip(ref, rows):
             assert _close(a["loss"], b["loss"]), (stage, a["step"], a["loss"], b["loss"])
             assert a["lr"] == pytest.approx(b["lr"], rel=1e-12)
+        # distributed evaluation works in every stage (ZeRO-3 gathers inside forward)
+        assert evals[stage]["bbox_AP"] == pytest.approx(evals[0]["bbox_AP"], abs=1e-3)
         mu = mu_series(rows)
         assert mu.keys() == ref_mu.keys(), stage
         for key, value in ref_mu.items():

@@ -76,7 +76,10 @@ def _align_group(flat: Tensor, h: int, w: int, rois: Tensor, out_h: int, out_w: 
     CPU than ``grid_sample``'s backward).
     """
     k = rois.shape[0]
-    ys, xs = _sample_grid(rois.to(flat.dtype), out_h, out_w, sr_h, sr_w, scale, aligned)
+    # coordinates and weights in at least fp32, whatever the feature dtype (bf16 would put
+    # samples of an 800-px image pixels away from where they belong)
+    cdtype = torch.promote_types(flat.dtype, torch.float32)
+    ys, xs = _sample_grid(rois.to(cdtype), out_h, out_w, sr_h, sr_w, scale, aligned)
     y0, y1, wy0, wy1, _ = _axis_weights(ys, h)  # [K, out_h * sr_h]
     x0, x1, wx0, wx1, _ = _axis_weights(xs, w)  # [K, out_w * sr_w]
     # [K, out, sr, 2 corners] per axis; then every (bin, sample, corner) combination, laid
@@ -87,9 +90,9 @@ def _align_group(flat: Tensor, h: int, w: int, rois: Tensor, out_h: int, out_w: 
     wx = torch.stack([wx0, wx1], -1).view(k, 1, out_w, 1, 1, sr_w, 2)
     base = (rois[:, 0].long() * (h * w)).view(k, 1, 1, 1, 1, 1, 1)
     idx = (base + yi * w + xi).reshape(-1)
-    weight = (wy * wx).reshape(k * out_h * out_w, -1, 1) / (sr_h * sr_w)
-    vals = flat.index_select(0, idx).view(weight.shape[0], weight.shape[1], flat.shape[1])
-    out = (vals * weight).sum(dim=1)  # [K * out_h * out_w, C]
+    weight = ((wy * wx).reshape(k * out_h * out_w, 1, -1) / (sr_h * sr_w)).to(flat.dtype)
+    vals = flat.index_select(0, idx).view(weight.shape[0], weight.shape[2], flat.shape[1])
+    out = torch.bmm(weight, vals)[:, 0]  # weighted sum per bin: [K * out_h * out_w, C]
     return out.view(k, out_h, out_w, -1).permute(0, 3, 1, 2)
 
 
@@ -104,7 +107,7 @@ def roi_align(input: Tensor, rois: Tensor | Sequence[Tensor], output_size: int |
     """
     out_h, out_w = (output_size, output_size) if isinstance(output_size, int) else output_size
     if not isinstance(rois, Tensor):
-        rois = boxes_to_rois(list(rois)).to(input.device, input.dtype)
+        rois = boxes_to_rois(list(rois)).to(input.device)
     if rois.dim() != 2 or rois.shape[1] != 5:
         raise ValueError(f"roi_align: rois must be [K, 5], got {tuple(rois.shape)}")
     n, c = input.shape[:2]

@@ -30,6 +30,8 @@ def init_distributed() -> tuple[int, int, int]:
     import deepspeed.comm as dist
     from deepspeed.accelerator import get_accelerator
 
+    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+        _single_process_env()  # plain `python launch/train.py …`: one rank
     on_cpu = get_accelerator().device_name() == "cpu"
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
     if on_cpu and "OMP_NUM_THREADS" not in os.environ:
@@ -39,6 +41,17 @@ def init_distributed() -> tuple[int, int, int]:
     if not on_cpu:
         get_accelerator().set_device(local_rank)
     return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def _single_process_env() -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                       "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)})
 
 
 def teardown(ok: bool) -> None:

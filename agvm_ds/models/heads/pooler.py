@@ -48,6 +48,6 @@ class MultiScaleRoIAlign(nn.Module):
         for lvl, (f, scale) in enumerate(zip(feats, self.scales)):
             sel = torch.nonzero(levels == lvl).squeeze(1)
             if len(sel):
-                out = out.index_copy(0, sel, roi_align(f, rois[sel].to(f.dtype), self.output_size,
+                out = out.index_copy(0, sel, roi_align(f, rois[sel], self.output_size,
                                                        scale, self.sampling_ratio, aligned=True))
         return out

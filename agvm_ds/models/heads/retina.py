@@ -30,9 +30,13 @@ def _tower(channels: int, num_convs: int, norm: str) -> nn.Sequential:
 
 
 def _flatten(x: Tensor, k: int) -> Tensor:
-    """``[N, A*k, H, W]`` -> ``[N, H*W*A, k]`` (the anchor generator's order)."""
+    """``[N, A*k, H, W]`` -> ``[N, H*W*A, k]`` (the anchor generator's order), in fp32.
+
+    Losses and box decoding run in fp32 even when the network runs in bf16/fp16: bf16's
+    8-bit mantissa would put box coordinates off by pixels on large images.
+    """
     n, _, h, w = x.shape
-    return x.view(n, -1, k, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, k)
+    return x.view(n, -1, k, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, k).float()
 
 
 class RetinaHead(nn.Module):

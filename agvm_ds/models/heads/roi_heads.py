@@ -61,7 +61,7 @@ class ROIBoxHead(nn.Module):
     def _head(self, feats, boxes) -> tuple[Tensor, Tensor]:
         x = self.convs(self.pooler(feats, boxes)).flatten(1)
         x = self.fcs(x)
-        return self.cls_score(x), self.box_deltas(x)
+        return self.cls_score(x).float(), self.box_deltas(x).float()  # fp32 losses/decoding
 
     @torch.no_grad()
     def sample(self, proposals: list[Tensor], targets: list[dict]):
@@ -141,7 +141,7 @@ class ROIMaskHead(nn.Module):
     def _logits(self, feats, boxes: list[Tensor], classes: Tensor) -> Tensor:
         x = self.convs(self.pooler(feats, boxes))
         x = self.predictor(F.relu(self.upsample(x)))
-        return x[torch.arange(len(classes), device=x.device), classes]
+        return x[torch.arange(len(classes), device=x.device), classes].float()
 
     def losses(self, feats, fg_boxes, fg_classes, fg_gt_idx, targets) -> dict[str, Tensor]:
         classes = torch.cat(fg_classes)

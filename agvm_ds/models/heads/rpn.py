@@ -44,9 +44,9 @@ class RPN(nn.Module):
         for f in feats:
             x = self.conv(f)
             n, _, h, w = x.shape
-            obj.append(self.objectness(x).permute(0, 2, 3, 1).reshape(n, -1))
+            obj.append(self.objectness(x).permute(0, 2, 3, 1).reshape(n, -1).float())
             d = self.deltas(x)
-            dl.append(d.view(n, -1, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4))
+            dl.append(d.view(n, -1, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4).float())  # fp32 losses/decoding
         return obj, dl
 
     def forward(self, feats: list[Tensor], sizes: list[tuple[int, int]],

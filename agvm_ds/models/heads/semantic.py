@@ -49,7 +49,7 @@ class SemanticFPNHead(nn.Module):
             y = head(f)
             x = y if x is None else x + F.interpolate(y, size=x.shape[-2:], mode="bilinear",
                                                       align_corners=False)
-        logits = self.predictor(x)
+        logits = self.predictor(x).float()
         return F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
 
     def losses(self, feats: list[Tensor], sem_seg: Tensor) -> dict[str, Tensor]:
