@@ -207,3 +207,27 @@ def test_uninet_blocks_shapes_and_checkpointing():
     torch.testing.assert_close(a, b)
     for p, g in zip(bb.parameters(), g1):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
+
+
+def test_timm_backbone_local_checkpoint_and_convnext(tmp_path):
+    """Pretrained weights come from a local file only; ConvNeXt works through features_only."""
+    import timm
+
+    torch.manual_seed(0)
+    full = timm.create_model("resnet18", pretrained=False)  # a classifier checkpoint
+    path = tmp_path / "resnet18.pth"
+    torch.save(full.state_dict(), path)
+    model = build_model("retinanet_resnet18", num_classes=3, overrides={"backbone.checkpoint": str(path)})
+    loaded = model.backbone.body.state_dict()
+    reference = full.state_dict()
+    assert loaded and all(torch.equal(v, reference[k]) for k, v in loaded.items())
+    with pytest.raises(ConfigError, match="backbone.checkpoint"):
+        build_model("retinanet_resnet18", overrides={"backbone.checkpoint": str(tmp_path / "none.pth")})
+    with pytest.raises(ConfigError, match="backbone.name"):
+        build_model("retinanet_resnet18", overrides={"backbone.name": "no_such_model_xyz"})
+
+    conv = build_model("retinanet_resnet18", num_classes=3,
+                       overrides={"backbone": {"type": "timm", "name": "convnext_atto"}})
+    assert conv.backbone.strides == [4, 8, 16, 32] and not conv.backbone.nhwc
+    feats = conv.backbone(torch.randn(1, 3, 64, 64))
+    assert [f.shape[1] for f in feats] == conv.backbone.channels

@@ -8,7 +8,8 @@ modules. Within a module, parameters are split only by the hyper-parameters that
 only shrinks them towards an arbitrary zero, so they get ``weight_decay_norm`` /
 ``weight_decay_bias`` (0 by default); LayerScale gammas and other 1-d parameters count
 as "norm-like" when ``no_decay_1d`` is set, and so do names a model lists in
-``no_weight_decay()`` (timm's convention).
+``no_weight_decay()`` (timm's convention) and position tables such as Swin's
+``relative_position_bias_table``.
 """
 
 from __future__ import annotations
@@ -33,8 +34,14 @@ def _norm_param_names(model: nn.Module) -> set[str]:
     return names
 
 
+# Parameter (leaf) names that are embeddings/tables, not weights: timm lists them in
+# ``no_weight_decay()``, which its features_only wrappers no longer expose.
+_EMBEDDING_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "pos_embed", "cls_token",
+                    "dist_token", "rel_pos_h", "rel_pos_w")
+
+
 def _listed_no_decay(model: nn.Module) -> set[str]:
-    names = set()
+    names = {n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] in _EMBEDDING_NAMES}
     for mod_name, mod in model.named_modules():
         fn = getattr(mod, "no_weight_decay", None)
         if callable(fn):

@@ -14,7 +14,6 @@ in practice) and each group is sampled in one call.
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
