@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
-import torch
 from torch import nn
 
 from agvm_ds.config.base import ConfigError
