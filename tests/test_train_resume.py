@@ -28,14 +28,11 @@ def _module_state(out, step):
 
 SEMANTIC = {"model": {"spec": "models/semantic_fpn_uninet_tiny.json", "num_classes": 7},
             "task": "semantic"}
-RETINANET_STATE = ("RetinaHead.normalizer (an EMA of foreground counts that scales the loss) "
-                   "is a plain attribute: it is neither checkpointed nor synchronized across "
-                   "ranks, so a resumed RetinaNet normalizes its loss differently")
 
 
 @pytest.mark.parametrize("model", [
     "semantic_fpn",
-    pytest.param("retinanet", marks=pytest.mark.xfail(reason=RETINANET_STATE, strict=False)),
+    "retinanet",
 ])
 def test_crash_then_resume_matches_uninterrupted(tmp_path, model):
     cfg = copy.deepcopy(TINY)

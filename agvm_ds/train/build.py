@@ -93,23 +93,3 @@ def build_engine(run: RunConfig, model: nn.Module, groups: list[dict[str, Any]])
     engine, _optimizer, _loader, _sched = agvm_ds.initialize(
         model=model, config=run.initialize_config(), modules=None, model_parameters=groups)
     return engine
-
-
-def set_gradient_clipping(engine, max_norm: float) -> None:
-    """Change DeepSpeed's global-norm clipping on a live engine (0 = off)."""
-    import agvm_ds
-
-    if hasattr(agvm_ds, "set_gradient_clipping"):
-        agvm_ds.set_gradient_clipping(engine, max_norm)
-        return
-    engine._config.gradient_clipping = max_norm  # fallback until the core exposes it
-    opt = getattr(engine, "optimizer", None)
-    if opt is not None and hasattr(opt, "clip_grad"):
-        opt.clip_grad = max_norm
-
-
-def modulation(engine) -> Optional[dict]:
-    import agvm_ds
-
-    fn = getattr(agvm_ds, "modulation", None)
-    return fn(engine) if fn is not None else None

@@ -34,6 +34,7 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+import agvm_ds
 from agvm_ds.config.base import ConfigError
 from agvm_ds.config.run import RunConfig
 from agvm_ds.core.partition import PartitionError
@@ -143,7 +144,7 @@ def train_step(job: Job, step: int, batches: Iterator) -> dict[str, Any]:
     factor = job.schedule.apply(engine.optimizer.param_groups, step)
     clip = clip_norm_at(run.train, step)
     if clip is not None and clip != job.clip_now:
-        B.set_gradient_clipping(engine, clip)
+        agvm_ds.set_gradient_clipping(engine, clip)
         job.clip_now = clip
     parts = []
     for micro in range(run.grad_accum):
@@ -160,7 +161,7 @@ def train_step(job: Job, step: int, batches: Iterator) -> dict[str, Any]:
                               "images_per_s": run.global_batch / dt}
     if clip is not None:
         record["grad_clip"] = clip
-    agvm, job.last_update = agvm_record(B.modulation(engine), job.last_update)
+    agvm, job.last_update = agvm_record(agvm_ds.modulation(engine), job.last_update)
     if agvm is not None:
         record["agvm"] = agvm
     return record
@@ -182,7 +183,7 @@ def train(run: RunConfig, out_dir: Path, resume: Optional[str], rank: int, world
     writer = MetricsWriter(out_dir / "metrics.jsonl", start,
                            monitor=getattr(engine, "monitor", None), enabled=rank == 0)
     bar = _progress(rank, total, start)
-    _, job.last_update = agvm_record(B.modulation(engine), None)  # a restored update is old
+    _, job.last_update = agvm_record(agvm_ds.modulation(engine), None)  # a restored update is old
     last_saved = start if start else -1
     stats = None
     engine.train()

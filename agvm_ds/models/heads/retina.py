@@ -57,9 +57,11 @@ class RetinaHead(nn.Module):
         nn.init.constant_(self.cls_logits.bias, -math.log((1 - spec.prior_prob) / spec.prior_prob))
         self.coder = BoxCoder()
         self.matcher = Matcher(spec.fg_iou, spec.bg_iou, spec.allow_low_quality)
-        # EMA of foreground anchors per batch (detectron2's trick against noisy per-batch
-        # counts); starts at the first batch's count rather than a batch-16-sized guess.
-        self.normalizer: float | None = None
+        # EMA of foreground anchors per image batch (detectron2's trick against noisy
+        # per-batch counts); starts at the first batch's count (-1 = not yet seen). A buffer,
+        # so checkpoints carry it and a resumed run normalizes its loss exactly as before;
+        # averaged over data-parallel ranks so every rank scales its loss the same way.
+        self.register_buffer("loss_normalizer", torch.tensor(-1.0), persistent=True)
 
     def forward(self, feats: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         logits = [_flatten(self.cls_logits(self.cls_tower(f)), self.num_classes) for f in feats]
@@ -84,9 +86,10 @@ class RetinaHead(nn.Module):
             labels.append(cls)
         labels, boxes = torch.stack(labels), torch.stack(boxes)
         valid, fg = labels >= 0, (labels >= 0) & (labels < self.num_classes)
-        num_fg = fg.sum().item()
-        n = float(max(num_fg, 1))
-        self.normalizer = n if self.normalizer is None else 0.9 * self.normalizer + 0.1 * n
+        n = max(_mean_over_ranks(float(fg.sum().item())), 1.0)
+        prev = float(self.loss_normalizer)
+        normalizer = n if prev < 0 else 0.9 * prev + 0.1 * n
+        self.loss_normalizer.fill_(normalizer)
         onehot = torch.zeros_like(logits[valid])
         onehot[torch.arange(len(onehot)), labels[valid].clamp(max=self.num_classes - 1)] = 1.0
         onehot[labels[valid] == self.num_classes] = 0.0
@@ -97,7 +100,7 @@ class RetinaHead(nn.Module):
             loss_box = giou_loss(self.coder.decode(deltas[fg], anc), boxes[fg])
         else:
             loss_box = smooth_l1_loss(deltas[fg], self.coder.encode(anc, boxes[fg]), s.smooth_l1_beta)
-        return {"loss_cls": loss_cls / self.normalizer, "loss_box": loss_box / self.normalizer}
+        return {"loss_cls": loss_cls / normalizer, "loss_box": loss_box / normalizer}
 
     def inference(self, feats: list[Tensor], sizes: list[tuple[int, int]]) -> list[dict]:
         logits, deltas = self(feats)
@@ -119,3 +122,14 @@ class RetinaHead(nn.Module):
             keep = batched_nms(boxes, scores, cls, s.nms_thresh)[: s.max_detections]
             results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": cls[keep]})
         return results
+
+
+def _mean_over_ranks(value: float) -> float:
+    """The mean of ``value`` over the data-parallel ranks (itself when not distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
