@@ -80,14 +80,15 @@ class Detector(nn.Module):
         return self.head(self.neck(self.backbone(x)))
 
 
-def _config(stage, gas, interval, estimator, bucket):
+def _config(stage, gas, interval, estimator, bucket, skip_check=True):
     return {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": gas,
             "zero_optimization": {"stage": stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
                                   "overlap_comm": False},
             "optimizer": {"type": "SGD", "params": {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4}},
             "gradient_clipping": 0.0, "steps_per_print": 10**9,
             "agvm": {"enabled": estimator != "off", "interval": interval, "start_step": 0,
-                     "estimator": estimator if estimator != "off" else "micro", "bucket_size": bucket}}
+                     "estimator": estimator if estimator != "off" else "micro", "bucket_size": bucket,
+                     "skip_nonfinite": skip_check}}
 
 
 def rank_main(rank, world, args):
@@ -101,7 +102,8 @@ def rank_main(rank, world, args):
     for v in variants:
         torch.manual_seed(0)
         engines[v], *_ = agvm_ds.initialize(model=Detector(), config=_config(args["stage"], args["gas"],
-                                            args["interval"], v, args["bucket"]))
+                                            args["interval"], v, args["bucket"],
+                                            not args["no_check"]))
     P = sum(p.numel() for p in engines["off"].module.parameters())
     times = {v: [] for v in variants}
     update = {v: [] for v in variants}
@@ -215,11 +217,12 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--bucket", type=int, default=500_000)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--no-check", action="store_true", help="agvm.skip_nonfinite=false (no per-step check)")
     a = ap.parse_args(argv)
     from agvm_ds.testing.distributed import run_distributed
 
     args = {"stage": a.stage, "gas": a.gas, "interval": a.interval, "rounds": a.rounds, "size": a.size,
-            "bucket": a.bucket}
+            "bucket": a.bucket, "no_check": a.no_check}
     res = run_distributed(rank_main, 2, args, timeout=3600)[0]
     summary = summarize(res, args)
     print(json.dumps(summary, indent=2))
