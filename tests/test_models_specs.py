@@ -85,13 +85,25 @@ def _tiny(**changes):
     ({"backbone": ["backbone"], "neck": ["neck"]}, "belong to no module"),
     ({"backbone": ["backbone"], "neck": ["neck"], "head": ["head"], "extra": ["nothing_here"]},
      "'extra'"),
-    ({"backbone": ["backbone"], "neck": ["neck"], "head": ["head"], "cls": ["head.cls_logits"]},
+    ({"backbone": ["backbone"], "neck": ["neck"], "head": ["head"], "cls": ["head"]},
      "several modules"),
 ])
 def test_bad_partitions_are_rejected(modules, message):
     with pytest.raises(ConfigError, match=message) as err:
         build_model(_tiny(modules=modules))
     assert "modules" in str(err.value)
+
+
+def test_nested_prefix_goes_to_the_longest_match():
+    # The one partition rule (agvm_ds.core.partition), shared by training and the report.
+    model = build_model(_tiny(modules={"backbone": ["backbone"], "neck": ["neck"], "head": ["head"],
+                                       "cls": ["head.cls_logits"]}))
+    from agvm_ds.models import assign_modules
+
+    owners = assign_modules(model)
+    assert owners["cls"] and all(n.startswith("head.cls_logits.") for n in owners["cls"])
+    assert owners["head"] and not any(n.startswith("head.cls_logits.") for n in owners["head"])
+    assert not owners["<unassigned>"] and not owners["<ambiguous>"]
 
 
 def test_finer_partition_is_accepted():

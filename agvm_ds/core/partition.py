@@ -25,35 +25,53 @@ def _matches(name: str, prefix: str) -> bool:
     return prefix == "" or name == prefix.rstrip(".") or name.startswith(prefix if prefix.endswith(".") else prefix + ".")
 
 
-def resolve_partition(model: nn.Module, modules: dict[str, list[str] | str]) -> "OrderedDict[str, str]":
-    """Map every trainable parameter name to its module name (longest prefix wins)."""
-    if not modules:
-        raise PartitionError("the module partition is empty")
+def classify_parameters(model: nn.Module, modules: dict[str, list[str] | str]):
+    """Apply the partition rule without raising.
+
+    Returns ``(owner, unassigned, ambiguous, empty)``: trainable parameter name → module
+    (longest matching prefix wins), names matching no module, names matched by two modules
+    with equally long prefixes, and modules that match no trainable parameter. The one
+    rule every caller (training, the API, the partition report) uses.
+    """
     norm = OrderedDict((m, [p] if isinstance(p, str) else list(p)) for m, p in modules.items())
     owner: OrderedDict[str, str] = OrderedDict()
+    unassigned, ambiguous = [], []
     hits = {m: 0 for m in norm}
-    unassigned = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        best, best_len = None, -1
+        best, best_len, tie = None, -1, False
         for m, prefixes in norm.items():
             for pre in prefixes:
-                if _matches(name, pre) and len(pre) > best_len:
-                    best, best_len = m, len(pre)
-                elif _matches(name, pre) and len(pre) == best_len and best != m:
-                    raise PartitionError(f"parameter {name!r} matches both {best!r} and {m!r} with equal prefixes")
+                if not _matches(name, pre):
+                    continue
+                if len(pre) > best_len:
+                    best, best_len, tie = m, len(pre), False
+                elif len(pre) == best_len and m != best:
+                    tie = True
         if best is None:
             unassigned.append(name)
+        elif tie:
+            ambiguous.append(name)
         else:
             owner[name] = best
             hits[best] += 1
+    empty = [m for m, n in hits.items() if n == 0]
+    return owner, unassigned, ambiguous, empty
+
+
+def resolve_partition(model: nn.Module, modules: dict[str, list[str] | str]) -> "OrderedDict[str, str]":
+    """Map every trainable parameter name to its module; raise :class:`PartitionError` otherwise."""
+    if not modules:
+        raise PartitionError("the module partition is empty")
+    owner, unassigned, ambiguous, empty = classify_parameters(model, modules)
+    if ambiguous:
+        raise PartitionError(f"parameter(s) {ambiguous[:8]} match two modules with equally long prefixes")
     if unassigned:
         shown = ", ".join(unassigned[:8]) + (" …" if len(unassigned) > 8 else "")
         raise PartitionError(f"{len(unassigned)} trainable parameter(s) belong to no module: {shown}")
-    empty = [m for m, n in hits.items() if n == 0]
     if empty:
-        raise PartitionError(f"module(s) {empty} match no trainable parameter (prefixes {[norm[m] for m in empty]})")
+        raise PartitionError(f"module(s) {empty} match no trainable parameter (prefixes {[modules[m] for m in empty]})")
     return owner
 
 

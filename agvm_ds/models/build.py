@@ -31,41 +31,35 @@ def _architectures():
 ARCHITECTURES = ("retinanet", "faster_rcnn", "mask_rcnn", "semantic_fpn")
 
 
-def _matches(name: str, prefix: str) -> bool:
-    prefix = prefix.rstrip(".")
-    return name == prefix or name.startswith(prefix + ".")
+def assign_modules(model: nn.Module, modules: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+    """Module name -> names of the trainable parameters it owns, by the core's partition rule
+    (:func:`agvm_ds.core.partition.classify_parameters`); ``"<unassigned>"`` and
+    ``"<ambiguous>"`` collect the problem cases instead of raising."""
+    from agvm_ds.core.partition import classify_parameters
 
-
-def assign_modules(model: nn.Module, modules: dict[str, list[str]] | None = None,
-                   trainable_only: bool = True) -> dict[str, list[str]]:
-    """Module name -> names of the parameters its prefixes match (``"<unassigned>"`` and
-    ``"<ambiguous>"`` collect the problem cases instead of raising)."""
     modules = modules if modules is not None else model.agvm_modules
+    owner, unassigned, ambiguous, _ = classify_parameters(model, modules)
     out: dict[str, list[str]] = {m: [] for m in modules}
-    out["<unassigned>"], out["<ambiguous>"] = [], []
-    for name, p in model.named_parameters():
-        if trainable_only and not p.requires_grad:
-            continue
-        hits = [m for m, prefixes in modules.items() if any(_matches(name, q) for q in prefixes)]
-        out[hits[0] if len(hits) == 1 else ("<unassigned>" if not hits else "<ambiguous>")].append(name)
+    for name, m in owner.items():
+        out[m].append(name)
+    out["<unassigned>"], out["<ambiguous>"] = unassigned, ambiguous
     return out
 
 
 def partition_problems(model: nn.Module, modules: dict[str, list[str]] | None = None) -> list[str]:
     """Human-readable problems with a partition (empty list = valid)."""
+    from agvm_ds.core.partition import classify_parameters
+
     modules = modules if modules is not None else model.agvm_modules
-    groups = assign_modules(model, modules)
+    _, unassigned, ambiguous, empty = classify_parameters(model, modules)
     problems = []
-    if groups["<unassigned>"]:
-        names = groups["<unassigned>"]
-        problems.append(f"{len(names)} trainable parameters belong to no module "
-                        f"(e.g. {', '.join(names[:3])})")
-    for name in groups["<ambiguous>"][:3]:
-        owners = [m for m, pre in modules.items() if any(_matches(name, q) for q in pre)]
-        problems.append(f"parameter {name!r} matches several modules ({', '.join(owners)})")
-    for m, prefixes in modules.items():
-        if not any(_matches(n, q) for n, _ in model.named_parameters() for q in prefixes):
-            problems.append(f"module {m!r}: prefixes {prefixes} match no parameter")
+    if unassigned:
+        problems.append(f"{len(unassigned)} trainable parameters belong to no module "
+                        f"(e.g. {', '.join(unassigned[:3])})")
+    for name in ambiguous[:3]:
+        problems.append(f"parameter {name!r} matches several modules with equally long prefixes")
+    for m in empty:
+        problems.append(f"module {m!r}: prefixes {modules[m]} match no parameter")
     return problems
 
 
