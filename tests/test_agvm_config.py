@@ -60,7 +60,6 @@ def test_wrapper_scales_lr_per_module_and_restores_it():
     mod = Modulator(["bb", "hd"], "bb", start_step=1)
     mod.mu = torch.tensor([1.0, 2.5], dtype=torch.float64)
     opt = AGVM(build_base_optimizer({"type": "SGD", "params": {"lr": 0.1}}, groups), mod)
-    ref = {n: p.detach().clone() for n, p in model.named_parameters()}
     for step in (0, 1):
         for p in model.parameters():
             p.grad = torch.ones_like(p)
@@ -76,7 +75,6 @@ def test_wrapper_scales_lr_per_module_and_restores_it():
                 expected = 0.1 * (2.5 if step >= 1 else 1.0) * (1 + 0.1 * before[n])
             assert torch.allclose(before[n] - p.detach(), expected, atol=1e-6), (step, n)
         assert all(g["lr"] == 0.1 for g in groups)
-    assert ref  # parameters existed
 
 
 def test_optimizer_registry():
