@@ -2,13 +2,18 @@
 with the ``micro`` estimator and with the ``ranks`` estimator, in one process group.
 
 The three engines train identical model copies on identical data and take turns in blocks
-of τ steps (off, micro, ranks, off, …), so slow drifts of a shared machine hit all three
-alike. Reported per variant: step time (median and mean) on all steps and on AGVM update
-steps, each as a ratio to the AGVM-off engine at the same positions; bytes handed to
-torch.distributed collectives per step (counted by wrapping its functions), extra over
-AGVM-off; and the largest buffers AGVM holds per rank, against P/N + one bucket.
+of τ steps (the order rotated every round), so slow drifts of a shared machine hit all
+three alike. Reported per estimator:
 
-Usage: python bench/overhead.py [--stage 2] [--steps-per-block 10] [--rounds 6] [--out docs/benchmarks.md]
+* step time as a ratio to AGVM-off — amortized, on AGVM update steps, on the other steps —
+  each the ratio of sums over rounds with a 95 % bootstrap interval over rounds;
+* AGVM's own time: the time spent inside AGVM's code (timed at its entry points), as a
+  fraction of the AGVM-off step — the direct, low-noise view of the same cost;
+* bytes handed to torch.distributed collectives per step (counted by wrapping its
+  functions), extra over AGVM-off, also in units of one gradient reduction;
+* the largest buffers AGVM holds per rank, against P/N + one bucket.
+
+Usage: python bench/overhead.py [--stage 2] [--gas 2] [--interval 10] [--rounds 24] [--out docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -91,12 +96,44 @@ def _config(stage, gas, interval, estimator, bucket, skip_check=True):
                      "skip_nonfinite": skip_check}}
 
 
+ENTRY_POINTS = ("_after_backward", "_before_reduction", "_on_forward", "_step_guard", "_after_optimizer_step")
+
+
+def instrument_agvm():
+    """Time AGVM's own code on every rank: the controller's entry points (engine callbacks,
+    the step guard, the forward pre-hook) and the reducer's ``add`` (the gradient hooks).
+    Nested calls count once; waits inside AGVM's own collectives are included."""
+    from agvm_ds.core.controller import AGVMController
+    from agvm_ds.core.reducer import OwnerReducer
+
+    def timed(fn):
+        def wrapper(self, *args, **kwargs):
+            owner = getattr(self, "bench_owner", self)
+            if owner.bench_depth:
+                return fn(self, *args, **kwargs)
+            owner.bench_depth = 1
+            t0 = time.perf_counter()
+            try:
+                return fn(self, *args, **kwargs)
+            finally:
+                owner.bench_self_time += time.perf_counter() - t0
+                owner.bench_depth = 0
+        return wrapper
+
+    AGVMController.bench_depth = 0
+    AGVMController.bench_self_time = 0.0
+    for name in ENTRY_POINTS:
+        setattr(AGVMController, name, timed(getattr(AGVMController, name)))
+    OwnerReducer.add = timed(OwnerReducer.add)
+
+
 def rank_main(rank, world, args):
     import agvm_ds
     import torch.distributed as dist
 
     counter = ByteCounter()
     counter.install()
+    instrument_agvm()
     variants = ["off", "micro", "ranks"]
     engines = {}
     for v in variants:
@@ -104,10 +141,11 @@ def rank_main(rank, world, args):
         engines[v], *_ = agvm_ds.initialize(model=Detector(), config=_config(args["stage"], args["gas"],
                                             args["interval"], v, args["bucket"],
                                             not args["no_check"]))
+        if engines[v].agvm is not None:
+            engines[v].agvm.reducer.bench_owner = engines[v].agvm
     P = sum(p.numel() for p in engines["off"].module.parameters())
-    times = {v: [] for v in variants}
-    update = {v: [] for v in variants}
-    traffic = {v: [] for v in variants}
+    # per variant, per round: a block of τ consecutive steps
+    blocks = {v: [] for v in variants}
     held = {v: 0 for v in variants}
     g = torch.Generator().manual_seed(rank)
     size = args["size"]
@@ -116,65 +154,90 @@ def rank_main(rank, world, args):
 
     def one_step(v):
         eng = engines[v]
-        is_update = eng.agvm is not None and eng.agvm.modulator.is_update_step(int(eng.global_steps))
+        is_update = int(eng.global_steps) % args["interval"] == 0
+        ctrl = eng.agvm
+        s0 = ctrl.bench_self_time if ctrl is not None else 0.0
         dist.barrier()
         b0 = counter.bytes
         t0 = time.perf_counter()
         for x, y in data:
             loss = (eng(x) - y).pow(2).mean()
             eng.backward(loss)
-            if eng.agvm is not None and eng.agvm.reducer.acc is not None:
-                r = eng.agvm.reducer
-                held[v] = max(held[v], r.acc.numel() * 4 + sum(b.numel() * 4 for b in r._bufs if b is not None))
+            if ctrl is not None and ctrl.reducer.acc is not None:
+                held[v] = max(held[v], ctrl.reducer.buffer_bytes())
             eng.step()
         dt = time.perf_counter() - t0
         nbytes = counter.bytes - b0
         dist.barrier()
-        return dt, nbytes, is_update
+        own = (ctrl.bench_self_time - s0) if ctrl is not None else 0.0
+        return {"t": dt, "bytes": nbytes, "update": is_update, "agvm_s": own}
 
-    for v in variants:  # warm-up, not timed
+    for v in variants:  # warm-up, not timed; then every engine sits at step 0 of an interval
         for _ in range(2):
             one_step(v)
-    for v in variants:  # align every engine to step 0 of an interval
-        while engines["micro"].global_steps % args["interval"] != engines[v].global_steps % args["interval"]:
+        while engines[v].global_steps % args["interval"] != 0:
             one_step(v)
-    for _ in range(args["rounds"]):
-        for v in variants:
-            for _ in range(args["interval"]):
-                dt, nb, up = one_step(v)
-                times[v].append(dt)
-                traffic[v].append(nb)
-                update[v].append(up)
-    return {"P": P, "times": times, "update": update, "traffic": traffic, "held": held,
-            "bucket": args["bucket"], "world": world}
+    for k in range(args["rounds"]):
+        order = variants[k % 3:] + variants[:k % 3]  # rotate, so no variant always runs first
+        for v in order:
+            blocks[v].append([one_step(v) for _ in range(args["interval"])])
+    return {"P": P, "blocks": blocks, "held": held, "bucket": args["bucket"], "world": world}
+
+
+def _bootstrap(num, den, reps=2000, seed=0):
+    """Ratio of sums Σnum/Σden over rounds, with a 95 % percentile bootstrap over rounds."""
+    import random
+
+    rng = random.Random(seed)
+    k = len(num)
+    est = sum(num) / sum(den)
+    draws = []
+    for _ in range(reps):
+        idx = [rng.randrange(k) for _ in range(k)]
+        draws.append(sum(num[i] for i in idx) / sum(den[i] for i in idx))
+    draws.sort()
+    return est, draws[int(0.025 * reps)], draws[int(0.975 * reps) - 1]
 
 
 def summarize(res, args):
-    off = res["times"]["off"]
-    upd_mask = res["update"]["micro"]
+    off = res["blocks"]["off"]
     rows = []
     for v in ("micro", "ranks"):
-        on = res["times"][v]
-        upd_on = [t for t, u in zip(on, res["update"][v]) if u]
-        upd_off = [t for t, u in zip(off, upd_mask) if u]
-        plain_on = [t for t, u in zip(on, res["update"][v]) if not u]
-        extra = (statistics.mean(res["traffic"][v]) - statistics.mean(res["traffic"]["off"]))
+        on = res["blocks"][v]
+
+        def per_round(sel, key="t", blocks=on):
+            return [sum(s[key] for s in blk if sel(s)) for blk in blocks]
+        every, upd, plain = (lambda s: True), (lambda s: s["update"]), (lambda s: not s["update"])
+        amort = _bootstrap(per_round(every), per_round(every, blocks=off))
+        update = _bootstrap(per_round(upd), per_round(upd, blocks=off))
+        other = _bootstrap(per_round(plain), per_round(plain, blocks=off))
+        own_all = sum(per_round(every, "agvm_s")) / sum(per_round(every, blocks=off))
+        own_upd = sum(per_round(upd, "agvm_s")) / sum(per_round(upd, blocks=off))
+        own_plain = sum(per_round(plain, "agvm_s")) / sum(per_round(plain, blocks=off))
+        steps = sum(len(b) for b in on)
+        extra = (sum(per_round(every, "bytes")) - sum(per_round(every, "bytes", off))) / steps
         grad_bytes = res["P"] * 4
         rows.append({
             "estimator": v,
-            "amortized_ratio_mean": statistics.mean(on) / statistics.mean(off),
-            "amortized_ratio_median": statistics.median(on) / statistics.median(off),
-            "update_step_ratio_median": statistics.median(upd_on) / statistics.median(upd_off),
-            "plain_step_ratio_median": statistics.median(plain_on) / statistics.median(off),
+            "amortized_ratio": amort, "update_step_ratio": update, "plain_step_ratio": other,
+            "agvm_time_fraction_amortized": own_all, "agvm_time_fraction_update": own_upd,
+            "agvm_time_fraction_plain": own_plain,
             "extra_bytes_per_step": extra,
             "extra_bytes_per_step_in_grad_reductions": extra / grad_bytes,
             "limit_gas_over_tau": args["gas"] / args["interval"],
             "agvm_buffers_bytes_per_rank": res["held"][v],
             "limit_P_over_N_plus_bucket_bytes": (res["P"] // res["world"] + args["bucket"]) * 4,
         })
+    off_steps = [s["t"] for blk in off for s in blk]
     return {"P": res["P"], "ranks": res["world"], "stage": args["stage"], "gas": args["gas"],
-            "interval": args["interval"], "steps_timed_per_variant": len(off),
-            "off_step_median_s": statistics.median(off), "rows": rows}
+            "interval": args["interval"], "rounds": args["rounds"], "steps_timed_per_variant": len(off_steps),
+            "off_step_median_s": statistics.median(off_steps), "skip_nonfinite": not args["no_check"],
+            "rows": rows}
+
+
+def _ci(t):
+    est, lo, hi = t
+    return f"{est:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
 def write_markdown(summary, path: Path):
@@ -183,18 +246,23 @@ def write_markdown(summary, path: Path):
         f"GAS {summary['gas']}, τ = {summary['interval']}",
         "",
         f"Model: conv detector stand-in, P = {summary['P']:,} parameters; AGVM-off median step "
-        f"{summary['off_step_median_s'] * 1000:.1f} ms; {summary['steps_timed_per_variant']} timed steps per "
-        "variant, engines alternating in blocks of τ steps in one process group.",
+        f"{summary['off_step_median_s'] * 1000:.1f} ms; {summary['rounds']} rounds × τ steps = "
+        f"{summary['steps_timed_per_variant']} timed steps per variant, the three engines taking turns "
+        "(order rotated every round) in one process group. Ratios are Σ AGVM-on time / Σ AGVM-off time "
+        "over the rounds, with a 95 % bootstrap interval over rounds in brackets. \"AGVM's own time\" "
+        "is the time spent inside AGVM's code (hooks, engine callbacks, its collectives), timed on "
+        "every step, as a fraction of the AGVM-off step time.",
         "",
-        "| estimator | step-time ratio, amortized (median / mean) | ratio on update steps (median) | "
-        "ratio on other steps (median) | extra collective bytes / step | as gradient reductions (limit GAS/τ) | "
-        "AGVM buffers / rank (limit P/N + bucket) |",
-        "|---|---|---|---|---|---|---|",
+        "| estimator | step-time ratio, amortized | on update steps | on other steps | AGVM's own time, amortized "
+        "/ update steps / other steps | extra collective bytes / step | as gradient reductions "
+        "(limit GAS/τ) | AGVM buffers / rank (limit P/N + bucket) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["rows"]:
         lines.append(
-            f"| {r['estimator']} | {r['amortized_ratio_median']:.3f} / {r['amortized_ratio_mean']:.3f} | "
-            f"{r['update_step_ratio_median']:.3f} | {r['plain_step_ratio_median']:.3f} | "
+            f"| {r['estimator']} | {_ci(r['amortized_ratio'])} | {_ci(r['update_step_ratio'])} | "
+            f"{_ci(r['plain_step_ratio'])} | {100 * r['agvm_time_fraction_amortized']:.2f} % / "
+            f"{100 * r['agvm_time_fraction_update']:.2f} % / {100 * r['agvm_time_fraction_plain']:.3f} % | "
             f"{r['extra_bytes_per_step']:,.0f} B | {r['extra_bytes_per_step_in_grad_reductions']:.3f} "
             f"({r['limit_gas_over_tau']:.2f}) | {r['agvm_buffers_bytes_per_rank'] / 2**20:.2f} MiB "
             f"({r['limit_P_over_N_plus_bucket_bytes'] / 2**20:.2f} MiB) |")
@@ -213,7 +281,7 @@ def main(argv=None):
     ap.add_argument("--stage", type=int, default=2)
     ap.add_argument("--gas", type=int, default=2)
     ap.add_argument("--interval", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=24)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--bucket", type=int, default=500_000)
     ap.add_argument("--out", type=Path, default=None)

@@ -39,7 +39,7 @@ def loss_fn(out, y):
 
 
 def ds_config(stage, gas, opt, precision="fp32", clip=0.0, estimator="micro", interval=2, start=1,
-              momentum=0.5, world=2):
+              momentum=0.5, world=2, extra=None):
     cfg = {
         "train_micro_batch_size_per_gpu": 4,
         "gradient_accumulation_steps": gas,
@@ -62,6 +62,8 @@ def ds_config(stage, gas, opt, precision="fp32", clip=0.0, estimator="micro", in
                                                         "weight_decay": 0.05}}
     if precision == "bf16":
         cfg["bf16"] = {"enabled": True}
+    for section, values in (extra or {}).items():  # DeepSpeed switches a case turns on or off
+        cfg[section] = {**cfg.get(section, {}), **values}
     return cfg
 
 
@@ -78,7 +80,7 @@ def full_params(engine) -> dict:
 
 
 def train(rank, world, stage, gas, opt, steps, precision="fp32", clip=0.0, estimator="micro",
-          interval=2, start=1, inject=None, runtime_clip=None):
+          interval=2, start=1, inject=None, runtime_clip=None, extra=None):
     """Run ``steps`` optimizer steps; return losses, per-step modulation reports, final params.
 
     ``inject=(step, rank, value)`` poisons one neck gradient on that rank at that step.
@@ -87,7 +89,7 @@ def train(rank, world, stage, gas, opt, steps, precision="fp32", clip=0.0, estim
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model = build_model()
-    cfg = ds_config(stage, gas, opt, precision, clip, estimator, interval, start, world=world)
+    cfg = ds_config(stage, gas, opt, precision, clip, estimator, interval, start, world=world, extra=extra)
     engine, _, _, _ = agvm_ds.initialize(model=model, config=cfg, modules=MODULES)
     if runtime_clip is not None:
         agvm_ds.set_gradient_clipping(engine, runtime_clip)

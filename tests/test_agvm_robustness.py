@@ -27,12 +27,21 @@ def test_injected_nonfinite_gradient_skips_step_in_every_stage_and_precision():
                               inject=(3, 1, float("nan"))))
             cases.append(dict(stage=stage, gas=2, opt="sgd", steps=STEPS, precision=precision,
                               inject=(2, 0, float("inf"))))
+    # On plain steps ZeRO-1/2/3 leave the check to DeepSpeed's all-reduced norm. With bf16's own
+    # overflow check off, only AGVM.step's guard stands between the NaN and the weights; with
+    # compute_grad_norm off there is no norm and AGVM checks by itself.
+    for stage in (1, 2):
+        cases.append(dict(stage=stage, gas=2, opt="sgd", steps=STEPS, precision="bf16",
+                          extra={"bf16": {"enabled": True, "check_grad_overflow": False}},
+                          inject=(2, 1, float("nan"))))
+    cases.append(dict(stage=2, gas=2, opt="sgd", steps=STEPS,
+                      extra={"zero_optimization": {"compute_grad_norm": False}}, inject=(2, 1, float("nan"))))
     runs = run_distributed(train_many, 2, cases)
     for i, case in enumerate(cases):
         s_inj = case["inject"][0]
         for per_rank in runs:
             res = per_rank[i]
-            label = (case["stage"], case["precision"], s_inj)
+            label = (case["stage"], case.get("precision", "fp32"), case.get("extra"), s_inj)
             for t, params in enumerate(res["params_by_step"]):
                 assert _finite(params), (label, t)
             before, after = res["params_by_step"][s_inj - 1], res["params_by_step"][s_inj]

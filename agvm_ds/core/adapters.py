@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -77,6 +77,7 @@ class StageAdapter:
         self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         self.layout: dict[int, list[Piece]] = {}
         self.local_numel = 0
+        self.device = torch.device(_device())
         self.params = [p for g in groups for p in g]
 
     def _per_parameter_layout(self, sizes) -> list[tuple[int, int, torch.nn.Parameter, int, int, int]]:
@@ -110,6 +111,22 @@ class StageAdapter:
     def local_unreduced_grad(self, p: torch.nn.Parameter) -> Optional[torch.Tensor]:
         """This rank's own (not yet reduced) accumulated gradient; stages 0 and 1 only."""
         raise NotImplementedError(f"stage {self.stage} reduces gradients during backward")
+
+    def copy_owned_grad(self, out: torch.Tensor) -> None:
+        """Write this rank's owned, already reduced running gradient into ``out`` (the local
+        layout, ``local_numel`` elements) between accumulation boundaries (ZeRO-2/3)."""
+        for ch in self.chunks(boundary=False):
+            out[ch.lo:ch.hi].copy_(ch.grad)
+
+    def engine_nonfinite_check(self) -> Optional[Callable[[], bool]]:
+        """A test, valid inside the optimizer step, that this step's gradient is non-finite
+        on some rank, read from a gradient norm DeepSpeed all-reduces on every step anyway;
+        ``None`` where DeepSpeed computes no such norm (the controller then checks itself)."""
+        return None
+
+    def engine_skipped_step(self) -> bool:
+        """Whether DeepSpeed itself just skipped the optimizer step (overflow / invalid norm)."""
+        return bool(getattr(self.engine.optimizer, "overflow", False))
 
     def grad_scale(self) -> float:
         """The fp16 loss scale still inside the gradients DeepSpeed holds (1 otherwise)."""
@@ -151,7 +168,7 @@ class Stage0Adapter(StageAdapter):
     def chunks(self, want_second_moment=False, boundary=True):
         for m, gi, p, lo, hi, acc in self._own:
             g = p.grad
-            grad = torch.zeros(hi - lo) if g is None else g.detach().reshape(-1)[lo:hi].float()
+            grad = torch.zeros(hi - lo, device=self.device) if g is None else g.detach().reshape(-1)[lo:hi].float()
             v = None
             if want_second_moment:
                 mom = self._moment(p)
@@ -199,11 +216,11 @@ class Stage12Adapter(StageAdapter):
             return flat.reshape(-1).float()
         if boundary:
             if held is None:
-                return torch.zeros(self._base[gi][1])
+                return torch.zeros(self._base[gi][1], device=self.device)
             return torch.cat([t.reshape(-1).float() for t in held])
         # ZeRO-2 between boundaries: the reduced running sum sits in all_grad_tensors.
         if zo.all_grad_tensors.get(gi) is None:
-            return torch.zeros(self._base[gi][1])
+            return torch.zeros(self._base[gi][1], device=self.device)
         return zo.get_flat_partition(zo.params_in_partition[gi], zo.first_offset[gi], zo.partition_size[gi],
                                      dtype=torch.float32, device=_device(), param_group_idx=gi).float()
 
@@ -228,6 +245,36 @@ class Stage12Adapter(StageAdapter):
             return super().local_unreduced_grad(p)
         return self.zero.get_param_gradient_attribute(p)
 
+    def copy_owned_grad(self, out):
+        zo = self.zero
+        for gi, (base, ps) in enumerate(self._base):
+            dst = out[base:base + ps]
+            if zo.all_grad_tensors.get(gi) is None:
+                dst.zero_()
+                continue
+            # Views of the reduced running sums plus padding, concatenated straight into
+            # ``out``: one copy of P/N, no intermediate flat buffer.
+            parts = zo.get_flat_partition(zo.params_in_partition[gi], zo.first_offset[gi], zo.partition_size[gi],
+                                          dtype=torch.float32, device=_device(), param_group_idx=gi,
+                                          return_tensor_list=True)
+            parts = [t.reshape(-1) for t in parts]
+            if all(t.dtype == dst.dtype for t in parts):
+                torch.cat(parts, out=dst)
+            else:
+                at = 0
+                for t in parts:
+                    dst[at:at + t.numel()].copy_(t)
+                    at += t.numel()
+
+    def engine_nonfinite_check(self):
+        # stage_1_and_2.step() all-reduces the global norm before any group's step whenever
+        # compute_grad_norm is on (the default), reporting inf/NaN as -1; fp32/fp16 then skip
+        # the step themselves, bf16 does not: AGVM.step asks this and skips it.
+        if not getattr(self.zero, "compute_grad_norm", False):
+            return None
+        zo = self.zero
+        return lambda: _invalid_norm(zo._global_grad_norm)
+
 
 class Stage3Adapter(StageAdapter):
     stage = 3
@@ -243,7 +290,7 @@ class Stage3Adapter(StageAdapter):
 
         for m, gi, p, lo, hi, acc in self._own:
             g = safe_get_local_grad(p)
-            grad = torch.zeros(hi - lo) if g is None else g.reshape(-1)[: hi - lo].float()
+            grad = torch.zeros(hi - lo, device=self.device) if g is None else g.reshape(-1)[: hi - lo].float()
             v = None
             if want_second_moment:
                 try:
@@ -252,6 +299,20 @@ class Stage3Adapter(StageAdapter):
                     s = None
                 v = None if s is None else s.reshape(-1)[: hi - lo].float()
             yield Chunk(m, gi, acc, acc + hi - lo, grad, v)
+
+
+    def engine_nonfinite_check(self):
+        # stage3.step() all-reduces the global norm and skips the step on inf/NaN (-1) in
+        # every precision before any sub-group's step; the test below is a second line.
+        zo = self.zero
+        return lambda: _invalid_norm(zo._global_grad_norm)
+
+
+def _invalid_norm(norm) -> bool:
+    if norm is None:
+        return False
+    value = float(norm)
+    return not math.isfinite(value) or value < 0
 
 
 def build_adapter(engine, groups, group_modules) -> StageAdapter:
@@ -265,13 +326,16 @@ def build_adapter(engine, groups, group_modules) -> StageAdapter:
     raise ValueError(f"unsupported ZeRO stage {stage}")
 
 
-def install_engine_hooks(engine, after_backward, before_reduction):
+def install_engine_hooks(engine, after_backward, before_reduction, after_step, engine_skipped):
     """Wrap the engine's backward epilogue (every backward, after DeepSpeed's reduction and
-    before any clipping) and, for stages 0/1, its boundary reduction (local grads still
-    unreduced). Instance attributes shadow the methods, so DeepSpeed's own calls and its
-    torch-style backward hook path both go through the wrappers."""
+    before any clipping), for stages 0/1 its boundary reduction (local grads still
+    unreduced), and the step of the optimizer the engine drives (ZeRO's, or AGVM itself),
+    which reports whether DeepSpeed skipped it. Instance attributes shadow the methods, so
+    DeepSpeed's own calls and its torch-style backward hook path go through the wrappers."""
     orig_epilogue = engine._backward_epilogue
     orig_reduce = engine.allreduce_gradients
+    opt = engine.optimizer
+    orig_step = opt.step
 
     def _backward_epilogue():
         orig_epilogue()
@@ -281,5 +345,11 @@ def install_engine_hooks(engine, after_backward, before_reduction):
         before_reduction()
         return orig_reduce(*args, **kwargs)
 
+    def step(*args, **kwargs):
+        out = orig_step(*args, **kwargs)
+        after_step(engine_skipped())
+        return out
+
     engine._backward_epilogue = _backward_epilogue
     engine.allreduce_gradients = allreduce_gradients
+    opt.step = step

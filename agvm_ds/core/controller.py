@@ -41,16 +41,9 @@ from agvm_ds.core.adapters import build_adapter, install_engine_hooks
 from agvm_ds.core.modulator import Modulator
 from agvm_ds.core.optimizer import AGVM
 from agvm_ds.core.reducer import OwnerReducer
+from agvm_ds.core.statistics import combine, gram, preconditioned_stats, split_coefficients
 
 log = logging.getLogger("agvm_ds")
-
-
-def _precondition(g: torch.Tensor, v: torch.Tensor | None, beta2: float, eps: float) -> torch.Tensor:
-    """ĝ = g / (sqrt(β2·v + (1 − β2)·g²) + eps), as in the authors' release (no bias correction)."""
-    second = (1.0 - beta2) * g * g
-    if v is not None:
-        second = second + beta2 * v
-    return g / (second.sqrt() + eps)
 
 
 class AGVMController:
@@ -81,10 +74,19 @@ class AGVMController:
         self.n1 = self.world // 2
         self.coeff = (1.0 / self.n1) if self.rank < self.n1 else (-1.0 / (self.world - self.n1)) \
             if self.world > 1 else 0.0
+        self.split = split_coefficients(self.estimator, self.A, self.a1, self.world, self.n1) \
+            if self.estimator == "ranks" or self.A >= 2 else None
         self.reducer = OwnerReducer(self.adapter.layout, self.rank, self.world, cfg.bucket_size)
         self._hook_handles: list = []
         self.nonfinite_steps = 0
-        install_engine_hooks(engine, self._after_backward, self._before_reduction)
+        self._step_nonfinite = False
+        self._pending = None  # (all-reduce work, stats tensor, step) of an update in flight
+        # Where DeepSpeed already all-reduces a gradient norm every step, plain steps read it
+        # (at step time, through AGVM.step) instead of running a check of their own.
+        self.engine_check = self.adapter.engine_nonfinite_check()
+        optimizer.step_guard = self._step_guard
+        install_engine_hooks(engine, self._after_backward, self._before_reduction, self._after_optimizer_step,
+                             self.adapter.engine_skipped_step)
         if self.estimator == "ranks" and self.adapter.reduces_every_micro_step:
             engine.module.register_forward_pre_hook(self._on_forward)
 
@@ -102,7 +104,7 @@ class AGVMController:
     def _on_forward(self, module, args):
         if self._hook_handles or not module.training or not torch.is_grad_enabled() or not self._is_update():
             return
-        self.reducer.start(self.adapter.local_numel)
+        self.reducer.start(self.adapter.local_numel, self.adapter.device)
         for p in self.params:
             self._hook_handles.append(p.register_hook(self._make_hook(p)))
 
@@ -126,10 +128,10 @@ class AGVMController:
         self._stream_local(self.coeff)
 
     def _stream_local(self, coeff: float):
-        self.reducer.start(self.adapter.local_numel)
+        self.reducer.start(self.adapter.local_numel, self.adapter.device)
         for p in self.params:
             self.reducer.add(p, self.adapter.local_unreduced_grad(p), coeff)
-        self.reducer.flush()
+        self.reducer.flush()  # completes by the boundary (reducer.wait in _update_stats)
 
     def _after_backward(self):
         update = self._is_update()
@@ -138,9 +140,8 @@ class AGVMController:
             self.reducer.flush()
         if update and self.estimator == "micro" and not boundary and self._micro_index() == self.a1 - 1:
             if self.adapter.reduces_every_micro_step:
-                self.reducer.start(self.adapter.local_numel)
-                for ch in self.adapter.chunks(boundary=False):
-                    self.reducer.acc[ch.lo:ch.hi].copy_(ch.grad)
+                self.reducer.start(self.adapter.local_numel, self.adapter.device, zero=False)
+                self.adapter.copy_owned_grad(self.reducer.acc)
             else:
                 self._stream_local(1.0 / self.world)
         if boundary:
@@ -148,65 +149,120 @@ class AGVMController:
             self._finish_step(update)
 
     @torch.no_grad()
-    def _finish_step(self, update: bool):
-        step = self._step()
+    def _update_stats(self) -> tuple[torch.Tensor, int]:
+        """This rank's float64 ``[modules, 3]`` share of ⟨G1,G2⟩, |G1|², |G2|² and how many
+        of its chunks hold a non-finite value."""
         m = len(self.modulator.modules)
-        local = torch.zeros(m * 3 + 1, dtype=torch.float64)
         inv_scale = 1.0 / self.adapter.grad_scale()
+        self.reducer.wait()
+        acc = self.reducer.acc
+        rows, modules = [], []
+        for ch in self.adapter.chunks(want_second_moment=self.precondition, boundary=True):
+            g, s = ch.grad, acc[ch.lo:ch.hi]
+            if self.precondition:
+                if inv_scale != 1.0:
+                    g, s = g * inv_scale, s * inv_scale
+                gd = self.group_dicts[ch.group]
+                rows.append(preconditioned_stats(g, s, self.split, ch.second_moment,
+                                                 float(gd["betas"][1]), float(gd["eps"])))
+            else:
+                rows.append(gram(g, s))
+            modules.append(ch.module)
+        stats = torch.zeros(m, 3, dtype=torch.float64, device=self.adapter.device)
+        if not rows:
+            return stats, 0
+        rows = torch.stack(rows)
+        if not self.precondition:
+            rows = combine(rows, self.split) * (inv_scale * inv_scale)
+        finite = torch.isfinite(rows).all(dim=1)
+        stats.index_add_(0, torch.tensor(modules, device=stats.device), torch.where(finite[:, None], rows, 0.0))
+        return stats, int((~finite).sum())
+
+    @torch.no_grad()
+    def _finish_step(self, update: bool):
+        """On each accumulation boundary, after DeepSpeed's reduction, before its step.
+
+        Update steps start the statistics all-reduce asynchronously: μ and the non-finite
+        verdict are only needed by the optimizer step, so the wait lands in AGVM.step (or,
+        when DeepSpeed skips the step, right after it), next to DeepSpeed's own norm
+        all-reduce instead of adding a second synchronization point."""
+        self._resolve()
+        step = self._step()
+        self.optimizer.step_index = step
+        self._step_nonfinite = False
         if update:
-            acc = self.reducer.acc
-            for ch in self.adapter.chunks(want_second_moment=self.precondition, boundary=True):
-                g = ch.grad if inv_scale == 1.0 else ch.grad * inv_scale
-                if not torch.isfinite(g.sum(dtype=torch.float64)):
-                    local[-1] += 1
-                    continue
-                s = acc[ch.lo:ch.hi] if inv_scale == 1.0 else acc[ch.lo:ch.hi] * inv_scale
-                if self.estimator == "micro":
-                    g1 = s * (self.A / self.a1)
-                    g2 = (g - s) * (self.A / (self.A - self.a1))
-                else:
-                    g1 = g + ((self.world - self.n1) / self.world) * s
-                    g2 = g - (self.n1 / self.world) * s
-                if self.precondition:
-                    gd = self.group_dicts[ch.group]
-                    beta2, eps = float(gd["betas"][1]), float(gd["eps"])
-                    g1 = _precondition(g1, ch.second_moment, beta2, eps)
-                    g2 = _precondition(g2, ch.second_moment, beta2, eps)
-                g1, g2 = g1.double(), g2.double()
-                i = ch.module * 3
-                local[i] += torch.dot(g1, g2)
-                local[i + 1] += torch.dot(g1, g1)
-                local[i + 2] += torch.dot(g2, g2)
+            m = len(self.modulator.modules)
+            stats, bad = self._update_stats()
             self.reducer.release()
+            local = torch.empty(m * 3 + 1, dtype=torch.float64, device=self.adapter.device)
+            local[:-1] = stats.view(-1)
+            local[-1] = bad
+            work = dist.all_reduce(local, async_op=True) if self.world > 1 else None
+            self._pending = (work, local, step)
+            self.optimizer.skip_next_step = None  # decided by _step_guard once the sums arrive
+        elif self.cfg.skip_nonfinite and self.engine_check is not None:
+            # DeepSpeed all-reduces a gradient norm on this step anyway: _step_guard reads it
+            # at step time instead of paying for a pass and a collective here.
+            self.optimizer.skip_next_step = None
         elif self.cfg.skip_nonfinite:
             sums = [t.sum(dtype=torch.float64) for t in self.adapter.grad_views()]
+            flag = torch.zeros(1, dtype=torch.float64, device=self.adapter.device)
             if sums and not torch.isfinite(torch.stack(sums).sum()):
-                local[-1] += 1
-        if self.world > 1 and (update or self.cfg.skip_nonfinite):
-            if update:
-                dist.all_reduce(local)
-            else:
-                flag = local[-1:].clone()
+                flag[0] = 1
+            if self.world > 1:
                 dist.all_reduce(flag)
-                local[-1] = flag[0]
+            self._step_nonfinite = bool(flag[0] > 0)
+            self.optimizer.skip_next_step = self._step_nonfinite
+        else:
+            self.optimizer.skip_next_step = False
+
+    def _resolve(self) -> bool | None:
+        """Finish a pending update: wait for the summed statistics, then update μ (or count
+        the skip). Returns whether a gradient was non-finite; None if nothing was pending."""
+        if self._pending is None:
+            return None
+        work, local, step = self._pending
+        self._pending = None
+        if work is not None:
+            work.wait()
+        m = len(self.modulator.modules)
+        local = local.cpu()
         nonfinite = bool(local[-1] > 0)
         if nonfinite:
-            self.nonfinite_steps += 1
-            if self.rank == 0:
-                log.warning("agvm: non-finite gradient at step %d: %s", step,
-                            "optimizer step skipped" if self.cfg.skip_nonfinite else "step NOT skipped")
-        self.optimizer.skip_next_step = nonfinite and self.cfg.skip_nonfinite
-        if self.optimizer.skip_next_step:
+            self.modulator.skipped += 1
+        else:
+            self.modulator.update(step, local[:-1].view(m, 3))
+        return nonfinite
+
+    def _step_guard(self) -> bool:
+        """Asked by AGVM.step on the step's first call: complete μ, then say whether to skip."""
+        nonfinite = self._resolve()
+        if nonfinite is None:
+            nonfinite = bool(self.cfg.skip_nonfinite and self.engine_check is not None and self.engine_check())
+        self._step_nonfinite = nonfinite
+        return nonfinite and self.cfg.skip_nonfinite
+
+    def _after_optimizer_step(self, engine_skipped: bool):
+        """Count and report a step lost to a non-finite gradient, whoever caught it: AGVM's
+        own check, AGVM.step asking DeepSpeed's norm, or DeepSpeed skipping by itself."""
+        resolved = self._resolve()  # DeepSpeed skipped the step before AGVM.step could ask
+        if resolved:
+            self._step_nonfinite = True
+        caught = self.optimizer.skip_next_step is True or engine_skipped
+        nonfinite = caught or self._step_nonfinite is True
+        self._step_nonfinite = False
+        if not nonfinite:
+            return
+        self.nonfinite_steps += 1
+        if caught:
             self.optimizer.skipped_steps += 1
-        if update:
-            if nonfinite:
-                self.modulator.skipped += 1
-            else:
-                self.modulator.update(step, local[:-1].view(m, 3))
-        self.optimizer.step_index = step
+        if self.rank == 0:
+            log.warning("agvm: non-finite gradient at step %d: %s", self._step(),
+                        "optimizer step skipped" if caught else "step NOT skipped")
 
     # -- checkpoint state -----------------------------------------------------------
     def state_dict(self) -> dict:
+        self._resolve()
         return {"modulator": self.modulator.state_dict(), "skipped_steps": self.optimizer.skipped_steps,
                 "nonfinite_steps": self.nonfinite_steps}
 

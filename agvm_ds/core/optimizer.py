@@ -20,7 +20,9 @@ intended (paper §3, "Discussion on Momentum and Weight Decay").
 The statistics that produce μ are measured elsewhere (:mod:`agvm_ds.core.controller`);
 this class only holds μ through a shared :class:`~agvm_ds.core.modulator.Modulator` and a
 step counter the controller advances. ``skip_next_step`` makes the next step a no-op on
-every rank (set when a gradient was non-finite).
+every rank (set when a gradient was non-finite); ``None`` defers that decision to
+``step_guard()``, asked on the step's first call, when DeepSpeed has just all-reduced the
+gradient norm (see :meth:`~agvm_ds.core.adapters.StageAdapter.engine_nonfinite_check`).
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ class AGVM(torch.optim.Optimizer):
         self.base = base
         self.modulator = modulator
         self.step_index = 0  # the optimizer step μ applies to (the engine's global step)
-        self.skip_next_step = False
+        self.skip_next_step: bool | None = False
+        self.step_guard = None  # () -> bool, asked when skip_next_step is None
         self.skipped_steps = 0
         self.defaults = base.defaults
         self._optimizer_step_pre_hooks = {}
@@ -91,6 +94,8 @@ class AGVM(torch.optim.Optimizer):
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("AGVM does not support a closure (DeepSpeed never passes one)")
+        if self.skip_next_step is None:  # deferred: decided once per step, on the first call
+            self.skip_next_step = bool(self.step_guard is not None and self.step_guard())
         if self.skip_next_step:
             return None
         saved = []

@@ -1,0 +1,111 @@
+"""agvm_ds.core.statistics against G1/G2 formed explicitly in float64 on fresh random data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from agvm_ds.core.statistics import combine, gram, preconditioned_stats, split_coefficients
+
+
+def _halves_micro(micro: list[torch.Tensor], a1: int):
+    """Brute force: G1, G2 as plain means of the two groups of micro-batch gradients."""
+    return torch.stack(micro[:a1]).mean(0), torch.stack(micro[a1:]).mean(0)
+
+
+def _halves_ranks(ranks: list[torch.Tensor], n1: int):
+    return torch.stack(ranks[:n1]).mean(0), torch.stack(ranks[n1:]).mean(0)
+
+
+def _bruteforce(g1, g2):
+    return torch.stack([torch.dot(g1, g2), torch.dot(g1, g1), torch.dot(g2, g2)])
+
+
+def _close(got, ref, rtol):
+    scale = ref.abs().max()
+    assert float((got - ref).abs().max()) <= rtol * float(scale), (got, ref)
+
+
+@pytest.mark.parametrize("A,a1", [(2, 1), (3, 1), (4, 2), (5, 3)])
+def test_micro_split_matches_bruteforce(A, a1):
+    gen = torch.Generator().manual_seed(100 + A)
+    n = 20_011
+    mean = torch.randn(n, generator=gen, dtype=torch.float64)
+    micro = [mean + 2.0 * torch.randn(n, generator=gen, dtype=torch.float64) for _ in range(A)]
+    g = torch.stack(micro).mean(0)           # what DeepSpeed holds at the boundary
+    s = torch.stack(micro[:a1]).sum(0) / A   # the running average snapshot after a1 micro-steps
+    split = split_coefficients("micro", A, a1, 1, 0)
+    got = combine(gram(g.float(), s.float()), split)
+    ref = _bruteforce(*_halves_micro(micro, a1))
+    _close(got, ref, 1e-6)
+
+
+@pytest.mark.parametrize("N", [2, 3, 4, 7])
+def test_ranks_split_matches_bruteforce(N):
+    gen = torch.Generator().manual_seed(200 + N)
+    n = 20_011
+    mean = torch.randn(n, generator=gen, dtype=torch.float64)
+    ranks = [mean + torch.randn(n, generator=gen, dtype=torch.float64) for _ in range(N)]
+    n1 = N // 2
+    g = torch.stack(ranks).mean(0)
+    s = torch.stack(ranks[:n1]).mean(0) - torch.stack(ranks[n1:]).mean(0)  # the signed stream's total
+    got = combine(gram(g.float(), s.float()), split_coefficients("ranks", 1, 0, N, n1))
+    _close(got, _bruteforce(*_halves_ranks(ranks, n1)), 1e-6)
+
+
+def test_low_noise_cosine_keeps_its_digits():
+    """1 − cos ≈ 1e-4: the quantity μ depends on must survive fp32 products."""
+    gen = torch.Generator().manual_seed(7)
+    n = 100_003
+    mean = torch.randn(n, generator=gen, dtype=torch.float64)
+    micro = [mean + 0.01 * torch.randn(n, generator=gen, dtype=torch.float64) for _ in range(2)]
+    g, s = torch.stack(micro).mean(0), micro[0] / 2
+    d, n1, n2 = combine(gram(g.float(), s.float()), split_coefficients("micro", 2, 1, 1, 0)).tolist()
+    r12, r11, r22 = _bruteforce(*_halves_micro(micro, 1)).tolist()
+    # inputs are rounded to fp32 before either computation sees them: compare on equal footing
+    g32, s32 = g.float().double(), s.float().double()
+    b12, b11, b22 = _bruteforce(2 * s32, 2 * (g32 - s32)).tolist()
+    one_minus = 1 - d / (n1 * n2) ** 0.5
+    ref = 1 - b12 / (b11 * b22) ** 0.5
+    assert 1e-5 < ref < 1e-3
+    assert abs(one_minus - ref) <= 1e-3 * ref, (one_minus, ref)
+    assert abs(ref - (1 - r12 / (r11 * r22) ** 0.5)) <= 1e-2 * ref  # fp32 inputs alone cost < 1 %
+
+
+def test_preconditioned_matches_bruteforce():
+    gen = torch.Generator().manual_seed(11)
+    n = 5_003
+    N, n1, beta2, eps = 4, 2, 0.999, 1e-8
+    mean = torch.randn(n, generator=gen, dtype=torch.float64) * 1e-3
+    ranks = [mean + 1e-3 * torch.randn(n, generator=gen, dtype=torch.float64) for _ in range(N)]
+    v = torch.rand(n, generator=gen, dtype=torch.float64) * 1e-6
+    g = torch.stack(ranks).mean(0)
+    s = torch.stack(ranks[:n1]).mean(0) - torch.stack(ranks[n1:]).mean(0)
+    got = preconditioned_stats(g.float(), s.float(), split_coefficients("ranks", 1, 0, N, n1), v.float(), beta2, eps)
+    h1, h2 = _halves_ranks(ranks, n1)
+
+    def adam(x):  # written out independently: x / (sqrt(β2 v + (1 − β2) x²) + eps)
+        return x / ((beta2 * v + (1 - beta2) * x * x) ** 0.5 + eps)
+    _close(got, _bruteforce(adam(h1), adam(h2)), 1e-5)
+    # no second moment yet (first step): v = 0
+    got0 = preconditioned_stats(g.float(), s.float(), split_coefficients("ranks", 1, 0, N, n1), None, beta2, eps)
+    v.zero_()
+    _close(got0, _bruteforce(adam(h1), adam(h2)), 1e-5)
+
+
+def test_non_finite_input_gives_non_finite_sums_and_empty_gives_zero():
+    g = torch.randn(10)
+    g[3] = float("nan")
+    assert not torch.isfinite(gram(g, torch.randn(10))).all()
+    g[3] = float("inf")
+    assert not torch.isfinite(combine(gram(g, torch.zeros(10)), split_coefficients("micro", 2, 1, 1, 0))).all()
+    assert torch.equal(gram(torch.zeros(0), torch.zeros(0)), torch.zeros(3, dtype=torch.float64))
+
+
+def test_bad_splits_are_rejected():
+    with pytest.raises(ValueError, match="micro split"):
+        split_coefficients("micro", 2, 2, 1, 0)
+    with pytest.raises(ValueError, match="ranks split"):
+        split_coefficients("ranks", 1, 0, 1, 0)
+    with pytest.raises(ValueError, match="unknown estimator"):
+        split_coefficients("halves", 2, 1, 2, 1)
