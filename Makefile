@@ -29,7 +29,8 @@ train: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/deepspeed --num_gpus $(NUM_RANKS) launch/train.py --deepspeed_config $(CONFIG)
 
 bench: $(STAMP)
-	$(BIN)/python bench/overhead.py --out docs/benchmarks.md
+	$(BIN)/python bench/overhead.py --optimizer sgd --out docs/benchmarks.md
+	$(BIN)/python bench/overhead.py --optimizer adamw --out docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) .cache runs

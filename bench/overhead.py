@@ -85,11 +85,15 @@ class Detector(nn.Module):
         return self.head(self.neck(self.backbone(x)))
 
 
-def _config(stage, gas, interval, estimator, bucket, skip_check=True):
+OPTIMIZERS = {"sgd": {"type": "SGD", "params": {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4}},
+              "adamw": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.05}}}
+
+
+def _config(stage, gas, interval, estimator, bucket, skip_check=True, optimizer="sgd"):
     return {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": gas,
             "zero_optimization": {"stage": stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
                                   "overlap_comm": False},
-            "optimizer": {"type": "SGD", "params": {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4}},
+            "optimizer": OPTIMIZERS[optimizer],
             "gradient_clipping": 0.0, "steps_per_print": 10**9,
             "agvm": {"enabled": estimator != "off", "interval": interval, "start_step": 0,
                      "estimator": estimator if estimator != "off" else "micro", "bucket_size": bucket,
@@ -134,13 +138,15 @@ def rank_main(rank, world, args):
     counter = ByteCounter()
     counter.install()
     instrument_agvm()
-    variants = ["off", "micro", "ranks"]
+    # "control" is a second AGVM-off engine, built last: its ratio to "off" (an A/A test)
+    # shows how far two identical engines drift apart here, i.e. the floor under any ratio.
+    variants = ["off", "micro", "ranks", "control"]
     engines = {}
     for v in variants:
         torch.manual_seed(0)
         engines[v], *_ = agvm_ds.initialize(model=Detector(), config=_config(args["stage"], args["gas"],
-                                            args["interval"], v, args["bucket"],
-                                            not args["no_check"]))
+                                            args["interval"], "off" if v == "control" else v, args["bucket"],
+                                            not args["no_check"], args["optimizer"]))
         if engines[v].agvm is not None:
             engines[v].agvm.reducer.bench_owner = engines[v].agvm
     P = sum(p.numel() for p in engines["off"].module.parameters())
@@ -172,15 +178,21 @@ def rank_main(rank, world, args):
         own = (ctrl.bench_self_time - s0) if ctrl is not None else 0.0
         return {"t": dt, "bytes": nbytes, "update": is_update, "agvm_s": own}
 
+    def final_held():
+        for v in variants:
+            if engines[v].agvm is not None:
+                held[v] = max(held[v], engines[v].agvm.peak_buffer_bytes)
+
     for v in variants:  # warm-up, not timed; then every engine sits at step 0 of an interval
         for _ in range(2):
             one_step(v)
         while engines[v].global_steps % args["interval"] != 0:
             one_step(v)
     for k in range(args["rounds"]):
-        order = variants[k % 3:] + variants[:k % 3]  # rotate, so no variant always runs first
+        order = variants[k % len(variants):] + variants[:k % len(variants)]  # rotate: no variant always first
         for v in order:
             blocks[v].append([one_step(v) for _ in range(args["interval"])])
+    final_held()
     return {"P": P, "blocks": blocks, "held": held, "bucket": args["bucket"], "world": world}
 
 
@@ -202,7 +214,7 @@ def _bootstrap(num, den, reps=2000, seed=0):
 def summarize(res, args):
     off = res["blocks"]["off"]
     rows = []
-    for v in ("micro", "ranks"):
+    for v in ("control", "micro", "ranks"):
         on = res["blocks"][v]
 
         def per_round(sel, key="t", blocks=on):
@@ -218,7 +230,7 @@ def summarize(res, args):
         extra = (sum(per_round(every, "bytes")) - sum(per_round(every, "bytes", off))) / steps
         grad_bytes = res["P"] * 4
         rows.append({
-            "estimator": v,
+            "estimator": "off (A/A control)" if v == "control" else v,
             "amortized_ratio": amort, "update_step_ratio": update, "plain_step_ratio": other,
             "agvm_time_fraction_amortized": own_all, "agvm_time_fraction_update": own_upd,
             "agvm_time_fraction_plain": own_plain,
@@ -232,7 +244,13 @@ def summarize(res, args):
     return {"P": res["P"], "ranks": res["world"], "stage": args["stage"], "gas": args["gas"],
             "interval": args["interval"], "rounds": args["rounds"], "steps_timed_per_variant": len(off_steps),
             "off_step_median_s": statistics.median(off_steps), "skip_nonfinite": not args["no_check"],
+            "optimizer": args["optimizer"],
             "rows": rows}
+
+
+def run_key(summary) -> str:
+    return (f"zero{summary['stage']}_gas{summary['gas']}_tau{summary['interval']}_{summary['optimizer']}"
+            + ("" if summary["skip_nonfinite"] else "_nocheck"))
 
 
 def _ci(t):
@@ -243,15 +261,18 @@ def _ci(t):
 def write_markdown(summary, path: Path):
     lines = [
         f"## Overhead (bench/overhead.py): ZeRO-{summary['stage']}, {summary['ranks']} CPU ranks (gloo), "
-        f"GAS {summary['gas']}, τ = {summary['interval']}",
+        f"GAS {summary['gas']}, τ = {summary['interval']}, {summary['optimizer'].upper()} base"
+        + ("" if summary["skip_nonfinite"] else ", skip_nonfinite off"),
         "",
         f"Model: conv detector stand-in, P = {summary['P']:,} parameters; AGVM-off median step "
         f"{summary['off_step_median_s'] * 1000:.1f} ms; {summary['rounds']} rounds × τ steps = "
-        f"{summary['steps_timed_per_variant']} timed steps per variant, the three engines taking turns "
+        f"{summary['steps_timed_per_variant']} timed steps per variant, the engines taking turns "
         "(order rotated every round) in one process group. Ratios are Σ AGVM-on time / Σ AGVM-off time "
         "over the rounds, with a 95 % bootstrap interval over rounds in brackets. \"AGVM's own time\" "
         "is the time spent inside AGVM's code (hooks, engine callbacks, its collectives), timed on "
-        "every step, as a fraction of the AGVM-off step time.",
+        "every step, as a fraction of the AGVM-off step time. \"AGVM buffers\" is the most AGVM held at "
+        "once per rank: accumulator and send buffers during the stream, accumulator plus the statistics "
+        "pass's staging and scratch buffers at the boundary.",
         "",
         "| estimator | step-time ratio, amortized | on update steps | on other steps | AGVM's own time, amortized "
         "/ update steps / other steps | extra collective bytes / step | as gradient reductions "
@@ -267,7 +288,8 @@ def write_markdown(summary, path: Path):
             f"({r['limit_gas_over_tau']:.2f}) | {r['agvm_buffers_bytes_per_rank'] / 2**20:.2f} MiB "
             f"({r['limit_P_over_N_plus_bucket_bytes'] / 2**20:.2f} MiB) |")
     text = "\n".join(lines) + "\n"
-    marker_start, marker_end = "<!-- overhead:start -->", "<!-- overhead:end -->"
+    key = run_key(summary)
+    marker_start, marker_end = f"<!-- overhead:{key}:start -->", f"<!-- overhead:{key}:end -->"
     old = path.read_text() if path.exists() else "# Benchmarks\n\n" + marker_start + "\n" + marker_end + "\n"
     if marker_start not in old:
         old += "\n" + marker_start + "\n" + marker_end + "\n"
@@ -285,18 +307,21 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--bucket", type=int, default=500_000)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd",
+                    help="adamw also exercises the Adam-preconditioned statistics")
     ap.add_argument("--no-check", action="store_true", help="agvm.skip_nonfinite=false (no per-step check)")
     a = ap.parse_args(argv)
     from agvm_ds.testing.distributed import run_distributed
 
     args = {"stage": a.stage, "gas": a.gas, "interval": a.interval, "rounds": a.rounds, "size": a.size,
-            "bucket": a.bucket, "no_check": a.no_check}
+            "bucket": a.bucket, "no_check": a.no_check,
+            "optimizer": a.optimizer}
     res = run_distributed(rank_main, 2, args, timeout=3600)[0]
     summary = summarize(res, args)
     print(json.dumps(summary, indent=2))
     if a.out:
         write_markdown(summary, a.out)
-        (a.out.parent / f"overhead_zero{a.stage}.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (a.out.parent / f"overhead_{run_key(summary)}.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -93,6 +93,29 @@ def test_preconditioned_matches_bruteforce():
     _close(got0, _bruteforce(adam(h1), adam(h2)), 1e-5)
 
 
+def test_preconditioned_micro_split_and_slicing_match_bruteforce():
+    """The micro split (G1 = (A/a1)·S) through the in-place path, with a workspace narrower
+    than the vector so the slice loop runs."""
+    from agvm_ds.core.statistics import workspace
+
+    gen = torch.Generator().manual_seed(12)
+    n, A, a1, beta2, eps = 3_001, 3, 1, 0.99, 1e-8
+    mean = torch.randn(n, generator=gen, dtype=torch.float64) * 1e-3
+    micro = [mean + 1e-3 * torch.randn(n, generator=gen, dtype=torch.float64) for _ in range(A)]
+    v = torch.rand(n, generator=gen, dtype=torch.float64) * 1e-6
+    g, s = torch.stack(micro).mean(0), torch.stack(micro[:a1]).sum(0) / A
+    work = workspace(1_000)[:, :1_000]
+    got = preconditioned_stats(g.float(), s.float(), split_coefficients("micro", A, a1, 1, 0), v.float(), beta2, eps,
+                               work)
+    h1, h2 = _halves_micro(micro, a1)
+
+    def adam(x):
+        return x / ((beta2 * v + (1 - beta2) * x * x) ** 0.5 + eps)
+    _close(got, _bruteforce(adam(h1), adam(h2)), 1e-5)
+    _close(combine(gram(g.float(), s.float(), work), split_coefficients("micro", A, a1, 1, 0)),
+           _bruteforce(h1, h2), 1e-6)
+
+
 def test_non_finite_input_gives_non_finite_sums_and_empty_gives_zero():
     g = torch.randn(10)
     g[3] = float("nan")

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -98,8 +98,20 @@ class StageAdapter:
         self.local_numel = offsets[self.rank]
         return own
 
+    #: Runs of small chunks are copied into staging buffers of this many elements, so the
+    #: statistics pass runs a few large vector operations instead of a dozen per parameter.
+    chunk_width: int = 1 << 20
+    staging: dict = {}
+
     # -- reads -----------------------------------------------------------------------
     def chunks(self, want_second_moment: bool = False, boundary: bool = True) -> Iterator[Chunk]:
+        """This rank's owned gradient (and Adam second moment) in local-layout order. A
+        chunk's tensors may be staging buffers reused by the next chunk: consume each chunk
+        before asking for the next."""
+        self.staging = {}  # the staging buffers of this walk (for memory accounting)
+        return coalesce(self._raw_chunks(want_second_moment, boundary), self.chunk_width, self.staging)
+
+    def _raw_chunks(self, want_second_moment: bool, boundary: bool) -> Iterator[Chunk]:
         raise NotImplementedError
 
     def grad_views(self) -> Iterator[torch.Tensor]:
@@ -165,7 +177,7 @@ class Stage0Adapter(StageAdapter):
         st = self._base_state.get(self._state_param.get(id(p), p))
         return None if not st or "exp_avg_sq" not in st else st["exp_avg_sq"]
 
-    def chunks(self, want_second_moment=False, boundary=True):
+    def _raw_chunks(self, want_second_moment, boundary):
         for m, gi, p, lo, hi, acc in self._own:
             g = p.grad
             grad = torch.zeros(hi - lo, device=self.device) if g is None else g.detach().reshape(-1)[lo:hi].float()
@@ -208,30 +220,32 @@ class Stage12Adapter(StageAdapter):
             base += ps
         self.local_numel = base
 
-    def _partition_grad(self, gi: int, boundary: bool) -> torch.Tensor:
-        zo = self.zero
-        held = zo.averaged_gradients.get(gi) if isinstance(zo.averaged_gradients, dict) else None
-        flat = getattr(held, "flat_partition", None)
-        if flat is not None:
-            return flat.reshape(-1).float()
-        if boundary:
-            if held is None:
-                return torch.zeros(self._base[gi][1], device=self.device)
-            return torch.cat([t.reshape(-1).float() for t in held])
-        # ZeRO-2 between boundaries: the reduced running sum sits in all_grad_tensors.
-        if zo.all_grad_tensors.get(gi) is None:
-            return torch.zeros(self._base[gi][1], device=self.device)
-        return zo.get_flat_partition(zo.params_in_partition[gi], zo.first_offset[gi], zo.partition_size[gi],
-                                     dtype=torch.float32, device=_device(), param_group_idx=gi).float()
-
-    def chunks(self, want_second_moment=False, boundary=True):
+    def _raw_chunks(self, want_second_moment, boundary):
+        # Called at the boundary only (between boundaries ZeRO-2 uses copy_owned_grad).
         zo = self.zero
         for gi, (base, ps) in enumerate(self._base):
+            m = self.group_modules[gi]
             v = None
             if want_second_moment:
                 st = zo.optimizer.state.get(zo.single_partition_of_fp32_groups[gi])
                 v = None if not st or "exp_avg_sq" not in st else st["exp_avg_sq"].reshape(-1).float()
-            yield Chunk(self.group_modules[gi], gi, base, base + ps, self._partition_grad(gi, boundary), v)
+            held = zo.averaged_gradients.get(gi) if isinstance(zo.averaged_gradients, dict) else None
+            flat = getattr(held, "flat_partition", None)
+            if flat is not None:  # bf16 model, fp32 accumulation: one flat buffer already
+                yield Chunk(m, gi, base, base + ps, flat.reshape(-1).float(), v)
+                continue
+            parts = [] if held is None else [t.reshape(-1) for t in held]
+            if sum(t.numel() for t in parts) != ps:  # nothing held (or an unexpected shape): zeros / one copy
+                grad = torch.zeros(ps, device=self.device) if not parts else torch.cat([t.float() for t in parts])
+                yield Chunk(m, gi, base, base + ps, grad, v)
+                continue
+            # A list of per-parameter views (and padding) covering the partition in order.
+            at = 0
+            for t in parts:
+                n = t.numel()
+                yield Chunk(m, gi, base + at, base + at + n, t if t.dtype == torch.float32 else t.float(),
+                            None if v is None else v[at:at + n])
+                at += n
 
     def grad_views(self):
         for held in self.zero.averaged_gradients.values():
@@ -285,7 +299,7 @@ class Stage3Adapter(StageAdapter):
         # ZeRO-3 partitions every parameter on its own: ceil(numel / N) elements per rank.
         self._own = self._per_parameter_layout(lambda p: (int(p.ds_numel), int(p.ds_tensor.ds_numel)))
 
-    def chunks(self, want_second_moment=False, boundary=True):
+    def _raw_chunks(self, want_second_moment, boundary):
         from deepspeed.utils import safe_get_local_grad, safe_get_local_optimizer_state
 
         for m, gi, p, lo, hi, acc in self._own:
@@ -306,6 +320,61 @@ class Stage3Adapter(StageAdapter):
         # every precision before any sub-group's step; the test below is a second line.
         zo = self.zero
         return lambda: _invalid_norm(zo._global_grad_norm)
+
+
+def coalesce(raw: Iterable[Chunk], width: int, staging: Optional[dict] = None) -> Iterator[Chunk]:
+    """Merge runs of adjacent small chunks (same module and group) into one chunk whose
+    tensors are staging buffers of ``width`` elements, reused from run to run. Chunks of at
+    least ``width / 2`` elements pass through uncopied. Memory: two staging buffers."""
+    staging = {} if staging is None else staging
+    run: list[Chunk] = []
+    size = 0
+
+    def buffer(name: str, like: torch.Tensor) -> torch.Tensor:
+        if name not in staging:
+            staging[name] = torch.empty(width, dtype=torch.float32, device=like.device)
+        return staging[name]
+
+    def merged() -> Chunk:
+        if len(run) == 1:
+            return run[0]
+        first = run[0]
+        grad = buffer("grad", first.grad)[:size]
+        _concat_into(grad, [(c.grad, c.hi - c.lo) for c in run])
+        v = None
+        if any(c.second_moment is not None for c in run):
+            v = buffer("v", first.grad)[:size]
+            _concat_into(v, [(c.second_moment, c.hi - c.lo) for c in run])
+        return Chunk(first.module, first.group, first.lo, run[-1].hi, grad, v)
+
+    for ch in raw:
+        n = ch.hi - ch.lo
+        if run and (n >= width // 2 or size + n > width or ch.module != run[-1].module
+                    or ch.group != run[-1].group or ch.lo != run[-1].hi):
+            yield merged()
+            run, size = [], 0
+        if n >= width // 2:
+            yield ch
+            continue
+        run.append(ch)
+        size += n
+    if run:
+        yield merged()
+
+
+def _concat_into(dst: torch.Tensor, parts: list[tuple[Optional[torch.Tensor], int]]) -> None:
+    """Copy 1-D parts back to back into ``dst``; a ``None`` part is that many zeros (a
+    parameter without Adam state yet)."""
+    if all(t is not None and t.dtype == dst.dtype for t, _ in parts):
+        torch.cat([t for t, _ in parts], out=dst)
+        return
+    at = 0
+    for t, n in parts:
+        if t is None:
+            dst[at:at + n].zero_()
+        else:
+            dst[at:at + n].copy_(t)
+        at += n
 
 
 def _invalid_norm(norm) -> bool:

@@ -19,14 +19,20 @@ refuses to start on a single rank.
 
 On each accumulation boundary, after DeepSpeed's reduction and before any clipping, every
 rank sums ⟨G1,G2⟩, |G1|², |G2|² (Adam-preconditioned when asked) over the elements it
-owns, per module, and one all-reduce of a float64 ``[modules × 3 + 1]`` tensor finishes the
-job; the extra slot counts non-finite gradients. A non-finite gradient anywhere skips the
-optimizer step on every rank and leaves μ unchanged, in every precision.
+owns, per module (:mod:`agvm_ds.core.statistics`), and one asynchronous all-reduce of a
+float64 ``[modules × 3 + 1]`` tensor finishes the job; the extra slot counts chunks with a
+non-finite value. The all-reduce is waited for where μ is first needed: on the optimizer
+step's first call (``AGVM.step`` asks :meth:`AGVMController._step_guard`).
+
+A non-finite gradient anywhere skips the optimizer step on every rank and leaves μ
+unchanged, in every precision. On update steps the statistics reveal it; on other steps,
+under ZeRO-1/2/3, the step guard reads the global gradient norm DeepSpeed all-reduces
+anyway (stage 0 and ``compute_grad_norm: false`` check the owned gradient themselves).
 
 Limitations:
-    The streamed reductions are synchronous (fine on CPU/gloo; on GPUs they serialize with
-    the backward pass on update steps only). Pipeline and tensor parallelism are not
-    handled: the data-parallel group is assumed to be the world.
+    The signed stream of ``ranks`` costs one extra gradient reduction per micro-step of an
+    update step (asynchronous, overlapping the backward pass). Pipeline and tensor
+    parallelism are not handled: the data-parallel group is assumed to be the world.
 """
 
 from __future__ import annotations
@@ -41,7 +47,8 @@ from agvm_ds.core.adapters import build_adapter, install_engine_hooks
 from agvm_ds.core.modulator import Modulator
 from agvm_ds.core.optimizer import AGVM
 from agvm_ds.core.reducer import OwnerReducer
-from agvm_ds.core.statistics import combine, gram, preconditioned_stats, split_coefficients
+from agvm_ds.core.statistics import (BLOCK, SLICE, combine, gram, preconditioned_stats, split_coefficients,
+                                     workspace)
 
 log = logging.getLogger("agvm_ds")
 
@@ -77,10 +84,14 @@ class AGVMController:
         self.split = split_coefficients(self.estimator, self.A, self.a1, self.world, self.n1) \
             if self.estimator == "ranks" or self.A >= 2 else None
         self.reducer = OwnerReducer(self.adapter.layout, self.rank, self.world, cfg.bucket_size)
+        # The statistics pass borrows the bucket budget: 2 staging (adapter) + 3 scratch buffers.
+        self.scratch_numel = min(SLICE, max(BLOCK, cfg.bucket_size // 5))
+        self.adapter.chunk_width = self.scratch_numel
         self._hook_handles: list = []
         self.nonfinite_steps = 0
         self._step_nonfinite = False
         self._pending = None  # (all-reduce work, stats tensor, step) of an update in flight
+        self.peak_buffer_bytes = 0  # AGVM's own buffers at the statistics pass, largest so far
         # Where DeepSpeed already all-reduces a gradient norm every step, plain steps read it
         # (at step time, through AGVM.step) instead of running a check of their own.
         self.engine_check = self.adapter.engine_nonfinite_check()
@@ -155,7 +166,9 @@ class AGVMController:
         m = len(self.modulator.modules)
         inv_scale = 1.0 / self.adapter.grad_scale()
         self.reducer.wait()
+        self.reducer.free_send_buffers()  # the scratch below comes out of the same bucket budget
         acc = self.reducer.acc
+        work = workspace(min(self.adapter.local_numel, self.scratch_numel), acc.device)
         rows, modules = [], []
         for ch in self.adapter.chunks(want_second_moment=self.precondition, boundary=True):
             g, s = ch.grad, acc[ch.lo:ch.hi]
@@ -164,10 +177,13 @@ class AGVMController:
                     g, s = g * inv_scale, s * inv_scale
                 gd = self.group_dicts[ch.group]
                 rows.append(preconditioned_stats(g, s, self.split, ch.second_moment,
-                                                 float(gd["betas"][1]), float(gd["eps"])))
+                                                 float(gd["betas"][1]), float(gd["eps"]), work))
             else:
-                rows.append(gram(g, s))
+                rows.append(gram(g, s, work))
             modules.append(ch.module)
+        held = self.reducer.buffer_bytes() + sum(t.numel() * t.element_size()
+                                                 for t in [work, *self.adapter.staging.values()])
+        self.peak_buffer_bytes = max(self.peak_buffer_bytes, held)
         stats = torch.zeros(m, 3, dtype=torch.float64, device=self.adapter.device)
         if not rows:
             return stats, 0

@@ -52,6 +52,11 @@ class OwnerReducer:
         self.acc = None
         self._bufs = [[None] * self.world for _ in range(self.GENERATIONS)]
 
+    def free_send_buffers(self) -> None:
+        """Drop the send buffers (after :meth:`wait`); they are re-made on the next stream."""
+        assert not any(self._in_flight) and not any(self._fill), "free_send_buffers while sends are pending"
+        self._bufs = [[None] * self.world for _ in range(self.GENERATIONS)]
+
     def buffer_bytes(self) -> int:
         """Bytes this reducer holds right now (accumulator and send buffers)."""
         held = 0 if self.acc is None else self.acc.numel() * self.acc.element_size()
