@@ -41,6 +41,7 @@ class ByteCounter:
     def __init__(self):
         self.bytes = 0
         self.calls = 0
+        self.seconds = 0.0  # time in synchronous collectives and in waits on asynchronous ones
 
     def install(self):
         import torch.distributed as dist
@@ -60,9 +61,31 @@ class ByteCounter:
                     else:
                         continue
                     break
-                return __fn(*args, **kwargs)
+                t0 = time.perf_counter()
+                out = __fn(*args, **kwargs)
+                if kwargs.get("async_op") and out is not None:
+                    return _TimedWork(out, self)
+                self.seconds += time.perf_counter() - t0
+                return out
             wrapped._counted = True
             setattr(dist, name, wrapped)
+
+
+class _TimedWork:
+    """An async collective's handle whose ``wait`` adds its duration to the counter."""
+
+    def __init__(self, work, counter: ByteCounter):
+        self._work, self._counter = work, counter
+
+    def wait(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return self._work.wait(*args, **kwargs)
+        finally:
+            self._counter.seconds += time.perf_counter() - t0
+
+    def __getattr__(self, name):
+        return getattr(self._work, name)
 
 
 class Detector(nn.Module):
@@ -103,7 +126,7 @@ def _config(stage, gas, interval, estimator, bucket, skip_check=True, optimizer=
 ENTRY_POINTS = ("_after_backward", "_before_reduction", "_on_forward", "_step_guard", "_after_optimizer_step")
 
 
-def instrument_agvm():
+def instrument_agvm(counter: ByteCounter):
     """Time AGVM's own code on every rank: the controller's entry points (engine callbacks,
     the step guard, the forward pre-hook) and the reducer's ``add`` (the gradient hooks).
     Nested calls count once; waits inside AGVM's own collectives are included."""
@@ -116,16 +139,18 @@ def instrument_agvm():
             if owner.bench_depth:
                 return fn(self, *args, **kwargs)
             owner.bench_depth = 1
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), counter.seconds
             try:
                 return fn(self, *args, **kwargs)
             finally:
                 owner.bench_self_time += time.perf_counter() - t0
+                owner.bench_comm_time += counter.seconds - c0
                 owner.bench_depth = 0
         return wrapper
 
     AGVMController.bench_depth = 0
     AGVMController.bench_self_time = 0.0
+    AGVMController.bench_comm_time = 0.0  # the part spent in (or waiting on) AGVM's collectives
     for name in ENTRY_POINTS:
         setattr(AGVMController, name, timed(getattr(AGVMController, name)))
     OwnerReducer.add = timed(OwnerReducer.add)
@@ -137,7 +162,7 @@ def rank_main(rank, world, args):
 
     counter = ByteCounter()
     counter.install()
-    instrument_agvm()
+    instrument_agvm(counter)
     # "control" is a second AGVM-off engine, built last: its ratio to "off" (an A/A test)
     # shows how far two identical engines drift apart here, i.e. the floor under any ratio.
     variants = ["off", "micro", "ranks", "control"]
@@ -163,6 +188,7 @@ def rank_main(rank, world, args):
         is_update = int(eng.global_steps) % args["interval"] == 0
         ctrl = eng.agvm
         s0 = ctrl.bench_self_time if ctrl is not None else 0.0
+        w0 = ctrl.bench_comm_time if ctrl is not None else 0.0
         dist.barrier()
         b0 = counter.bytes
         t0 = time.perf_counter()
@@ -176,7 +202,8 @@ def rank_main(rank, world, args):
         nbytes = counter.bytes - b0
         dist.barrier()
         own = (ctrl.bench_self_time - s0) if ctrl is not None else 0.0
-        return {"t": dt, "bytes": nbytes, "update": is_update, "agvm_s": own}
+        comm = (ctrl.bench_comm_time - w0) if ctrl is not None else 0.0
+        return {"t": dt, "bytes": nbytes, "update": is_update, "agvm_s": own, "agvm_comm_s": comm}
 
     def final_held():
         for v in variants:
@@ -226,6 +253,11 @@ def summarize(res, args):
         own_all = sum(per_round(every, "agvm_s")) / sum(per_round(every, blocks=off))
         own_upd = sum(per_round(upd, "agvm_s")) / sum(per_round(upd, blocks=off))
         own_plain = sum(per_round(plain, "agvm_s")) / sum(per_round(plain, blocks=off))
+        # medians: robust to a single stall landing inside AGVM's code on a shared machine
+        off_med = statistics.median(s["t"] for blk in off for s in blk)
+        own_upd_median = statistics.median(s["agvm_s"] for blk in on for s in blk if s["update"]) / off_med
+        comm_all = sum(per_round(every, "agvm_comm_s")) / sum(per_round(every, blocks=off))
+        comm_upd = sum(per_round(upd, "agvm_comm_s")) / sum(per_round(upd, blocks=off))
         steps = sum(len(b) for b in on)
         extra = (sum(per_round(every, "bytes")) - sum(per_round(every, "bytes", off))) / steps
         grad_bytes = res["P"] * 4
@@ -234,6 +266,8 @@ def summarize(res, args):
             "amortized_ratio": amort, "update_step_ratio": update, "plain_step_ratio": other,
             "agvm_time_fraction_amortized": own_all, "agvm_time_fraction_update": own_upd,
             "agvm_time_fraction_plain": own_plain,
+            "agvm_comm_fraction_amortized": comm_all, "agvm_comm_fraction_update": comm_upd,
+            "agvm_time_fraction_update_median": own_upd_median,
             "extra_bytes_per_step": extra,
             "extra_bytes_per_step_in_grad_reductions": extra / grad_bytes,
             "limit_gas_over_tau": args["gas"] / args["interval"],
@@ -244,12 +278,13 @@ def summarize(res, args):
     return {"P": res["P"], "ranks": res["world"], "stage": args["stage"], "gas": args["gas"],
             "interval": args["interval"], "rounds": args["rounds"], "steps_timed_per_variant": len(off_steps),
             "off_step_median_s": statistics.median(off_steps), "skip_nonfinite": not args["no_check"],
-            "optimizer": args["optimizer"],
+            "optimizer": args["optimizer"], "size": args["size"],
             "rows": rows}
 
 
 def run_key(summary) -> str:
     return (f"zero{summary['stage']}_gas{summary['gas']}_tau{summary['interval']}_{summary['optimizer']}"
+            + ("" if summary["size"] == 64 else f"_px{summary['size']}")
             + ("" if summary["skip_nonfinite"] else "_nocheck"))
 
 
@@ -264,26 +299,32 @@ def write_markdown(summary, path: Path):
         f"GAS {summary['gas']}, τ = {summary['interval']}, {summary['optimizer'].upper()} base"
         + ("" if summary["skip_nonfinite"] else ", skip_nonfinite off"),
         "",
-        f"Model: conv detector stand-in, P = {summary['P']:,} parameters; AGVM-off median step "
+        f"Model: conv detector stand-in, P = {summary['P']:,} parameters, {summary['size']}-px inputs, batch 4 "
+        f"per rank; AGVM-off median step "
         f"{summary['off_step_median_s'] * 1000:.1f} ms; {summary['rounds']} rounds × τ steps = "
         f"{summary['steps_timed_per_variant']} timed steps per variant, the engines taking turns "
         "(order rotated every round) in one process group. Ratios are Σ AGVM-on time / Σ AGVM-off time "
         "over the rounds, with a 95 % bootstrap interval over rounds in brackets. \"AGVM's own time\" "
         "is the time spent inside AGVM's code (hooks, engine callbacks, its collectives), timed on "
-        "every step, as a fraction of the AGVM-off step time. \"AGVM buffers\" is the most AGVM held at "
+        "every step, as a fraction of the AGVM-off step time; the part of it spent in AGVM's own collectives "
+        "(or waiting for them: that includes waiting for the slower rank, which without AGVM would be "
+        "spent at DeepSpeed's next collective instead) is shown next to it. \"AGVM buffers\" is the most AGVM held at "
         "once per rank: accumulator and send buffers during the stream, accumulator plus the statistics "
         "pass's staging and scratch buffers at the boundary.",
         "",
         "| estimator | step-time ratio, amortized | on update steps | on other steps | AGVM's own time, amortized "
-        "/ update steps / other steps | extra collective bytes / step | as gradient reductions "
+        "/ update steps (median) / other steps | of which in AGVM's collectives (amortized / update) | extra collective "
+        "bytes / step | as gradient reductions "
         "(limit GAS/τ) | AGVM buffers / rank (limit P/N + bucket) |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["rows"]:
         lines.append(
             f"| {r['estimator']} | {_ci(r['amortized_ratio'])} | {_ci(r['update_step_ratio'])} | "
             f"{_ci(r['plain_step_ratio'])} | {100 * r['agvm_time_fraction_amortized']:.2f} % / "
-            f"{100 * r['agvm_time_fraction_update']:.2f} % / {100 * r['agvm_time_fraction_plain']:.3f} % | "
+            f"{100 * r['agvm_time_fraction_update']:.2f} % ({100 * r['agvm_time_fraction_update_median']:.2f} %) / "
+            f"{100 * r['agvm_time_fraction_plain']:.3f} % | "
+            f"{100 * r['agvm_comm_fraction_amortized']:.2f} % / {100 * r['agvm_comm_fraction_update']:.2f} % | "
             f"{r['extra_bytes_per_step']:,.0f} B | {r['extra_bytes_per_step_in_grad_reductions']:.3f} "
             f"({r['limit_gas_over_tau']:.2f}) | {r['agvm_buffers_bytes_per_rank'] / 2**20:.2f} MiB "
             f"({r['limit_P_over_N_plus_bucket_bytes'] / 2**20:.2f} MiB) |")
