@@ -81,8 +81,7 @@ class AGVMController:
         self.n1 = self.world // 2
         self.coeff = (1.0 / self.n1) if self.rank < self.n1 else (-1.0 / (self.world - self.n1)) \
             if self.world > 1 else 0.0
-        self.split = split_coefficients(self.estimator, self.A, self.a1, self.world, self.n1) \
-            if self.estimator == "ranks" or self.A >= 2 else None
+        self.split = split_coefficients(self.estimator, self.A, self.a1, self.world, self.n1)
         self.reducer = OwnerReducer(self.adapter.layout, self.rank, self.world, cfg.bucket_size)
         # The statistics pass borrows the bucket budget: 2 staging (adapter) + 3 scratch buffers.
         self.scratch_numel = min(SLICE, max(BLOCK, cfg.bucket_size // 5))
