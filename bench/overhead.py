@@ -174,7 +174,7 @@ def rank_main(rank, world, args):
                                             not args["no_check"], args["optimizer"]))
         if engines[v].agvm is not None:
             engines[v].agvm.reducer.bench_owner = engines[v].agvm
-    P = sum(p.numel() for p in engines["off"].module.parameters())
+    P = sum(int(getattr(p, "ds_numel", p.numel())) for p in engines["off"].module.parameters())  # ZeRO-3: full sizes
     # per variant, per round: a block of τ consecutive steps
     blocks = {v: [] for v in variants}
     held = {v: 0 for v in variants}
