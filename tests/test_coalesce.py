@@ -1,4 +1,4 @@
-"""adapters.coalesce: merged chunks equal a naive concatenation; nothing lost or reordered."""
+"""chunks.coalesce: merged chunks equal a naive concatenation; nothing lost or reordered."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import torch
 
-from agvm_ds.core.adapters import Chunk, coalesce
+from agvm_ds.core.chunks import Chunk, coalesce
 
 
 def _random_chunks(seed: int):

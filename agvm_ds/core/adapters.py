@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
+
+from agvm_ds.core.chunks import Chunk, coalesce
 
 
 @dataclass(frozen=True)
@@ -33,16 +35,6 @@ class Piece:
     p_lo: int      # [p_lo, p_hi) in the parameter's flattened elements
     p_hi: int
     acc_lo: int    # offset in the owner's local layout
-
-
-@dataclass
-class Chunk:
-    module: int
-    group: int
-    lo: int
-    hi: int
-    grad: torch.Tensor                 # fp32, hi - lo elements
-    second_moment: Optional[torch.Tensor] = None
 
 
 def _device():
@@ -320,61 +312,6 @@ class Stage3Adapter(StageAdapter):
         # every precision before any sub-group's step; the test below is a second line.
         zo = self.zero
         return lambda: _invalid_norm(zo._global_grad_norm)
-
-
-def coalesce(raw: Iterable[Chunk], width: int, staging: Optional[dict] = None) -> Iterator[Chunk]:
-    """Merge runs of adjacent small chunks (same module and group) into one chunk whose
-    tensors are staging buffers of ``width`` elements, reused from run to run. Chunks of at
-    least ``width / 2`` elements pass through uncopied. Memory: two staging buffers."""
-    staging = {} if staging is None else staging
-    run: list[Chunk] = []
-    size = 0
-
-    def buffer(name: str, like: torch.Tensor) -> torch.Tensor:
-        if name not in staging:
-            staging[name] = torch.empty(width, dtype=torch.float32, device=like.device)
-        return staging[name]
-
-    def merged() -> Chunk:
-        if len(run) == 1:
-            return run[0]
-        first = run[0]
-        grad = buffer("grad", first.grad)[:size]
-        _concat_into(grad, [(c.grad, c.hi - c.lo) for c in run])
-        v = None
-        if any(c.second_moment is not None for c in run):
-            v = buffer("v", first.grad)[:size]
-            _concat_into(v, [(c.second_moment, c.hi - c.lo) for c in run])
-        return Chunk(first.module, first.group, first.lo, run[-1].hi, grad, v)
-
-    for ch in raw:
-        n = ch.hi - ch.lo
-        if run and (n >= width // 2 or size + n > width or ch.module != run[-1].module
-                    or ch.group != run[-1].group or ch.lo != run[-1].hi):
-            yield merged()
-            run, size = [], 0
-        if n >= width // 2:
-            yield ch
-            continue
-        run.append(ch)
-        size += n
-    if run:
-        yield merged()
-
-
-def _concat_into(dst: torch.Tensor, parts: list[tuple[Optional[torch.Tensor], int]]) -> None:
-    """Copy 1-D parts back to back into ``dst``; a ``None`` part is that many zeros (a
-    parameter without Adam state yet)."""
-    if all(t is not None and t.dtype == dst.dtype for t, _ in parts):
-        torch.cat([t for t, _ in parts], out=dst)
-        return
-    at = 0
-    for t, n in parts:
-        if t is None:
-            dst[at:at + n].zero_()
-        else:
-            dst[at:at + n].copy_(t)
-        at += n
 
 
 def _invalid_norm(norm) -> bool:

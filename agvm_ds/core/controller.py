@@ -189,9 +189,8 @@ class AGVMController:
         rows = torch.stack(rows)
         if not self.precondition:
             rows = combine(rows, self.split) * (inv_scale * inv_scale)
-        finite = torch.isfinite(rows).all(dim=1)
-        stats.index_add_(0, torch.tensor(modules, device=stats.device), torch.where(finite[:, None], rows, 0.0))
-        return stats, int((~finite).sum())
+        stats.index_add_(0, torch.tensor(modules, device=stats.device), rows)
+        return stats, int((~torch.isfinite(rows).all(dim=1)).sum())
 
     @torch.no_grad()
     def _finish_step(self, update: bool):

@@ -49,8 +49,8 @@ class OwnerReducer:
 
     def release(self) -> None:
         self.wait()
+        self.free_send_buffers()
         self.acc = None
-        self._bufs = [[None] * self.world for _ in range(self.GENERATIONS)]
 
     def free_send_buffers(self) -> None:
         """Drop the send buffers (after :meth:`wait`); they are re-made on the next stream."""

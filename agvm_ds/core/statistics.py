@@ -110,15 +110,6 @@ def combine(sums: torch.Tensor, split: Split) -> torch.Tensor:
                         a2 * a2 * gg + 2.0 * a2 * b2 * gs + b2 * b2 * ss], dim=-1)
 
 
-def adam_precondition(g: torch.Tensor, exp_avg_sq: Optional[torch.Tensor], beta2: float, eps: float) -> torch.Tensor:
-    """ĝ = g / (sqrt(β2·v + (1 − β2)·g²) + eps): the step Adam would take on g alone from its
-    current second moment v (no bias correction, as in the authors' release)."""
-    second = torch.mul(g, g).mul_(1.0 - beta2)
-    if exp_avg_sq is not None:
-        second.add_(exp_avg_sq, alpha=beta2)
-    return g / second.sqrt_().add_(eps)
-
-
 def _linear_into(out: torch.Tensor, g: torch.Tensor, s: torch.Tensor, a: float, b: float) -> None:
     """out ← a·g + b·s in one pass."""
     if a == 0.0:
