@@ -140,7 +140,9 @@ def test_every_shipped_config_validates(path):
         assert run.global_batch == run.micro_batch * run.grad_accum * 2
     else:
         assert run.world_size and run.world_size >= 1, path.name
-        validate_run_dict(raw, path, world_size=run.world_size)
+        # the batch keys pin the world size: launching on one rank more must be refused
+        with pytest.raises(ConfigError, match="train_batch_size"):
+            validate_run_dict(raw, path, world_size=run.world_size + 1)
 
 
 # ------------------------------------------------------------------ the launcher itself

@@ -243,3 +243,21 @@ def test_timm_backbone_local_checkpoint_and_convnext(tmp_path):
     assert conv.backbone.strides == [4, 8, 16, 32] and not conv.backbone.nhwc
     feats = conv.backbone(torch.randn(1, 3, 64, 64))
     assert [f.shape[1] for f in feats] == conv.backbone.channels
+
+
+def test_training_groups_and_report_groups_agree_on_decay():
+    """The groups training builds (train.build) and the ones the partition report lists
+    (models.param_groups) exempt the same parameters from weight decay — including Swin's
+    relative-position tables, which are 2-d and named, not norms or biases."""
+    from agvm_ds.train.build import build_param_groups as training_groups
+
+    model = build_model("mask_rcnn_swin_tiny")
+    names = {id(p): n for n, p in model.named_parameters()}
+    tables = [n for n in names.values() if n.endswith("relative_position_bias_table")]
+    assert tables  # the case this test is about exists in the model
+
+    def exempt(groups):
+        return {names[id(p)] for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    trained = exempt(training_groups(model, 0.05, 1e-3))
+    assert set(tables) <= trained
+    assert trained == exempt(param_groups(model, 0.05))

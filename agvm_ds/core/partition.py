@@ -84,13 +84,35 @@ def model_partition(model: nn.Module) -> tuple["OrderedDict[str, list[str]]", st
     return OrderedDict(modules), anchor
 
 
-def _no_decay(name: str, p: torch.Tensor) -> bool:
-    return p.ndim <= 1 or name.endswith(".bias")
+# Parameter (leaf) names that are embeddings/tables, not weights: timm lists them in
+# ``no_weight_decay()``, which its features_only wrappers no longer expose.
+_EMBEDDING_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "pos_embed", "cls_token",
+                    "dist_token", "rel_pos_h", "rel_pos_w")
+
+
+def listed_no_decay(model: nn.Module) -> set[str]:
+    """Parameters a model exempts from weight decay beyond norms and biases: position
+    tables/embeddings by name, and whatever a submodule's ``no_weight_decay()`` lists."""
+    names = {n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] in _EMBEDDING_NAMES}
+    for mod_name, mod in model.named_modules():
+        fn = getattr(mod, "no_weight_decay", None)
+        if callable(fn):
+            try:
+                listed = fn()
+            except TypeError:
+                continue
+            names.update(f"{mod_name}.{n}" if mod_name else n for n in listed)
+    return names
+
+
+def _no_decay(name: str, p: torch.Tensor, listed: set[str]) -> bool:
+    return p.ndim <= 1 or name.endswith(".bias") or name in listed
 
 
 def build_param_groups(model: nn.Module, owner: "OrderedDict[str, str]", module_order: list[str],
                        weight_decay: float | None = None, no_decay_norms: bool = True) -> list[dict]:
-    """One or two groups per module (decay / no-decay for norms and biases), tagged ``module``.
+    """One or two groups per module (decay / no-decay for norms, biases and the tables of
+    :func:`listed_no_decay`), tagged ``module``.
 
     Groups are merged as far as the hyper-parameters allow (detectron2 style): at most two
     per module. Without ``weight_decay`` (use the optimizer's default) all of a module's
@@ -100,10 +122,11 @@ def build_param_groups(model: nn.Module, owner: "OrderedDict[str, str]", module_
     for m in module_order:
         buckets[(m, False)] = []
         buckets[(m, True)] = []
+    listed = listed_no_decay(model)
     for name, p in model.named_parameters():
         if name not in owner:
             continue
-        nd = bool(weight_decay is not None and no_decay_norms and _no_decay(name, p))
+        nd = bool(weight_decay is not None and no_decay_norms and _no_decay(name, p, listed))
         buckets[(owner[name], nd)].append(p)
     groups = []
     for (m, nd), params in buckets.items():

@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import nn
 
+from agvm_ds.core.partition import listed_no_decay
 from agvm_ds.models.build import assign_modules
 from agvm_ds.models.layers import NORM_TYPES
 
@@ -31,26 +32,6 @@ def _norm_param_names(model: nn.Module) -> set[str]:
         if is_norm:
             for p_name, _ in mod.named_parameters(recurse=False):
                 names.add(f"{mod_name}.{p_name}" if mod_name else p_name)
-    return names
-
-
-# Parameter (leaf) names that are embeddings/tables, not weights: timm lists them in
-# ``no_weight_decay()``, which its features_only wrappers no longer expose.
-_EMBEDDING_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "pos_embed", "cls_token",
-                    "dist_token", "rel_pos_h", "rel_pos_w")
-
-
-def _listed_no_decay(model: nn.Module) -> set[str]:
-    names = {n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] in _EMBEDDING_NAMES}
-    for mod_name, mod in model.named_modules():
-        fn = getattr(mod, "no_weight_decay", None)
-        if callable(fn):
-            try:
-                listed = fn()
-            except TypeError:
-                continue
-            for n in listed:
-                names.add(f"{mod_name}.{n}" if mod_name else n)
     return names
 
 
@@ -72,7 +53,7 @@ def param_groups(model: nn.Module, weight_decay: float, *, modules: dict[str, li
     if bad:
         raise ValueError(f"param_groups: {len(bad)} trainable parameters belong to no single "
                          f"module (e.g. {', '.join(bad[:3])})")
-    norm_names, listed = _norm_param_names(model), _listed_no_decay(model)
+    norm_names, listed = _norm_param_names(model), listed_no_decay(model)
     params = dict(model.named_parameters())
     groups: list[dict[str, Any]] = []
     for module, names in owners.items():

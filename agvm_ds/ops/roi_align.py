@@ -50,7 +50,7 @@ def _sample_grid(rois: Tensor, out_h: int, out_w: int, sr_h: int, sr_w: int,
     return y1[:, None] + fy[None] * bin_h[:, None], x1[:, None] + fx[None] * bin_w[:, None]
 
 
-def _axis_weights(coords: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _axis_weights(coords: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Low/high neighbour indices and their weights along one axis, RoIAlign's border rules.
 
     Samples outside ``[-1, size]`` get weight 0; inside, the coordinate is clamped to
@@ -63,7 +63,7 @@ def _axis_weights(coords: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor, Te
     low = low.long()
     high = (low + 1).clamp(max=size - 1)
     v = valid.to(coords.dtype)
-    return low, high, (1 - frac) * v, frac * v, valid
+    return low, high, (1 - frac) * v, frac * v
 
 
 def _align_group(flat: Tensor, h: int, w: int, rois: Tensor, out_h: int, out_w: int,
@@ -79,8 +79,8 @@ def _align_group(flat: Tensor, h: int, w: int, rois: Tensor, out_h: int, out_w: 
     # samples of an 800-px image pixels away from where they belong)
     cdtype = torch.promote_types(flat.dtype, torch.float32)
     ys, xs = _sample_grid(rois.to(cdtype), out_h, out_w, sr_h, sr_w, scale, aligned)
-    y0, y1, wy0, wy1, _ = _axis_weights(ys, h)  # [K, out_h * sr_h]
-    x0, x1, wx0, wx1, _ = _axis_weights(xs, w)  # [K, out_w * sr_w]
+    y0, y1, wy0, wy1 = _axis_weights(ys, h)  # [K, out_h * sr_h]
+    x0, x1, wx0, wx1 = _axis_weights(xs, w)  # [K, out_w * sr_w]
     # [K, out, sr, 2 corners] per axis; then every (bin, sample, corner) combination, laid
     # out so each output bin's 4 * sr_h * sr_w contributions are contiguous rows
     yi = torch.stack([y0, y1], -1).view(k, out_h, 1, sr_h, 2, 1, 1)

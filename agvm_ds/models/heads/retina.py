@@ -86,10 +86,11 @@ class RetinaHead(nn.Module):
             labels.append(cls)
         labels, boxes = torch.stack(labels), torch.stack(boxes)
         valid, fg = labels >= 0, (labels >= 0) & (labels < self.num_classes)
-        n = max(_mean_over_ranks(float(fg.sum().item())), 1.0)
-        prev = float(self.loss_normalizer)
-        normalizer = n if prev < 0 else 0.9 * prev + 0.1 * n
-        self.loss_normalizer.fill_(normalizer)
+        # On the device, without a host sync: one small all-reduce per micro-batch.
+        n = _mean_over_ranks(fg.sum().to(torch.float32)).clamp(min=1.0)
+        prev = self.loss_normalizer.to(torch.float32)
+        normalizer = torch.where(prev < 0, n, 0.9 * prev + 0.1 * n)
+        self.loss_normalizer.copy_(normalizer)
         onehot = torch.zeros_like(logits[valid])
         onehot[torch.arange(len(onehot)), labels[valid].clamp(max=self.num_classes - 1)] = 1.0
         onehot[labels[valid] == self.num_classes] = 0.0
@@ -124,12 +125,13 @@ class RetinaHead(nn.Module):
         return results
 
 
-def _mean_over_ranks(value: float) -> float:
-    """The mean of ``value`` over the data-parallel ranks (itself when not distributed)."""
+def _mean_over_ranks(value: Tensor) -> Tensor:
+    """The mean of a scalar tensor over the data-parallel ranks, on its own device (NCCL
+    groups take no CPU tensors); itself when not distributed."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t) / dist.get_world_size()
+    total = value.detach().clone()
+    dist.all_reduce(total)
+    return total / dist.get_world_size()
