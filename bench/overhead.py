@@ -6,7 +6,8 @@ of τ steps (the order rotated every round), so slow drifts of a shared machine 
 three alike. Reported per estimator:
 
 * step time as a ratio to AGVM-off — amortized, on AGVM update steps, on the other steps —
-  each the ratio of sums over rounds with a 95 % bootstrap interval over rounds;
+  from median step times, with a 95 % bootstrap interval over rounds; and the update step
+  measured inside one engine (update step over the same block's other steps, ÷ AGVM-off's);
 * AGVM's own time: the time spent inside AGVM's code (timed at its entry points), as a
   fraction of the AGVM-off step — the direct, low-noise view of the same cost;
 * bytes handed to torch.distributed collectives per step (counted by wrapping its
@@ -223,50 +224,82 @@ def rank_main(rank, world, args):
     return {"P": P, "blocks": blocks, "held": held, "bucket": args["bucket"], "world": world}
 
 
-def _bootstrap(num, den, reps=2000, seed=0):
-    """Ratio of sums Σnum/Σden over rounds, with a 95 % percentile bootstrap over rounds."""
+def _bootstrap(stat, rounds, reps=2000, seed=0):
+    """``stat(round indices)`` on all rounds, with a 95 % percentile bootstrap that resamples
+    rounds (every variant's block of a round together: they ran in the same minute)."""
     import random
 
     rng = random.Random(seed)
-    k = len(num)
-    est = sum(num) / sum(den)
-    draws = []
-    for _ in range(reps):
-        idx = [rng.randrange(k) for _ in range(k)]
-        draws.append(sum(num[i] for i in idx) / sum(den[i] for i in idx))
-    draws.sort()
+    est = stat(list(range(rounds)))
+    draws = sorted(stat([rng.randrange(rounds) for _ in range(rounds)]) for _ in range(reps))
     return est, draws[int(0.025 * reps)], draws[int(0.975 * reps) - 1]
 
 
+def _median(xs):
+    return statistics.median(xs)
+
+
+def _times(blocks, idx, update):
+    return [s["t"] for i in idx for s in blocks[i] if s["update"] == update]
+
+
+def _within_engine(blocks, idx):
+    """Median over rounds of (update step time / median of the same block's other steps):
+    one engine, one minute, so no difference in where its memory sits (which is what makes
+    two identical engines differ by a few %) — only the update step's own cost, plus what
+    the first step of a block pays for following another engine, which the AGVM-off engine's
+    value of the same measures."""
+    q = []
+    for i in idx:
+        upd = [s["t"] for s in blocks[i] if s["update"]]
+        other = [s["t"] for s in blocks[i] if not s["update"]]
+        q.append(_median(upd) / _median(other))
+    return _median(q)
+
+
 def summarize(res, args):
+    """Wall-clock ratios use medians of step times: on this shared machine whole blocks
+    sometimes run 2–5× slow (every engine alike, minutes apart), and a ratio of sums lets one
+    such stall decide the answer. AGVM's own time is its mean per step (stalls inside AGVM's
+    code count against it) over the AGVM-off engine's median step."""
     off = res["blocks"]["off"]
+    tau = args["interval"]
+    k = len(off)
     rows = []
     for v in ("control", "micro", "ranks"):
         on = res["blocks"][v]
 
-        def per_round(sel, key="t", blocks=on):
-            return [sum(s[key] for s in blk if sel(s)) for blk in blocks]
-        every, upd, plain = (lambda s: True), (lambda s: s["update"]), (lambda s: not s["update"])
-        amort = _bootstrap(per_round(every), per_round(every, blocks=off))
-        update = _bootstrap(per_round(upd), per_round(upd, blocks=off))
-        other = _bootstrap(per_round(plain), per_round(plain, blocks=off))
-        own_all = sum(per_round(every, "agvm_s")) / sum(per_round(every, blocks=off))
-        own_upd = sum(per_round(upd, "agvm_s")) / sum(per_round(upd, blocks=off))
-        own_plain = sum(per_round(plain, "agvm_s")) / sum(per_round(plain, blocks=off))
-        # medians: robust to a single stall landing inside AGVM's code on a shared machine
-        off_med = statistics.median(s["t"] for blk in off for s in blk)
-        own_upd_median = statistics.median(s["agvm_s"] for blk in on for s in blk if s["update"]) / off_med
-        comm_all = sum(per_round(every, "agvm_comm_s")) / sum(per_round(every, blocks=off))
-        comm_upd = sum(per_round(upd, "agvm_comm_s")) / sum(per_round(upd, blocks=off))
+        def ratio(update, blocks=on):
+            return lambda idx: _median(_times(blocks, idx, update)) / _median(_times(off, idx, update))
+
+        def amortized(idx):
+            def step(blocks):
+                return _median(_times(blocks, idx, True)) + (tau - 1) * _median(_times(blocks, idx, False))
+            return step(on) / step(off)
+        amort = _bootstrap(amortized, k)
+        update = _bootstrap(ratio(True), k)
+        other = _bootstrap(ratio(False), k)
+        within = _bootstrap(lambda idx: _within_engine(on, idx) / _within_engine(off, idx), k)
+        all_idx = list(range(k))
+        off_upd, off_other = _median(_times(off, all_idx, True)), _median(_times(off, all_idx, False))
+        off_step = (off_upd + (tau - 1) * off_other) / tau
+
+        def own(key, update=None):
+            xs = [s[key] for blk in on for s in blk if update is None or s["update"] == update]
+            return sum(xs) / len(xs)
+        own_upd_median = _median([s["agvm_s"] for blk in on for s in blk if s["update"]]) / off_upd
         steps = sum(len(b) for b in on)
-        extra = (sum(per_round(every, "bytes")) - sum(per_round(every, "bytes", off))) / steps
+        extra = (sum(s["bytes"] for b in on for s in b) - sum(s["bytes"] for b in off for s in b)) / steps
         grad_bytes = res["P"] * 4
         rows.append({
             "estimator": "off (A/A control)" if v == "control" else v,
             "amortized_ratio": amort, "update_step_ratio": update, "plain_step_ratio": other,
-            "agvm_time_fraction_amortized": own_all, "agvm_time_fraction_update": own_upd,
-            "agvm_time_fraction_plain": own_plain,
-            "agvm_comm_fraction_amortized": comm_all, "agvm_comm_fraction_update": comm_upd,
+            "update_step_ratio_within_engine": within,
+            "agvm_time_fraction_amortized": own("agvm_s") / off_step,
+            "agvm_time_fraction_update": own("agvm_s", True) / off_upd,
+            "agvm_time_fraction_plain": own("agvm_s", False) / off_other,
+            "agvm_comm_fraction_amortized": own("agvm_comm_s") / off_step,
+            "agvm_comm_fraction_update": own("agvm_comm_s", True) / off_upd,
             "agvm_time_fraction_update_median": own_upd_median,
             "extra_bytes_per_step": extra,
             "extra_bytes_per_step_in_grad_reductions": extra / grad_bytes,
@@ -275,11 +308,17 @@ def summarize(res, args):
             "limit_P_over_N_plus_bucket_bytes": (res["P"] // res["world"] + args["bucket"]) * 4,
         })
     off_steps = [s["t"] for blk in off for s in blk]
+    slow = sum(1 for blk in off if sum(s["t"] for s in blk) > 1.5 * _median([sum(s["t"] for s in b) for b in off]))
     return {"P": res["P"], "ranks": res["world"], "stage": args["stage"], "gas": args["gas"],
             "interval": args["interval"], "rounds": args["rounds"], "steps_timed_per_variant": len(off_steps),
             "off_step_median_s": statistics.median(off_steps), "skip_nonfinite": not args["no_check"],
-            "optimizer": args["optimizer"], "size": args["size"],
-            "rows": rows}
+            "optimizer": args["optimizer"], "size": args["size"], "off_blocks_over_1_5x_median": slow,
+            "rows": rows,
+            # raw step times, for anyone who wants to recompute: [round][step] per variant
+            "step_times_s": {v: [[round(s["t"], 6) for s in blk] for blk in blocks]
+                             for v, blocks in res["blocks"].items()},
+            "agvm_times_s": {v: [[round(s["agvm_s"], 6) for s in blk] for blk in blocks]
+                             for v, blocks in res["blocks"].items()}}
 
 
 def run_key(summary) -> str:
@@ -303,25 +342,32 @@ def write_markdown(summary, path: Path):
         f"per rank; AGVM-off median step "
         f"{summary['off_step_median_s'] * 1000:.1f} ms; {summary['rounds']} rounds × τ steps = "
         f"{summary['steps_timed_per_variant']} timed steps per variant, the engines taking turns "
-        "(order rotated every round) in one process group. Ratios are Σ AGVM-on time / Σ AGVM-off time "
-        "over the rounds, with a 95 % bootstrap interval over rounds in brackets. \"AGVM's own time\" "
+        "(order rotated every round) in one process group. Wall-clock ratios are ratios of median step "
+        "times (amortized: (update + (τ − 1) · other) / the same for AGVM-off), with a 95 % bootstrap "
+        "interval over rounds in brackets; medians because whole blocks sometimes ran 2–5× slow on this "
+        f"shared machine ({summary['off_blocks_over_1_5x_median']} of the AGVM-off engine's "
+        f"{summary['rounds']} blocks took over 1.5× the median block here). \"AGVM's own time\" "
         "is the time spent inside AGVM's code (hooks, engine callbacks, its collectives), timed on "
-        "every step, as a fraction of the AGVM-off step time; the part of it spent in AGVM's own collectives "
+        "every step: its mean, as a fraction of the AGVM-off median step time; the part of it spent in AGVM's own collectives "
         "(or waiting for them: that includes waiting for the slower rank, which without AGVM would be "
         "spent at DeepSpeed's next collective instead) is shown next to it. \"AGVM buffers\" is the most AGVM held at "
         "once per rank: accumulator and send buffers during the stream, accumulator plus the statistics "
-        "pass's staging and scratch buffers at the boundary.",
+        "pass's staging and scratch buffers at the boundary. \"Within engine\" is the update step's time over "
+        "the mean of the same block's other steps, divided by the same quotient of the AGVM-off engine: "
+        "a comparison inside one engine, free of the few-% differences between two engines.",
         "",
-        "| estimator | step-time ratio, amortized | on update steps | on other steps | AGVM's own time, amortized "
+        "| estimator | step-time ratio, amortized | on update steps | on other steps | update steps, within engine "
+        "| AGVM's own time, amortized "
         "/ update steps (median) / other steps | of which in AGVM's collectives (amortized / update) | extra collective "
         "bytes / step | as gradient reductions "
         "(limit GAS/τ) | AGVM buffers / rank (limit P/N + bucket) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["rows"]:
         lines.append(
             f"| {r['estimator']} | {_ci(r['amortized_ratio'])} | {_ci(r['update_step_ratio'])} | "
-            f"{_ci(r['plain_step_ratio'])} | {100 * r['agvm_time_fraction_amortized']:.2f} % / "
+            f"{_ci(r['plain_step_ratio'])} | {_ci(r['update_step_ratio_within_engine'])} | "
+            f"{100 * r['agvm_time_fraction_amortized']:.2f} % / "
             f"{100 * r['agvm_time_fraction_update']:.2f} % ({100 * r['agvm_time_fraction_update_median']:.2f} %) / "
             f"{100 * r['agvm_time_fraction_plain']:.3f} % | "
             f"{100 * r['agvm_comm_fraction_amortized']:.2f} % / {100 * r['agvm_comm_fraction_update']:.2f} % | "

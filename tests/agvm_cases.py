@@ -116,7 +116,7 @@ def train(rank, world, stage, gas, opt, steps, precision="fp32", clip=0.0, estim
         if inject is not None:
             params_by_step.append(full_params(engine))
     result = {"losses": losses, "reports": reports, "params": full_params(engine),
-              "estimator": engine.agvm.estimator, "params_by_step": params_by_step}
+              "estimator": engine.agvm.estimator, "fused": engine.agvm.fused, "params_by_step": params_by_step}
     engine.destroy() if hasattr(engine, "destroy") else None
     return result
 

@@ -58,6 +58,7 @@ def test_two_ranks_all_stages_match_bruteforce_and_each_other(two_rank_runs, est
         for rank, per_rank in enumerate(two_rank_runs):
             res = per_rank[i]
             assert res["estimator"] == estimator
+            assert res["fused"], "the fused statistics kernel should run on CPU here"
             losses, params_ref = _check_against_reference(res, 2, "sgd", estimator, 0.0)
             for a, b in zip(res["losses"], losses[rank]):
                 assert _rel(a, b) <= 1e-5, (stage, rank)
@@ -75,13 +76,18 @@ def test_two_ranks_all_stages_match_bruteforce_and_each_other(two_rank_runs, est
         assert _max_param_rel(res0["params"], base["params"]) <= 1e-5, stage
 
 
-def test_micro_on_one_rank_and_adamw_preconditioned_with_clipping():
+@pytest.mark.parametrize("kernel", ["fused", "torch"])
+def test_micro_on_one_rank_and_adamw_preconditioned_with_clipping(kernel):
+    """Both statistics paths (agvm_ds.core.native's C kernel and the torch fallback) inside a
+    real engine, Adam-preconditioned, against the float64 replay."""
     cases = [dict(stage=0, gas=GAS, opt="adamw", steps=STEPS, estimator="micro", interval=INTERVAL, start=START,
                   clip=0.05),
              dict(stage=2, gas=GAS, opt="adamw", steps=STEPS, estimator="micro", interval=INTERVAL, start=START,
                   clip=0.05)]
-    (runs,) = run_distributed(train_many, 1, cases)
+    env = {"AGVM_DS_NATIVE": "0"} if kernel == "torch" else None
+    (runs,) = run_distributed(train_many, 1, cases, env=env)
     for res in runs:
+        assert res["fused"] == (kernel == "fused")
         losses, params_ref = _check_against_reference(res, 1, "adamw", "micro", 0.05)
         for a, b in zip(res["losses"], losses[0]):
             assert _rel(a, b) <= 1e-5

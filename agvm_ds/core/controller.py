@@ -43,12 +43,13 @@ import torch
 import torch.distributed as dist
 
 from agvm_ds.config.agvm import AGVMConfig
+from agvm_ds.core import native
 from agvm_ds.core.adapters import build_adapter, install_engine_hooks
 from agvm_ds.core.modulator import Modulator
 from agvm_ds.core.optimizer import AGVM
 from agvm_ds.core.reducer import OwnerReducer
-from agvm_ds.core.statistics import (BLOCK, SLICE, combine, gram, preconditioned_stats, split_coefficients,
-                                     workspace)
+from agvm_ds.core.statistics import (BLOCK, SLICE, Split, combine, gram, preconditioned_stats,
+                                     split_coefficients, workspace)
 
 log = logging.getLogger("agvm_ds")
 
@@ -86,6 +87,9 @@ class AGVMController:
         # The statistics pass borrows the bucket budget: 2 staging (adapter) + 3 scratch buffers.
         self.scratch_numel = min(SLICE, max(BLOCK, cfg.bucket_size // 5))
         self.adapter.chunk_width = self.scratch_numel
+        # Build (once per machine, ~1 s) or load the fused CPU kernel now rather than inside
+        # the first update step; the pass needs no scratch buffers when it is there.
+        self.fused = self.adapter.device.type == "cpu" and native.kernels() is not None
         self._hook_handles: list = []
         self.nonfinite_steps = 0
         self._step_nonfinite = False
@@ -167,28 +171,27 @@ class AGVMController:
         self.reducer.wait()
         self.reducer.free_send_buffers()  # the scratch below comes out of the same bucket budget
         acc = self.reducer.acc
-        work = workspace(min(self.adapter.local_numel, self.scratch_numel), acc.device)
+        work = None if self.fused else workspace(min(self.adapter.local_numel, self.scratch_numel), acc.device)
+        scaled = Split(*(x * inv_scale for x in self.split))  # fp16: unscale inside the pass
         rows, modules = [], []
         for ch in self.adapter.chunks(want_second_moment=self.precondition, boundary=True):
             g, s = ch.grad, acc[ch.lo:ch.hi]
             if self.precondition:
-                if inv_scale != 1.0:
-                    g, s = g * inv_scale, s * inv_scale
                 gd = self.group_dicts[ch.group]
-                rows.append(preconditioned_stats(g, s, self.split, ch.second_moment,
+                rows.append(preconditioned_stats(g, s, scaled, ch.second_moment,
                                                  float(gd["betas"][1]), float(gd["eps"]), work))
             else:
                 rows.append(gram(g, s, work))
             modules.append(ch.module)
-        held = self.reducer.buffer_bytes() + sum(t.numel() * t.element_size()
-                                                 for t in [work, *self.adapter.staging.values()])
+        buffers = [*self.adapter.staging.values()] + ([] if work is None else [work])
+        held = self.reducer.buffer_bytes() + sum(t.numel() * t.element_size() for t in buffers)
         self.peak_buffer_bytes = max(self.peak_buffer_bytes, held)
         stats = torch.zeros(m, 3, dtype=torch.float64, device=self.adapter.device)
         if not rows:
             return stats, 0
         rows = torch.stack(rows)
         if not self.precondition:
-            rows = combine(rows, self.split) * (inv_scale * inv_scale)
+            rows = combine(rows, scaled)
         stats.index_add_(0, torch.tensor(modules, device=stats.device), rows)
         return stats, int((~torch.isfinite(rows).all(dim=1)).sum())
 

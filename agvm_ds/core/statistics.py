@@ -21,6 +21,10 @@ tests ask, and at the scale of the modulator's ε = 10⁻⁶ on Φ = 1 − cos.
 
 With Adam preconditioning the halves pass through an element-wise non-linearity, so
 :func:`preconditioned_stats` forms them explicitly (fp32) and then reduces the same way.
+
+On contiguous fp32 CPU tensors both functions run a fused C kernel instead
+(:mod:`agvm_ds.core.native`: one read of each input, float64 products and sums); the torch
+code below is the fallback and the reference the kernel is tested against.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from typing import NamedTuple, Optional
 import math
 
 import torch
+
+from agvm_ds.core import native
 
 
 class Split(NamedTuple):
@@ -86,11 +92,20 @@ def _slices(n: int, width: int):
         yield lo, min(n, lo + width)
 
 
-def gram(g: torch.Tensor, s: torch.Tensor, work: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """float64 ``[Σ G², Σ G·S, Σ S²]`` of two equally long fp32 vectors (``work``: see :func:`workspace`)."""
+def _kernel(use_native: bool, *tensors: Optional[torch.Tensor]):
+    return native.kernels() if use_native and native.accepts(*tensors) else None
+
+
+def gram(g: torch.Tensor, s: torch.Tensor, work: Optional[torch.Tensor] = None,
+         use_native: bool = True) -> torch.Tensor:
+    """float64 ``[Σ G², Σ G·S, Σ S²]`` of two equally long fp32 vectors (``work``: see
+    :func:`workspace`; only the torch path uses it)."""
     total = torch.zeros(3, dtype=torch.float64, device=g.device)
     if g.numel() == 0:
         return total
+    lib = _kernel(use_native, g, s)
+    if lib is not None:
+        return native.gram(lib, g, s)
     work = workspace(g.numel(), g.device) if work is None else work
     for lo, hi in _slices(g.numel(), work.shape[1]):
         gb, sb, rows = g[lo:hi], s[lo:hi], work[:, : hi - lo]
@@ -130,21 +145,27 @@ def _precondition_into(x: torch.Tensor, v: Optional[torch.Tensor], c: float, eps
 
 
 def preconditioned_stats(g: torch.Tensor, s: torch.Tensor, split: Split, exp_avg_sq: Optional[torch.Tensor],
-                         beta2: float, eps: float, work: Optional[torch.Tensor] = None) -> torch.Tensor:
+                         beta2: float, eps: float, work: Optional[torch.Tensor] = None,
+                         use_native: bool = True) -> torch.Tensor:
     """float64 ``[⟨Ĝ1,Ĝ2⟩, |Ĝ1|², |Ĝ2|²]`` with both halves Adam-preconditioned.
 
     Written as ĝ = β2^(−1/2) · x / (sqrt(v + c·x²) + eps'), c = (1 − β2)/β2,
     eps' = eps/√β2, so no scaled copy of v is needed; the factor comes back as 1/β2 on the
     sums. Everything runs in place in the three scratch rows: Ĝ1, Ĝ2, and the denominator,
-    which then takes Ĝ1·Ĝ2 while the other two rows are squared in place."""
+    which then takes Ĝ1·Ĝ2 while the other two rows are squared in place. A scale on the
+    gradients (fp16's 1/loss-scale) belongs in ``split``: scaling all four coefficients
+    scales G and S without copying them."""
     total = torch.zeros(3, dtype=torch.float64, device=g.device)
     if g.numel() == 0:
         return total
     if not 0.0 < beta2 < 1.0:
         raise ValueError(f"beta2 must be in (0, 1) for preconditioning, got {beta2}")
+    c, eps_ = (1.0 - beta2) / beta2, eps / math.sqrt(beta2)
+    lib = _kernel(use_native, g, s, exp_avg_sq)
+    if lib is not None:
+        return native.preconditioned(lib, g, s, exp_avg_sq, tuple(split), c, eps_) / beta2
     work = workspace(g.numel(), g.device) if work is None else work
     a1, b1, a2, b2 = split
-    c, eps_ = (1.0 - beta2) / beta2, eps / math.sqrt(beta2)
     for lo, hi in _slices(g.numel(), work.shape[1]):
         rows = work[:, : hi - lo]
         h1, h2, den = rows.unbind(0)
