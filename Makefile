@@ -31,6 +31,7 @@ train: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/overhead.py --optimizer sgd --out docs/benchmarks.md
 	$(BIN)/python bench/overhead.py --optimizer adamw --out docs/benchmarks.md
+	$(BIN)/python bench/plot_overhead.py
 
 clean:
 	rm -rf $(VENV) .cache runs

@@ -352,8 +352,8 @@ def write_markdown(summary, path: Path):
         "(or waiting for them: that includes waiting for the slower rank, which without AGVM would be "
         "spent at DeepSpeed's next collective instead) is shown next to it. \"AGVM buffers\" is the most AGVM held at "
         "once per rank: accumulator and send buffers during the stream, accumulator plus the statistics "
-        "pass's staging and scratch buffers at the boundary. \"Within engine\" is the update step's time over "
-        "the mean of the same block's other steps, divided by the same quotient of the AGVM-off engine: "
+        "pass's staging and scratch buffers at the boundary. \"Within engine\" is the median over rounds of the update "
+        "step's time over the median of the same block's other steps, divided by the same quotient of the AGVM-off engine: "
         "a comparison inside one engine, free of the few-% differences between two engines.",
         "",
         "| estimator | step-time ratio, amortized | on update steps | on other steps | update steps, within engine "
