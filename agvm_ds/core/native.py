@@ -86,8 +86,8 @@ def _build(compiler: str) -> Path:
 
 
 def kernels() -> Optional[ctypes.CDLL]:
-    """The loaded library, building it on first use; None (logged once) where that fails
-    or ``AGVM_DS_NATIVE=0`` turns it off."""
+    """The loaded library, building it on first use; None where that fails (logged once)
+    or where ``AGVM_DS_NATIVE=0`` turns it off."""
     if os.environ.get("AGVM_DS_NATIVE", "1") == "0":
         return None
     if "lib" in _state:
