@@ -26,7 +26,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from agvm_ds.core.chunks import Chunk, coalesce
+from agvm_ds.core.chunks import Chunk, coalesce, concat_into
 
 
 @dataclass(frozen=True)
@@ -96,20 +96,21 @@ class StageAdapter:
     staging: dict = {}
 
     # -- reads -----------------------------------------------------------------------
-    def chunks(self, want_second_moment: bool = False, boundary: bool = True) -> Iterator[Chunk]:
-        """This rank's owned gradient (and Adam second moment) in local-layout order. A
-        chunk's tensors may be staging buffers reused by the next chunk: consume each chunk
-        before asking for the next."""
+    def chunks(self, want_second_moment: bool = False) -> Iterator[Chunk]:
+        """This rank's owned gradient (and Adam second moment) in local-layout order, runs of
+        small pieces merged for the statistics pass. A chunk's tensors may be staging buffers
+        reused by the next chunk: consume each chunk before asking for the next."""
         self.staging = {}  # the staging buffers of this walk (for memory accounting)
-        return coalesce(self._raw_chunks(want_second_moment, boundary), self.chunk_width, self.staging)
+        return coalesce(self._raw_chunks(want_second_moment), self.chunk_width, self.staging)
 
-    def _raw_chunks(self, want_second_moment: bool, boundary: bool) -> Iterator[Chunk]:
+    def _raw_chunks(self, want_second_moment: bool = False) -> Iterator[Chunk]:
+        """The same, one piece as DeepSpeed holds it (views where it can), uncopied."""
         raise NotImplementedError
 
     def grad_views(self) -> Iterator[torch.Tensor]:
         """This rank's owned averaged gradient as views (no copies), for the per-step
         finiteness check."""
-        for ch in self.chunks(boundary=True):
+        for ch in self._raw_chunks():
             yield ch.grad
 
     def local_unreduced_grad(self, p: torch.nn.Parameter) -> Optional[torch.Tensor]:
@@ -119,7 +120,7 @@ class StageAdapter:
     def copy_owned_grad(self, out: torch.Tensor) -> None:
         """Write this rank's owned, already reduced running gradient into ``out`` (the local
         layout, ``local_numel`` elements) between accumulation boundaries (ZeRO-2/3)."""
-        for ch in self.chunks(boundary=False):
+        for ch in self._raw_chunks():
             out[ch.lo:ch.hi].copy_(ch.grad)
 
     def engine_nonfinite_check(self) -> Optional[Callable[[], bool]]:
@@ -169,7 +170,7 @@ class Stage0Adapter(StageAdapter):
         st = self._base_state.get(self._state_param.get(id(p), p))
         return None if not st or "exp_avg_sq" not in st else st["exp_avg_sq"]
 
-    def _raw_chunks(self, want_second_moment, boundary):
+    def _raw_chunks(self, want_second_moment=False):
         for m, gi, p, lo, hi, acc in self._own:
             g = p.grad
             grad = torch.zeros(hi - lo, device=self.device) if g is None else g.detach().reshape(-1)[lo:hi].float()
@@ -212,8 +213,8 @@ class Stage12Adapter(StageAdapter):
             base += ps
         self.local_numel = base
 
-    def _raw_chunks(self, want_second_moment, boundary):
-        # Called at the boundary only (between boundaries ZeRO-2 uses copy_owned_grad).
+    def _raw_chunks(self, want_second_moment=False):
+        # At the boundary only (between boundaries ZeRO-2 uses copy_owned_grad).
         zo = self.zero
         for gi, (base, ps) in enumerate(self._base):
             m = self.group_modules[gi]
@@ -263,14 +264,7 @@ class Stage12Adapter(StageAdapter):
             parts = zo.get_flat_partition(zo.params_in_partition[gi], zo.first_offset[gi], zo.partition_size[gi],
                                           dtype=torch.float32, device=_device(), param_group_idx=gi,
                                           return_tensor_list=True)
-            parts = [t.reshape(-1) for t in parts]
-            if all(t.dtype == dst.dtype for t in parts):
-                torch.cat(parts, out=dst)
-            else:
-                at = 0
-                for t in parts:
-                    dst[at:at + t.numel()].copy_(t)
-                    at += t.numel()
+            concat_into(dst, [(t.reshape(-1), t.numel()) for t in parts])
 
     def engine_nonfinite_check(self):
         # stage_1_and_2.step() all-reduces the global norm before any group's step whenever
@@ -291,7 +285,7 @@ class Stage3Adapter(StageAdapter):
         # ZeRO-3 partitions every parameter on its own: ceil(numel / N) elements per rank.
         self._own = self._per_parameter_layout(lambda p: (int(p.ds_numel), int(p.ds_tensor.ds_numel)))
 
-    def _raw_chunks(self, want_second_moment, boundary):
+    def _raw_chunks(self, want_second_moment=False):
         from deepspeed.utils import safe_get_local_grad, safe_get_local_optimizer_state
 
         for m, gi, p, lo, hi, acc in self._own:

@@ -42,11 +42,11 @@ def coalesce(raw: Iterable[Chunk], width: int, staging: Optional[dict] = None) -
             return run[0]
         first = run[0]
         grad = buffer("grad", first.grad)[:size]
-        _concat_into(grad, [(c.grad, c.hi - c.lo) for c in run])
+        concat_into(grad, [(c.grad, c.hi - c.lo) for c in run])
         v = None
         if any(c.second_moment is not None for c in run):
             v = buffer("v", first.grad)[:size]
-            _concat_into(v, [(c.second_moment, c.hi - c.lo) for c in run])
+            concat_into(v, [(c.second_moment, c.hi - c.lo) for c in run])
         return Chunk(first.module, first.group, first.lo, run[-1].hi, grad, v)
 
     for ch in raw:
@@ -64,7 +64,7 @@ def coalesce(raw: Iterable[Chunk], width: int, staging: Optional[dict] = None) -
         yield merged()
 
 
-def _concat_into(dst: torch.Tensor, parts: list[tuple[Optional[torch.Tensor], int]]) -> None:
+def concat_into(dst: torch.Tensor, parts: list[tuple[Optional[torch.Tensor], int]]) -> None:
     """Copy 1-D parts back to back into ``dst``; a ``None`` part is that many zeros (a
     parameter without Adam state yet)."""
     if all(t is not None and t.dtype == dst.dtype for t, _ in parts):

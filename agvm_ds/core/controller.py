@@ -174,7 +174,7 @@ class AGVMController:
         work = None if self.fused else workspace(min(self.adapter.local_numel, self.scratch_numel), acc.device)
         scaled = Split(*(x * inv_scale for x in self.split))  # fp16: unscale inside the pass
         rows, modules = [], []
-        for ch in self.adapter.chunks(want_second_moment=self.precondition, boundary=True):
+        for ch in self.adapter.chunks(want_second_moment=self.precondition):
             g, s = ch.grad, acc[ch.lo:ch.hi]
             if self.precondition:
                 gd = self.group_dicts[ch.group]
