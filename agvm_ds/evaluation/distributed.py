@@ -18,8 +18,8 @@ import json
 from typing import Callable, Sequence
 
 import torch
-import torch.distributed as dist
 
+from agvm_ds import collectives
 from agvm_ds.data.sampler import ResumableDistributedSampler
 from agvm_ds.data.transforms import collate
 from agvm_ds.evaluation.coco_eval import evaluate_results
@@ -28,9 +28,7 @@ from agvm_ds.evaluation.results import to_coco_results
 
 
 def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
+    return collectives.world(), collectives.rank()
 
 
 def infer_task(dataset) -> str:
@@ -103,12 +101,12 @@ def _evaluate(predict, dataset, batch_size, device, num_workers, iou_types, resu
                 per_image.append((index, to_coco_results([pred], [target["image_id"]],
                                                          dataset.cat_ids)))
     if task == "semantic":
-        if world > 1:
-            dist.all_reduce(cm)
+        # Summed on the accelerator's device (NCCL takes no CPU tensors): C x C integers.
+        cm = collectives.all_reduce_sum(cm)
         return miou_from_confusion(cm, getattr(dataset, "class_names", None))
     if iou_types is None:
         iou_types = ("bbox", "segm") if task == "instance" else ("bbox",)
-    gathered = _gather_to_zero(per_image, world, rank)
+    gathered = collectives.gather_objects(per_image, dst=0)
     stats, error = None, None
     if rank == 0:
         try:
@@ -122,19 +120,11 @@ def _evaluate(predict, dataset, batch_size, device, num_workers, iou_types, resu
         except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
             error = err
     if world > 1:  # broadcast the outcome, failure included, so no rank waits forever
-        box = [(stats, None if error is None else f"{type(error).__name__}: {error}")]
-        dist.broadcast_object_list(box, src=0)
-        stats, message = box[0]
+        stats, message = collectives.broadcast_object(
+            (stats, None if error is None else f"{type(error).__name__}: {error}"), src=0)
         if message is not None and error is None:
             raise RuntimeError(f"evaluation failed on rank 0: {message}")
     if error is not None:
         raise error
     return stats
 
-
-def _gather_to_zero(obj, world: int, rank: int) -> list:
-    if world == 1:
-        return [obj]
-    out = [None] * world if rank == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out

@@ -67,7 +67,9 @@ def _rank_main(rank, world_size, port, fn, args, queue, env):
     finally:
         try:
             if tdist.is_initialized():
-                tdist.barrier()
+                from agvm_ds import collectives
+
+                collectives.barrier()
                 tdist.destroy_process_group()
         except Exception:  # noqa: BLE001 - a peer already failed; nothing left to tidy
             pass

@@ -71,16 +71,15 @@ def build_datasets(run: RunConfig, rank: int = 0, need_val: bool = True):
     With ``data.root`` null the synthetic benchmark is generated on first use; rank 0 does
     it while the others wait at a barrier (the generator also holds a file lock).
     """
-    import torch.distributed as dist
-
+    from agvm_ds import collectives
     from agvm_ds.data import build_dataset
 
-    if run.data.root is None and dist.is_initialized() and dist.get_world_size() > 1:
+    if run.data.root is None and collectives.world() > 1:
         if rank == 0:
             from agvm_ds.data.build import dataset_root
 
             dataset_root(run.data)
-        dist.barrier()
+        collectives.barrier()
     train = build_dataset(run.data, "train", train=True)
     val = build_dataset(run.data, "val", train=False) if need_val else None
     return train, val

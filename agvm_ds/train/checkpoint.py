@@ -30,8 +30,8 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from agvm_ds import collectives
 from agvm_ds.config.base import ConfigError
 
 MARKER = "agvm_ds_complete.json"
@@ -54,12 +54,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    return collectives.rank()
 
 
 def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+    collectives.barrier()
 
 
 def complete_tags(ckpt_dir: Path) -> list[tuple[int, Path]]:

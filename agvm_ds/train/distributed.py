@@ -58,11 +58,13 @@ def teardown(ok: bool) -> None:
     """Barrier (only after success) and destroy the process group."""
     import torch.distributed as tdist
 
+    from agvm_ds import collectives
+
     if not tdist.is_initialized():
         return
     try:
         if ok:
-            tdist.barrier()
+            collectives.barrier()
         tdist.destroy_process_group()
     except Exception:  # noqa: BLE001 - a peer is gone; the exit code already says so
         pass

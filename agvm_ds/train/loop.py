@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
-import torch.distributed as dist
 
 import agvm_ds
+from agvm_ds import collectives
 from agvm_ds.config.base import ConfigError
 from agvm_ds.config.run import RunConfig
 from agvm_ds.core.partition import PartitionError
@@ -43,7 +43,7 @@ from agvm_ds.train import build as B
 from agvm_ds.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from agvm_ds.train.distributed import maybe_inject_fault
 from agvm_ds.train.evaluate import evaluate
-from agvm_ds.train.metrics import MetricsWriter, agvm_record, read_metrics, reduce_losses
+from agvm_ds.train.metrics import LossLog, MetricsWriter, agvm_record, read_metrics
 from agvm_ds.train.plot import plot_modulation
 from agvm_ds.train.sampler import (SeededDataset, StepBatchSampler, StepSampler, mix_seed,
                                    seed_all)
@@ -136,8 +136,9 @@ def resume_job(job: Job, resume: Optional[str]) -> int:
     return start
 
 
-def train_step(job: Job, step: int, batches: Iterator) -> dict[str, Any]:
-    """One optimizer step (0-based ``step``); returns its ``metrics.jsonl`` record."""
+def train_step(job: Job, step: int, batches: Iterator, losses_out: LossLog) -> dict[str, Any]:
+    """One optimizer step (0-based ``step``); returns its ``metrics.jsonl`` record, whose loss
+    fields are filled in when ``losses_out`` is flushed (at the next logged step)."""
     run, engine = job.run, job.engine
     t0 = time.perf_counter()
     # re-read the groups every step: loading a checkpoint replaces the group dicts
@@ -154,10 +155,10 @@ def train_step(job: Job, step: int, batches: Iterator) -> dict[str, Any]:
         engine.backward(sum(losses.values()))
         engine.step()
         parts.append({k: v.detach() for k, v in losses.items()})
-    reduced = reduce_losses(parts)
+    losses_out.add(parts)
     dt = time.perf_counter() - t0
     record: dict[str, Any] = {"step": step + 1, "epoch": job.sampler.position(step)["epoch"],
-                              **reduced, "lr": job.base_lr * factor, "step_time_s": dt,
+                              "lr": job.base_lr * factor, "step_time_s": dt,
                               "images_per_s": run.global_batch / dt}
     if clip is not None:
         record["grad_clip"] = clip
@@ -187,22 +188,28 @@ def train(run: RunConfig, out_dir: Path, resume: Optional[str], rank: int, world
     last_saved = start if start else -1
     stats = None
     engine.train()
+    # Loss records wait on the device until a logged step, then one all-reduce and one host
+    # sync complete them all (and before a checkpoint or an evaluation, so metrics.jsonl is
+    # complete whenever a checkpoint exists).
+    losses, pending = LossLog(), []
     try:
         for step in range(start, total):
             maybe_inject_fault(step, rank)
-            record = train_step(job, step, batches)
+            pending.append(train_step(job, step, batches, losses))
             done = step + 1
-            writer.write(record, to_monitor=done % tcfg.log_every == 0)
-            if done % tcfg.log_every == 0 or done == total:
+            saving = bool(tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0)
+            evaluating = bool(tcfg.eval_every and done % tcfg.eval_every == 0 and done < total)
+            if done % tcfg.log_every == 0 or done == total or saving or evaluating:
+                _write_records(pending, losses, writer, log_every=tcfg.log_every)
+                record = pending[-1]
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.3g}",
                                 img_s=f"{record['images_per_s']:.1f}", refresh=False)
+                pending = []
             bar.update(1)
-            if not math.isfinite(record["loss"]):
-                logger.warning("step %d: non-finite loss %s", done, record["loss"])
-            if tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0:
+            if saving:
                 _save(job, done)
                 last_saved = done
-            if tcfg.eval_every and done % tcfg.eval_every == 0 and done < total:
+            if evaluating:
                 _evaluate(job, done, writer, final=False)
         bar.close()
         if tcfg.checkpoint_at_end and last_saved != total:
@@ -217,6 +224,16 @@ def train(run: RunConfig, out_dir: Path, resume: Optional[str], rank: int, world
 
 
 # --------------------------------------------------------------------------- helpers
+def _write_records(pending: list[dict], losses: LossLog, writer: MetricsWriter, log_every: int) -> None:
+    """Fill the pending records' losses (one collective) and write them, in step order."""
+    for partial, reduced in zip(pending, losses.flush()):
+        record = {"step": partial["step"], "epoch": partial["epoch"], **reduced, **partial}
+        partial.update(record)  # the caller reads the last one for the progress bar
+        writer.write(record, to_monitor=record["step"] % log_every == 0)
+        if not math.isfinite(record["loss"]):
+            logger.warning("step %d: non-finite loss %s", record["step"], record["loss"])
+
+
 def _finish(job: Job, stats: Optional[dict]) -> None:
     if job.rank != 0:
         return
@@ -251,8 +268,7 @@ def _evaluate(job: Job, step: int, writer: MetricsWriter, final: bool) -> Option
         writer.write_eval(step, stats)
         job.say(f"eval at step {step}: " + ", ".join(
             f"{k}={v:.4f}" for k, v in stats.items() if k.endswith(("AP", "mIoU"))))
-    if dist.is_initialized():
-        dist.barrier()
+    collectives.barrier()
     return stats
 
 

@@ -18,23 +18,52 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
+
+from agvm_ds import collectives
+
+
+class LossLog:
+    """Loss parts of the steps since the last logged one, kept on the device until then.
+
+    ``add`` (every step) averages the step's micro-batches on the loss tensors' own device:
+    no host sync, no collective. ``flush`` (every logged step) averages all pending steps
+    over the ranks with one all-reduce of a ``[steps x parts]`` float64 tensor on the
+    accelerator's device and reads it back with one host sync. Collective: every rank must
+    flush at the same steps, with the same part names.
+    """
+
+    def __init__(self) -> None:
+        self.names: Optional[list[str]] = None
+        self._rows: list[torch.Tensor] = []
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def add(self, parts: list[dict[str, torch.Tensor]]) -> None:
+        names = sorted(parts[0])
+        if self.names is not None and names != self.names and self._rows:
+            raise ValueError(f"loss parts changed from {self.names} to {names} between logged steps")
+        self.names = names
+        per_micro = torch.stack([torch.stack([p[n].detach().to(torch.float64).reshape(()) for n in names])
+                                 for p in parts])
+        self._rows.append(per_micro.mean(0))
+
+    def flush(self) -> list[dict[str, float]]:
+        """One dict per pending step, oldest first: ``loss`` (the sum) and ``loss_<part>``."""
+        if not self._rows:
+            return []
+        table = collectives.all_reduce_mean(torch.stack(self._rows)).tolist()
+        self._rows = []
+        keys = [n if n.startswith("loss") else f"loss_{n}" for n in self.names]
+        return [{"loss": math.fsum(row), **dict(zip(keys, row))} for row in table]
 
 
 def reduce_losses(parts: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Mean of each loss part over this rank's micro-batches and then over all ranks.
-
-    Collective: every rank must call it with the same part names.
-    """
-    names = sorted(parts[0])
-    local = torch.tensor([[float(p[n].detach()) for n in names] for p in parts],
-                         dtype=torch.float64).mean(0)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(local)
-        local /= dist.get_world_size()
-    out = {(n if n.startswith("loss") else f"loss_{n}"): float(v) for n, v in zip(names, local)}
-    out = {"loss": float(local.sum()), **out}
-    return out
+    """Mean of each loss part over this rank's micro-batches and then over all ranks (one
+    step's :class:`LossLog`). Collective: every rank must call it with the same part names."""
+    log = LossLog()
+    log.add(parts)
+    return log.flush()[0]
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -126,12 +126,10 @@ class RetinaHead(nn.Module):
 
 
 def _mean_over_ranks(value: Tensor) -> Tensor:
-    """The mean of a scalar tensor over the data-parallel ranks, on its own device (NCCL
-    groups take no CPU tensors); itself when not distributed."""
-    import torch.distributed as dist
+    """The mean of a scalar tensor over the data-parallel ranks (no gradient flows through
+    it: it is a normalizer); itself when not distributed."""
+    from agvm_ds import collectives
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if collectives.world() == 1:
         return value
-    total = value.detach().clone()
-    dist.all_reduce(total)
-    return total / dist.get_world_size()
+    return collectives.all_reduce_mean(value.detach().clone()).to(value.device)
