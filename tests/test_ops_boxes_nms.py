@@ -131,3 +131,27 @@ def test_batched_nms_split_path_matches(monkeypatch):
     monkeypatch.setattr(nms_module, "SPLIT_ABOVE", 10)
     assert nms_module.batched_nms(boxes, scores, classes, 0.45).tolist() == \
         _greedy_nms(boxes, scores, 0.45, classes)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_nms_with_ties_duplicates_and_exact_threshold_ious(seed, monkeypatch):
+    """Integer boxes on a coarse grid: exact duplicates, IoUs exactly at the threshold (not
+    suppressed: the rule is strictly greater) and only four distinct scores (ties everywhere)."""
+    g = torch.Generator().manual_seed(seed)
+    n = 400
+    xy = torch.randint(0, 8, (n, 2), generator=g).float() * 2
+    wh = torch.randint(1, 5, (n, 2), generator=g).float() * 2
+    boxes = torch.cat([xy, xy + wh], dim=1)
+    scores = torch.randint(0, 4, (n,), generator=g).float() / 4
+    classes = torch.randint(0, 3, (n,), generator=g)
+    import importlib
+    nms_module = importlib.import_module("agvm_ds.ops.nms")
+    exact = [(i, j) for i in range(40) for j in range(i) if _naive_iou(boxes[i].tolist(), boxes[j].tolist()) == 0.5]
+    assert exact, "the case should contain pairs with IoU exactly 0.5"
+    for thr in (0.5, 0.25, 0.0):
+        assert nms(boxes, scores, thr).tolist() == _greedy_nms(boxes, scores, thr)
+        ref = _greedy_nms(boxes, scores, thr, classes)
+        assert batched_nms(boxes, scores, classes, thr).tolist() == ref  # one masked pass
+        with monkeypatch.context() as m:
+            m.setattr(nms_module, "SPLIT_ABOVE", 10)  # one pass per category, then merged
+            assert nms_module.batched_nms(boxes, scores, classes, thr).tolist() == ref

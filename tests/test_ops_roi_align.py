@@ -133,3 +133,34 @@ def test_mask_targets_and_paste_roundtrip():
     assert torch.equal(t[0], expected)
     pasted = paste_masks(torch.ones(2, 28, 28), boxes, 40, 50) > 0.5
     assert torch.equal(pasted, masks.bool())
+
+
+def test_adaptive_sample_count_rounds_like_the_kernel():
+    """The count is ceil(roi / bins) with the RoI size taken as (x2*s - off) - (x1*s - off), in
+    the compute dtype, as the kernel does. For these fp32 RoIs (found by search) (x2 - x1)*s
+    rounds to the other side of an integer, which would change the number of samples."""
+    try:
+        import torchvision.ops  # noqa: F401
+        tv = sys.modules["torchvision.ops.roi_align"]._roi_align
+        tv = getattr(tv, "__wrapped__", tv)
+    except Exception as err:  # noqa: BLE001
+        pytest.skip(f"torchvision's python RoIAlign not importable: {err}")
+    x = torch.tensor([[184.4536895751953, 347.7870178222656], [380.44720458984375, 427.1138610839844],
+                      [273.3768005371094, 296.71014404296875]])
+    rois = torch.cat([torch.zeros(3, 1), x[:, :1], torch.full((3, 1), 2.0), x[:, 1:],
+                      torch.full((3, 1), 30.0)], dim=1)
+    scale = 0.3
+    size = ((x[:, 1] * scale - 0.5) - (x[:, 0] * scale - 0.5))
+    assert not torch.equal(torch.ceil(size / 7), torch.ceil((x[:, 1] - x[:, 0]) * scale / 7))
+    feat = torch.randn(1, 2, 12, 140, generator=torch.Generator().manual_seed(1))
+    ours = roi_align(feat, rois, (1, 7), scale, 0, True)
+    torch.testing.assert_close(ours, tv(feat, rois, scale, 1, 7, 0, True), rtol=1e-5, atol=1e-5)
+
+
+def test_nan_rois_pool_to_zero_like_the_kernel():
+    feat = torch.randn(1, 2, 6, 6)
+    rois = torch.tensor([[0, float("nan"), 1.0, 3.0, 3.0], [0, 1.0, 1.0, 3.0, 3.0]])
+    for ratio in (2, 0):
+        out = roi_align(feat, rois, 2, 1.0, ratio, True)
+        assert torch.equal(out[0], torch.zeros(2, 2, 2))
+        assert torch.isfinite(out[1]).all() and out[1].abs().sum() > 0

@@ -2,7 +2,9 @@
 
 torchvision's compiled kernels (``nms``, ``roi_align``) do not load with CPU-only torch, and a
 library that must run everywhere cannot depend on them, so every detector here uses these.
-NMS hands off to torchvision's kernel for CUDA tensors when that kernel is available.
+Where those kernels do load (CUDA torch with a matching torchvision), :func:`nms`,
+:func:`batched_nms` and :func:`roi_align` hand the work to them, with the same semantics
+(see :mod:`agvm_ds.ops._dispatch` for how that is decided, once per op and device type).
 """
 
 from agvm_ds.ops.anchors import AnchorGenerator, cell_anchors

@@ -13,8 +13,18 @@ Boxes are processed in blocks of :data:`BLOCK` sorted boxes so memory stays
 ``O(BLOCK^2 + kept * BLOCK)`` however many candidates there are: a block is first
 suppressed by everything kept in earlier blocks, then resolved internally as above.
 
-When torchvision's compiled kernels load (CUDA builds with a matching torch) they are used
-instead; on CPU-only torch they do not load and this file is the implementation.
+Where torchvision's compiled ``nms`` kernel runs (:mod:`agvm_ds.ops._dispatch`) it does the
+pairwise work instead, with the semantics kept exactly those of the greedy code here:
+
+* order: torchvision's CUDA kernel sorts scores with an *unstable* sort, so equal scores
+  could come out in any order. We sort (stably) ourselves and hand it the boxes in that
+  order with strictly decreasing stand-in scores, so its order is ours;
+* fp16 / bf16 boxes are compared in fp32 (the kernel has no bf16 and would do fp16 in fp16);
+* :func:`batched_nms` runs one kernel call per category instead of torchvision's offset
+  trick, whose shifted coordinates lose fp32 precision on large images.
+
+What can still differ is the last bit of an IoU (the CUDA compiler may fuse a multiply-add)
+for a pair whose IoU is within one ulp of the threshold.
 """
 
 from __future__ import annotations
@@ -22,29 +32,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from agvm_ds.ops import _dispatch
 from agvm_ds.ops.boxes import box_iou
 
 __all__ = ["nms", "batched_nms"]
 
 BLOCK = 2048
 SPLIT_ABOVE = 1024  # batched_nms: per-category passes above this many boxes
-_tv_nms = None  # resolved lazily: False when torchvision's kernel cannot be used
-
-
-def _torchvision_nms():
-    global _tv_nms
-    if _tv_nms is None:
-        _tv_nms = False
-        try:
-            import torchvision
-            from torchvision.extension import _has_ops
-            if _has_ops():
-                _tv_nms = torchvision.ops.nms
-        except Exception:  # noqa: BLE001 - any failure just means "use ours"
-            _tv_nms = False
-    return _tv_nms
-
-
 def _resolve_block(iou: Tensor, threshold: float) -> Tensor:
     """Greedy keep-mask of one block of score-sorted boxes from its own ``[n, n]`` IoU."""
     n = iou.shape[0]
@@ -96,15 +90,39 @@ def _greedy(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Tensor | 
     return order[torch.cat(kept)]
 
 
+def _compiled(op, boxes: Tensor, scores: Tensor, iou_threshold: float,
+              idxs: Tensor | None) -> Tensor:
+    """Greedy NMS with torchvision's kernel doing the IoU work (semantics: module docstring)."""
+    n = boxes.shape[0]
+    boxes = boxes.detach()
+    if boxes.dtype in (torch.float16, torch.bfloat16):
+        boxes = boxes.float()
+    order = torch.sort(scores.detach(), descending=True, stable=True).indices
+    b = boxes[order]
+
+    def ranked(sub: Tensor) -> Tensor:  # kept positions of ``sub`` (already in greedy order)
+        stand_in = torch.arange(sub.shape[0], 0, -1, dtype=sub.dtype, device=sub.device)
+        return op(sub, stand_in, float(iou_threshold))
+
+    if idxs is None:
+        return order[ranked(b)]
+    cls = idxs[order]
+    kept = torch.zeros(n, dtype=torch.bool, device=boxes.device)
+    for c in torch.unique(cls):
+        pos = torch.nonzero(cls == c).squeeze(1)
+        kept[pos[ranked(b[pos])]] = True
+    return order[torch.nonzero(kept).squeeze(1)]
+
+
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     """Indices (int64, by decreasing score) of the boxes greedy NMS keeps.
 
     A box is suppressed when its IoU with a kept, higher-scoring box is strictly greater than
     ``iou_threshold`` (torchvision's convention). Equal scores keep the lower index first.
     """
-    tv = _torchvision_nms() if boxes.is_cuda else False
-    if tv and boxes.numel():
-        return tv(boxes, scores, iou_threshold)
+    op = _dispatch.compiled_op("nms", boxes.device)
+    if op is not None and boxes.numel():
+        return _compiled(op, boxes, scores, iou_threshold, None)
     return _greedy(boxes, scores, iou_threshold, None)
 
 
@@ -115,10 +133,9 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     offset trick, so no precision is lost on large images). Large inputs run one NMS per
     category and merge, which skips the cross-category part of the IoU matrix entirely.
     """
-    tv = _torchvision_nms() if boxes.is_cuda else False
-    if tv and boxes.numel():
-        span = boxes.max() - boxes.min() + 1
-        return tv(boxes + (idxs.to(boxes.dtype) * span)[:, None], scores, iou_threshold)
+    op = _dispatch.compiled_op("nms", boxes.device)
+    if op is not None and boxes.numel():
+        return _compiled(op, boxes, scores, iou_threshold, idxs)
     if boxes.shape[0] <= SPLIT_ABOVE:
         return _greedy(boxes, scores, iou_threshold, idxs)
     kept = []
