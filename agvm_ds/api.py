@@ -20,6 +20,7 @@ import torch
 
 from agvm_ds.config.agvm import AGVMConfig
 from agvm_ds.config.base import ConfigError, parse_section
+from agvm_ds.config.run import check_precision
 from agvm_ds.core.modulator import Modulator
 from agvm_ds.core.optimizer import AGVM, build_base_optimizer, is_adam_family
 from agvm_ds.core.partition import (PartitionError, build_param_groups, groups_from_parameters,
@@ -67,6 +68,7 @@ def initialize(model: torch.nn.Module, config, modules: dict | None = None, mode
 
     cfg = _strip_comments(_load_config(config))
     agvm_cfg = parse_section(AGVMConfig, cfg.get("agvm"), "agvm")
+    check_precision(cfg)  # DeepSpeed would refuse these only from deep inside initialize
     for key in OWN_SECTIONS:
         cfg.pop(key, None)
     opt_section = cfg.pop("optimizer", None)

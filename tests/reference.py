@@ -29,6 +29,27 @@ def _precond(g, v, beta2, eps):
     return g / (torch.sqrt(beta2 * v + (1 - beta2) * g * g) + eps)
 
 
+def halves(world, gas, estimator):
+    """The (rank, micro-batch) pairs of G1 and of G2, by the estimator's definition."""
+    if estimator == "micro" and gas >= 2:
+        a1 = gas // 2
+        return ([(r, k) for r in range(world) for k in range(a1)],
+                [(r, k) for r in range(world) for k in range(a1, gas)])
+    n1 = world // 2
+    return ([(r, k) for r in range(n1) for k in range(gas)],
+            [(r, k) for r in range(n1, world) for k in range(gas)])
+
+
+def module_cos(G1, G2, owner):
+    """cos(G1, G2) per module over all its elements; ``owner`` maps parameter name -> module."""
+    cos = {}
+    for m in dict.fromkeys(owner.values()):
+        a = torch.cat([G1[n].reshape(-1) for n in G1 if owner[n] == m])
+        b = torch.cat([G2[n].reshape(-1) for n in G2 if owner[n] == m])
+        cos[m] = float(a @ b / (a.norm() * b.norm()))
+    return cos
+
+
 def replay(world, gas, opt, steps, estimator, clip=0.0, mus=None):
     """Float64 replay. Returns losses [(step, rank, micro) order per rank], cos per update step,
     and the final parameters. ``mus[t]`` (module → μ) are the multipliers to apply at step t."""
@@ -48,26 +69,14 @@ def replay(world, gas, opt, steps, estimator, clip=0.0, mus=None):
                 losses[r].append(loss)
                 g[(r, k)] = gr
         G = {n: sum(g[key][n] for key in g) / len(g) for n in names}
-        if estimator == "micro" and gas >= 2:
-            a1 = gas // 2
-            h1 = [(r, k) for r in range(world) for k in range(a1)]
-            h2 = [(r, k) for r in range(world) for k in range(a1, gas)]
-        else:
-            n1 = world // 2
-            h1 = [(r, k) for r in range(n1) for k in range(gas)]
-            h2 = [(r, k) for r in range(n1, world) for k in range(gas)]
+        h1, h2 = halves(world, gas, estimator)
         G1 = {n: sum(g[key][n] for key in h1) / len(h1) for n in names}
         G2 = {n: sum(g[key][n] for key in h2) / len(h2) for n in names}
         if opt == "adamw":
             v_prev = {n: state[n].get("v", torch.zeros_like(G[n])) for n in names}
             G1 = {n: _precond(G1[n], v_prev[n], b2, eps) for n in names}
             G2 = {n: _precond(G2[n], v_prev[n], b2, eps) for n in names}
-        cos = {}
-        for m in MODULES:
-            a = torch.cat([G1[n].reshape(-1) for n in names if module_of(n) == m])
-            b = torch.cat([G2[n].reshape(-1) for n in names if module_of(n) == m])
-            cos[m] = float(a @ b / (a.norm() * b.norm()))
-        cos_by_step[t] = cos
+        cos_by_step[t] = module_cos(G1, G2, {n: module_of(n) for n in names})
         if clip > 0:
             norm = math.sqrt(sum(float(G[n].pow(2).sum()) for n in names))
             coef = clip / (norm + 1e-6)
@@ -105,3 +114,32 @@ def expected_mu(cos_by_step, steps, interval, start, momentum, clamp=(0.5, 10.0)
                 mu[m] = momentum * mu[m] + (1 - momentum) * r
         out[t] = dict(mu) if t >= start else {m: 1.0 for m in MODULES}
     return out
+
+
+def cos_from_run(grads, world, gas, estimator, owner, adam=None):
+    """Brute-force float64 cos per module from a run's own recorded gradients.
+
+    ``grads[r][t][k]`` = {name: flat float64 gradient} rank ``r`` computed in micro-batch ``k``
+    of step ``t`` (as autograd delivered it inside ``engine.backward``, i.e. already divided by
+    ``gas``). The averaged gradient DeepSpeed steps with is their sum over ranks and micro-batches
+    divided by ``world``; G1 / G2 are the means over each half at that same scale. ``adam =
+    (beta2, eps)`` preconditions the halves with the second moment the base optimizer holds
+    before the step, rebuilt here from the averaged gradients of every earlier step (so every
+    step must be recorded)."""
+    steps = sorted(set.intersection(*(set(g) for g in grads)))
+    h1, h2 = halves(world, gas, estimator)
+    names = list(owner)
+    v = {n: 0.0 for n in names}
+    cos_by_step = {}
+    for t in steps:
+        u = {(r, k): grads[r][t][k] for r in range(world) for k in range(gas)}
+        G = {n: sum(u[key][n] for key in u) * (gas / len(u)) for n in names}
+        G1 = {n: sum(u[key][n] for key in h1) * (gas / len(h1)) for n in names}
+        G2 = {n: sum(u[key][n] for key in h2) * (gas / len(h2)) for n in names}
+        if adam is not None:
+            beta2, eps = adam
+            G1 = {n: _precond(G1[n], v[n], beta2, eps) for n in names}
+            G2 = {n: _precond(G2[n], v[n], beta2, eps) for n in names}
+            v = {n: beta2 * v[n] + (1 - beta2) * G[n] ** 2 for n in names}
+        cos_by_step[t] = module_cos(G1, G2, owner)
+    return cos_by_step

@@ -203,6 +203,36 @@ def resolve_batch(ds: dict, world_size: Optional[int]) -> Optional[int]:
     return ws
 
 
+_DTYPE_NAMES = {"fp32": ("fp32", "float32", "float", "torch.float32"),
+                "bf16": ("bf16", "bfloat16", "torch.bfloat16"),
+                "fp16": ("fp16", "float16", "half", "torch.float16")}
+
+
+def check_precision(ds: dict) -> None:
+    """Refuse, before start-up, the precision mixes DeepSpeed 0.19.8 has no optimizer for.
+
+    Without ZeRO, DeepSpeed accepts ``data_types.grad_accum_dtype`` only when it equals the
+    model's dtype (``_do_optimizer_sanity_check`` raises ``NotImplementedError`` otherwise,
+    from deep inside ``deepspeed.initialize``); bf16 weights with fp32 accumulation need ZeRO
+    stage >= 1 (stage 1 picks ``BF16_Optimizer``)."""
+    types = ds.get("data_types")
+    accum = types.get("grad_accum_dtype") if isinstance(types, dict) else None
+    if accum is None:
+        return
+    accum_name = next((k for k, names in _DTYPE_NAMES.items() if str(accum) in names), None)
+    if accum_name is None:
+        raise ConfigError(f"data_types.grad_accum_dtype: expected one of fp32, bf16, fp16, got {accum!r}")
+    zero = ds.get("zero_optimization")
+    stage = int(zero.get("stage", 0)) if isinstance(zero, dict) else int(bool(zero))
+    def enabled(key):
+        return isinstance(ds.get(key), dict) and bool(ds[key].get("enabled", False))
+
+    model = "fp16" if enabled("fp16") else "bf16" if enabled("bf16") or enabled("bfloat16") else "fp32"
+    if stage == 0 and accum_name != model:
+        raise ConfigError(f"data_types.grad_accum_dtype: {accum!r} differs from the {model} weights, which "
+                          f"DeepSpeed supports only under ZeRO (set zero_optimization.stage >= 1)")
+
+
 def _check_deepspeed_sections(ds: dict, train: TrainConfig, warnings: list[str]) -> None:
     known = DEEPSPEED_KEYS | set(OWN_SECTIONS)
     for key in ds:
@@ -245,6 +275,7 @@ def _check_deepspeed_sections(ds: dict, train: TrainConfig, warnings: list[str])
             DeepSpeedZeroConfig(**zero)
         except ValidationError as err:
             raise ConfigError(format_validation_error(err, "zero_optimization")) from None
+    check_precision(ds)
 
 
 def validate_run_dict(raw: dict, path: Path, world_size: Optional[int] = None) -> RunConfig:

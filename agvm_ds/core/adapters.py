@@ -276,6 +276,107 @@ class Stage12Adapter(StageAdapter):
         return lambda: _invalid_norm(zo._global_grad_norm)
 
 
+class Stage12CompactAdapter(Stage12Adapter):
+    """ZeRO-2 (or offload-free ZeRO-1 variants) with a bf16 model and ``data_types.
+    grad_accum_dtype: "fp32"``: stage_1_and_2 then accumulates each micro-step's reduced
+    gradient straight into one fp32 flat partition per group (``averaged_gradients[i].
+    flat_partition``, a ``GradPartitionBufferGroup``) and never fills ``all_grad_tensors``,
+    which the parent's half-way snapshot reads; without this override the ``micro``
+    snapshot is all zeros and every update's statistics are 0/0 (μ silently never moves)."""
+
+    def copy_owned_grad(self, out):
+        super().copy_owned_grad(out)  # non-compact groups (e.g. Muon's); compact ones read zeros there
+        zo = self.zero
+        for gi, (base, ps) in enumerate(self._base):
+            if not zo._use_compact_grad_partition_buffer(gi):
+                continue
+            held = zo.averaged_gradients.get(gi)
+            flat = getattr(held, "flat_partition", None)
+            dst = out[base:base + ps]
+            if flat is None:  # nothing reduced into this group yet
+                dst.zero_()
+            else:
+                dst.copy_(flat.reshape(-1))
+
+
+class BF16OptimizerAdapter(StageAdapter):
+    """DeepSpeed's ``BF16_Optimizer`` (bf16 model, ZeRO-1, ``data_types.grad_accum_dtype:
+    "fp32"``; deepspeed/runtime/bf16_optimizer.py). Its layout per param group ``i``:
+
+    * ``bf16_groups[i]`` — the trainable params, back to back in one flat buffer padded at
+      the end to a multiple of ``2 · world``; ``partition_size = flat.numel() // world``;
+      rank ``r`` owns ``[r · ps, (r + 1) · ps)`` (its fp32 master is
+      ``fp32_groups_flat_partition[i]``, the tensor the base optimizer steps, so Adam's
+      second moment is that tensor's ``exp_avg_sq``);
+    * ``fp32_groups_gradients_flat[i]`` — a *full* (unpartitioned) fp32 gradient buffer of
+      the same layout. The engine's backward epilogue adds each micro-step's bf16 grads
+      into it (``update_hp_grads``, or hooks with ``immediate_grad_update``), so before the
+      boundary reduction it holds this rank's local, unreduced running sum
+      (``fp32_groups_gradients[i][j]`` per param); at the boundary the engine all-reduces
+      it in place (averaging, in ``communication_data_type``), after which this rank's
+      owned part is ``fp32_groups_gradient_flat_partition[i]``.
+
+    It reduces only at the boundary (like ZeRO-1), computes the global norm of the full
+    averaged gradient on every step and skips the step itself when it is inf/NaN
+    (``overflow``), in every configuration."""
+
+    reduces_every_micro_step = False
+
+    def __init__(self, engine, groups, group_modules):
+        super().__init__(engine, groups, group_modules)
+        zo = self.zero
+        self.stage = int(engine.zero_optimization_stage())
+        self._where = {}  # id(param) -> (group, index in the group): local_unreduced_grad
+        self._base = []
+        base = 0
+        for gi, params in enumerate(zo.bf16_groups):
+            ps = int(zo.fp32_groups_gradient_flat_partition[gi].numel())
+            off = 0
+            for j, p in enumerate(params):
+                n = p.numel()
+                pieces = []
+                for r in range(self.world):
+                    lo, hi = max(off, r * ps), min(off + n, (r + 1) * ps)
+                    if lo < hi:
+                        pieces.append(Piece(r, lo - off, hi - off, base + lo - r * ps))
+                self.layout[id(p)] = pieces
+                self._where[id(p)] = (gi, j)
+                off += n
+            self._base.append((base, ps))
+            base += ps
+        self.local_numel = base
+        missing = [p for p in self.params if id(p) not in self.layout]
+        if missing:  # AGVM's groups and BF16_Optimizer's must be the same parameters
+            raise ValueError(f"BF16_Optimizer holds no partition for {len(missing)} AGVM parameter(s)")
+
+    def _raw_chunks(self, want_second_moment=False):
+        # At the boundary (after the all-reduce): one view of this rank's owned averaged
+        # gradient per group, padding included (zero there, as in DeepSpeed's buffer).
+        zo = self.zero
+        for gi, (base, ps) in enumerate(self._base):
+            v = None
+            if want_second_moment:
+                st = zo.optimizer.state.get(zo.fp32_groups_flat_partition[gi])
+                v = None if not st or "exp_avg_sq" not in st else st["exp_avg_sq"].reshape(-1).float()
+            g = zo.fp32_groups_gradient_flat_partition[gi].reshape(-1)
+            yield Chunk(self.group_modules[gi], gi, base, base + ps, g if g.dtype == torch.float32 else g.float(), v)
+
+    def local_unreduced_grad(self, p):
+        gi, j = self._where[id(p)]
+        return self.zero.fp32_groups_gradients[gi][j]
+
+    def copy_owned_grad(self, out):
+        # Only ZeRO-2/3 snapshot between boundaries; BF16_Optimizer streams local sums instead.
+        raise NotImplementedError("BF16_Optimizer reduces only at the accumulation boundary")
+
+    def engine_nonfinite_check(self):
+        # BF16_Optimizer.step() computes the global norm of the (all-reduced, hence equal on
+        # every rank) averaged gradient before calling the base step, and returns early with
+        # ``overflow`` set when it is inf/NaN; the guard below is a second line.
+        zo = self.zero
+        return lambda: _invalid_norm(getattr(zo, "_global_grad_norm", None))
+
+
 class Stage3Adapter(StageAdapter):
     stage = 3
     reduces_every_micro_step = True
@@ -317,6 +418,14 @@ def _invalid_norm(norm) -> bool:
 
 def build_adapter(engine, groups, group_modules) -> StageAdapter:
     stage = int(engine.zero_optimization_stage())
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+    if isinstance(engine.optimizer, BF16_Optimizer):  # bf16 + ZeRO-1 + fp32 grad accumulation
+        return BF16OptimizerAdapter(engine, groups, group_modules)
+    if stage in (1, 2) and getattr(engine.optimizer, "_use_compact_grad_partition_buffer", None) is not None \
+            and not getattr(engine.optimizer, "cpu_offload", False) and any(engine.optimizer._use_compact_grad_partition_buffer(i)
+                    for i in range(len(engine.optimizer.round_robin_bit16_groups))):
+        return Stage12CompactAdapter(engine, groups, group_modules)
     if stage == 0:
         return Stage0Adapter(engine, groups, group_modules)
     if stage in (1, 2):
