@@ -15,6 +15,13 @@ class AGVMConfig(ConfigModel):
     ``interval`` is τ, ``momentum`` is α of Eq. (5). ``start_step`` None means "0" through
     the Python API; the launcher replaces it by the end of warmup. ``clamp`` bounds the
     variance ratio Φ_anchor/Φ_i *before* the square root, so μ ∈ [sqrt(lo), sqrt(hi)].
+
+    ``bucket_size`` is AGVM's memory beyond its P/N accumulator, in fp32 elements: the
+    ``ranks`` stream's fill and send buffers (core/reducer.py) and the statistics pass's
+    staging/scratch. None (default) follows DeepSpeed: room for one bucket of
+    ``zero_optimization.reduce_bucket_size`` elements filling while the previous one is in
+    flight (``(1 + SCATTER_PAD)`` × that, capped at the model's size), so AGVM's buckets —
+    and its collectives per micro-step — are ZeRO's own. A number overrides it.
     """
 
     enabled: bool = True
@@ -27,7 +34,7 @@ class AGVMConfig(ConfigModel):
     estimator: Literal["micro", "ranks"] = "micro"
     precondition: Literal["auto", "none", "adam"] = "auto"
     skip_nonfinite: bool = True
-    bucket_size: int = Field(5_000_000, ge=1024)
+    bucket_size: Optional[int] = Field(None, ge=1024)
 
     @field_validator("clamp")
     @classmethod

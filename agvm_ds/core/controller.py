@@ -12,7 +12,10 @@ Estimators (design.md §2), with A = gradient_accumulation_steps and N = ranks:
   owners, giving S = G1 − G2 on each owner; then G1 = G + (n2/N)·S, G2 = G − (n1/N)·S. Under
   ZeRO-2/3 the stream runs from tensor hooks during the update step's backward passes
   (one bucket + P/N memory); under ZeRO-0/1 from the local sums just before DeepSpeed's
-  boundary reduction.
+  boundary reduction. The stream goes out in ZeRO-shaped buckets (:mod:`agvm_ds.core.reducer`):
+  one reduce-scatter per bucket where the bucket's owners are all ranks in about equal
+  shares, else one reduce per owner the bucket touches — about P/bucket + N collectives and
+  P elements per micro-step, the bucket defaulting to ZeRO's ``reduce_bucket_size``.
 
 With A = 1 ``micro`` has no halves to compare: it uses the ``ranks`` split when N ≥ 2 and
 refuses to start on a single rank.
@@ -31,7 +34,7 @@ anyway (stage 0 and ``compute_grad_norm: false`` check the owned gradient themse
 
 Limitations:
     The signed stream of ``ranks`` costs one extra gradient reduction per micro-step of an
-    update step (asynchronous, overlapping the backward pass). Pipeline and tensor
+    update step (fp32, asynchronous, overlapping the backward pass). Pipeline and tensor
     parallelism are not handled: the data-parallel group is assumed to be the world.
 """
 
@@ -47,7 +50,7 @@ from agvm_ds.core import native
 from agvm_ds.core.adapters import build_adapter, install_engine_hooks
 from agvm_ds.core.modulator import Modulator
 from agvm_ds.core.optimizer import AGVM
-from agvm_ds.core.reducer import OwnerReducer
+from agvm_ds.core.reducer import SCATTER_PAD, OwnerReducer
 from agvm_ds.core.statistics import (BLOCK, SLICE, Split, combine, gram, preconditioned_stats,
                                      split_coefficients, workspace)
 
@@ -83,9 +86,17 @@ class AGVMController:
         self.coeff = (1.0 / self.n1) if self.rank < self.n1 else (-1.0 / (self.world - self.n1)) \
             if self.world > 1 else 0.0
         self.split = split_coefficients(self.estimator, self.A, self.a1, self.world, self.n1)
-        self.reducer = OwnerReducer(self.adapter.layout, self.rank, self.world, cfg.bucket_size)
+        # Default: ZeRO's own bucket (one filling, one in flight), so AGVM's stream issues
+        # about as many collectives per micro-step as DeepSpeed's reduction (docs/agvm.md).
+        # ZeRO's bucket always takes a whole parameter, however large: so does AGVM's.
+        bucket = cfg.bucket_size
+        if bucket is None:
+            largest = max((int(getattr(p, "ds_numel", p.numel())) for p in self.params), default=0)
+            bucket = int((1.0 + SCATTER_PAD) * max(int(engine.zero_reduce_bucket_size()), largest)) + 1
+        self.bucket_size = bucket
+        self.reducer = OwnerReducer(self.adapter.layout, self.rank, self.world, bucket)
         # The statistics pass borrows the bucket budget: 2 staging (adapter) + 3 scratch buffers.
-        self.scratch_numel = min(SLICE, max(BLOCK, cfg.bucket_size // 5))
+        self.scratch_numel = min(SLICE, max(BLOCK, bucket // 5))
         self.adapter.chunk_width = self.scratch_numel
         # Build (once per machine, ~1 s) or load the fused CPU kernel now rather than inside
         # the first update step; the pass needs no scratch buffers when it is there.
