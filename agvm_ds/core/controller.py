@@ -105,6 +105,8 @@ class AGVMController:
         self.nonfinite_steps = 0
         self._step_nonfinite = False
         self._pending = None  # (all-reduce work, stats tensor, step) of an update in flight
+        self._pending_flag = None  # (all-reduce work, flag) of AGVM's own finiteness check
+        self._chunk_modules = None  # (list, device copy) of the statistics pass's chunk → module map
         self.peak_buffer_bytes = 0  # AGVM's own buffers at the statistics pass, largest so far
         # Where DeepSpeed already all-reduces a gradient norm every step, plain steps read it
         # (at step time, through AGVM.step) instead of running a check of their own.
@@ -174,9 +176,9 @@ class AGVMController:
             self._finish_step(update)
 
     @torch.no_grad()
-    def _update_stats(self) -> tuple[torch.Tensor, int]:
+    def _update_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's float64 ``[modules, 3]`` share of ⟨G1,G2⟩, |G1|², |G2|² and how many
-        of its chunks hold a non-finite value."""
+        of its chunks hold a non-finite value (a device scalar: no host sync here)."""
         m = len(self.modulator.modules)
         inv_scale = 1.0 / self.adapter.grad_scale()
         self.reducer.wait()
@@ -199,12 +201,16 @@ class AGVMController:
         self.peak_buffer_bytes = max(self.peak_buffer_bytes, held)
         stats = torch.zeros(m, 3, dtype=torch.float64, device=self.adapter.device)
         if not rows:
-            return stats, 0
+            return stats, torch.zeros((), dtype=torch.float64, device=stats.device)
         rows = torch.stack(rows)
         if not self.precondition:
             rows = combine(rows, scaled)
-        stats.index_add_(0, torch.tensor(modules, device=stats.device), rows)
-        return stats, int((~torch.isfinite(rows).all(dim=1)).sum())
+        # The chunk → module map is the same on every update step: copy it to the device once
+        # (a host-to-device copy of a fresh list would stall the stream each time).
+        if self._chunk_modules is None or self._chunk_modules[0] != modules:
+            self._chunk_modules = (modules, torch.tensor(modules, device=stats.device))
+        stats.index_add_(0, self._chunk_modules[1], rows)
+        return stats, (~torch.isfinite(rows).all(dim=1)).sum(dtype=torch.float64)
 
     @torch.no_grad()
     def _finish_step(self, update: bool):
@@ -233,14 +239,15 @@ class AGVMController:
             # at step time instead of paying for a pass and a collective here.
             self.optimizer.skip_next_step = None
         elif self.cfg.skip_nonfinite:
+            # Stage 0 (or no DeepSpeed norm): AGVM's own flag, computed and all-reduced on the
+            # device here and read by the step guard, so the epilogue itself never syncs.
             sums = [t.sum(dtype=torch.float64) for t in self.adapter.grad_views()]
             flag = torch.zeros(1, dtype=torch.float64, device=self.adapter.device)
-            if sums and not torch.isfinite(torch.stack(sums).sum()):
-                flag[0] = 1
-            if self.world > 1:
-                dist.all_reduce(flag)
-            self._step_nonfinite = bool(flag[0] > 0)
-            self.optimizer.skip_next_step = self._step_nonfinite
+            if sums:
+                flag += (~torch.isfinite(torch.stack(sums).sum())).to(torch.float64)
+            work = dist.all_reduce(flag, async_op=True) if self.world > 1 else None
+            self._pending_flag = (work, flag)
+            self.optimizer.skip_next_step = None  # decided by _step_guard
         else:
             self.optimizer.skip_next_step = False
 
@@ -262,9 +269,22 @@ class AGVMController:
             self.modulator.update(step, local[:-1].view(m, 3))
         return nonfinite
 
+    def _resolve_flag(self) -> bool | None:
+        """Read AGVM's own finiteness flag of this step (stage 0); None if none is pending."""
+        if self._pending_flag is None:
+            return None
+        work, flag = self._pending_flag
+        self._pending_flag = None
+        if work is not None:
+            work.wait()
+        return bool(flag[0] > 0)
+
     def _step_guard(self) -> bool:
         """Asked by AGVM.step on the step's first call: complete μ, then say whether to skip."""
         nonfinite = self._resolve()
+        own = self._resolve_flag()
+        if nonfinite is None:
+            nonfinite = own
         if nonfinite is None:
             nonfinite = bool(self.cfg.skip_nonfinite and self.engine_check is not None and self.engine_check())
         self._step_nonfinite = nonfinite
@@ -274,7 +294,7 @@ class AGVMController:
         """Count and report a step lost to a non-finite gradient, whoever caught it: AGVM's
         own check, AGVM.step asking DeepSpeed's norm, or DeepSpeed skipping by itself."""
         resolved = self._resolve()  # DeepSpeed skipped the step before AGVM.step could ask
-        if resolved:
+        if self._resolve_flag() or resolved:
             self._step_nonfinite = True
         caught = self.optimizer.skip_next_step is True or engine_skipped
         nonfinite = caught or self._step_nonfinite is True
