@@ -108,10 +108,14 @@ def build_job(run: RunConfig, out_dir: Path, rank: int, world: int) -> Job:
 
     torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
     _default_monitor_paths(run, out_dir)
+    t0 = time.perf_counter()
     model = B.build_model(run, getattr(train_set, "num_classes", None))
+    t1 = time.perf_counter()
     weight_decay = float(run.deepspeed["optimizer"].get("params", {}).get("weight_decay", 0.0))
     groups = B.build_param_groups(model, weight_decay, base_lr, tcfg.norm_bias_decay)
     job.engine = B.build_engine(run, model, groups)
+    job.say(f"model built in {t1 - t0:.1f} s, DeepSpeed engine (ZeRO-{run.zero_stage}) in "
+            f"{time.perf_counter() - t1:.1f} s")
     job.dtype = next(p.dtype for p in job.engine.module.parameters() if p.is_floating_point())
     if rank == 0:
         resolved = {"total_steps": total, "warmup_steps": warmup, "base_lr": base_lr,
@@ -175,7 +179,9 @@ def train(run: RunConfig, out_dir: Path, resume: Optional[str], rank: int, world
     tcfg, engine, total = run.train, job.engine, job.total_steps
     loader = torch.utils.data.DataLoader(
         SeededDataset(job.train_set), batch_sampler=StepBatchSampler(job.sampler, start, total),
-        collate_fn=_collate_fn(), num_workers=run.data.num_workers)
+        collate_fn=_collate_fn(), num_workers=run.data.num_workers,
+        # pinned host memory lets the copy to the GPU run asynchronously (no stall per step)
+        pin_memory=torch.device(engine.device).type == "cuda")
     batches = iter(loader)
     agvm_on = f"on from step {run.agvm.start_step}" if run.agvm.enabled else "off"
     job.say(f"{run.name}: {total} steps ({job.sampler.steps_per_epoch}/epoch), warmup "
@@ -219,6 +225,7 @@ def train(run: RunConfig, out_dir: Path, resume: Optional[str], rank: int, world
     finally:
         writer.close()
         bar.close()
+    _report_peak_memory(job)
     _finish(job, stats)
     return 0
 
@@ -246,6 +253,26 @@ def _finish(job: Job, stats: Optional[dict]) -> None:
         job.say("eval: " + ", ".join(f"{k}={v:.4f}" for k, v in stats.items()
                                      if isinstance(v, float) and not k.endswith("_s")))
     job.say(f"outputs in {job.out_dir}")
+
+
+def _peak_rss_bytes() -> Optional[int]:
+    """This process's peak resident set size (``VmHWM``; Linux only, else None)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _report_peak_memory(job: Job) -> None:
+    """Rank 0 prints every rank's peak RSS (one object gather; all ranks must call it)."""
+    peaks = collectives.gather_objects(_peak_rss_bytes(), dst=0)
+    if peaks is not None and all(p is not None for p in peaks):
+        job.say("peak RSS per rank (VmHWM): " + ", ".join(f"{p / 2 ** 30:.2f}" for p in peaks)
+                + " GiB")
 
 
 def _save(job: Job, steps_done: int) -> None:
@@ -302,8 +329,9 @@ def _trim_jsonl(path: Path, last_step: int) -> None:
 
 
 def _to_device(images, targets, device, dtype):
-    images = images.to(device=device, dtype=dtype)
-    if torch.device(device).type != "cpu":
-        targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()}
+    on_host = torch.device(device).type == "cpu"
+    images = images.to(device=device, dtype=dtype, non_blocking=not on_host)
+    if not on_host:
+        targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
                    for t in targets]
     return images, targets
