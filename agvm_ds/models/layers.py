@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["make_norm", "ConvNormAct", "DropPath", "LayerScale", "SqueezeExcite", "LayerNorm2d",
-           "NORM_TYPES"]
+           "BatchNorm2d", "mixed_precision_batchnorm", "NORM_TYPES"]
 
 # Norm layers get no weight decay (see agvm_ds.models.param_groups); keep this tuple complete.
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
@@ -23,6 +23,64 @@ class LayerNorm2d(nn.LayerNorm):
         return x.permute(0, 3, 1, 2)
 
 
+class _MixedPrecisionBatchNorm:
+    """BatchNorm forward that also runs with low-precision affine parameters and fp32 statistics.
+
+    DeepSpeed's ``bf16`` / ``fp16`` modes (0.19 and later) cast a module's *parameters*
+    and leave its buffers in fp32, so a BatchNorm ends up with a bf16 weight and bias but
+    fp32 ``running_mean`` / ``running_var`` - a combination ``F.batch_norm`` refuses
+    ("expected scalar type BFloat16 but found Float"). In that case the weight and bias are
+    cast to the statistics' dtype for the call: the normalization runs in PyTorch's
+    mixed-precision path (bf16 input, fp32 affine and statistics, bf16 output), the running
+    statistics keep accumulating in fp32, and gradients flow back to the bf16 parameters
+    through the cast. When the dtypes agree (fp32 training) this is the stock forward.
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        weight, bias, mean = self.weight, self.bias, self.running_mean
+        if weight is None or mean is None or weight.dtype == mean.dtype:
+            return super().forward(input)
+        self._check_input_dim(input)
+        weight, bias = weight.to(mean.dtype), bias.to(mean.dtype)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(self.num_batches_tracked)
+        use_buffers = not self.training or self.track_running_stats
+        return F.batch_norm(input, mean if use_buffers else None,
+                            self.running_var if use_buffers else None, weight, bias,
+                            self.training, factor, self.eps)
+
+
+class BatchNorm1d(_MixedPrecisionBatchNorm, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` that accepts bf16/fp16 parameters with fp32 statistics."""
+
+
+class BatchNorm2d(_MixedPrecisionBatchNorm, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` that accepts bf16/fp16 parameters with fp32 statistics."""
+
+
+class BatchNorm3d(_MixedPrecisionBatchNorm, nn.BatchNorm3d):
+    """``nn.BatchNorm3d`` that accepts bf16/fp16 parameters with fp32 statistics."""
+
+
+_MIXED_BN = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
+
+
+def mixed_precision_batchnorm(module: nn.Module) -> nn.Module:
+    """Turn every plain ``nn.BatchNorm{1,2,3}d`` inside ``module`` into its mixed-precision
+    subclass above, in place (same parameters, buffers and state-dict keys); returns
+    ``module``. Other BatchNorm subclasses (SyncBatchNorm, timm's BatchNormAct2d) keep
+    their own forward and are left alone.
+    """
+    for m in module.modules():
+        mixed = _MIXED_BN.get(type(m))
+        if mixed is not None:
+            m.__class__ = mixed
+    return module
+
+
 def make_norm(kind: str | None, channels: int) -> nn.Module:
     """``"bn"`` BatchNorm, ``"gn"`` GroupNorm (32 groups, fewer when channels demand),
     ``"ln"`` channel LayerNorm, ``None``/``"none"`` identity.
@@ -33,7 +91,7 @@ def make_norm(kind: str | None, channels: int) -> nn.Module:
     if kind in (None, "none"):
         return nn.Identity()
     if kind == "bn":
-        return nn.BatchNorm2d(channels)
+        return BatchNorm2d(channels)
     if kind == "gn":
         groups = 32
         while channels % groups:

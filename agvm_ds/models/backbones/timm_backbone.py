@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from agvm_ds.config.base import ConfigError
+from agvm_ds.models.layers import mixed_precision_batchnorm
 
 __all__ = ["TimmBackbone"]
 
@@ -63,7 +64,8 @@ class TimmBackbone(nn.Module):
             wanted = [i for i, r in enumerate(reductions) if r >= 4][-4:]
             if len(wanted) != len(reductions):
                 model = create(wanted)
-        self.body = model
+        # timm builds plain nn.BatchNorm2d layers; make them run under DeepSpeed's bf16 mode
+        self.body = mixed_precision_batchnorm(model)
         self.nhwc = str(getattr(model, "output_fmt", "NCHW")).endswith("NHWC")
         self.channels = list(model.feature_info.channels())
         self.strides = list(model.feature_info.reduction())
