@@ -78,36 +78,16 @@ def flat_layout(group_sizes, world):
     return layout, base
 
 
-class Recorder:
-    """The calls OwnerReducer makes on torch.distributed, recorded (elements handed over)."""
-
-    ReduceOp = torch.distributed.ReduceOp
-
-    class _Done:
-        def wait(self):
-            pass
-
-    def __init__(self):
-        self.calls, self.elements = 0, 0
-
-    def reduce(self, tensor, dst, op=None, group=None, async_op=False):
-        self.calls, self.elements = self.calls + 1, self.elements + tensor.numel()
-        return self._Done()
-
-    def reduce_scatter_tensor(self, output, input, op=None, group=None, async_op=False):
-        self.calls, self.elements = self.calls + 1, self.elements + input.numel()
-        return self._Done()
-
-
 def simulate_agvm(group_sizes, stage, world, bucket, order=None):
     """AGVM's stream collectives for one micro-step (+1: the statistics all-reduce is
     counted by the caller), through the real reducer on meta tensors."""
     from agvm_ds.core.reducer import OwnerReducer
+    from agvm_ds.testing.recording import RecordingComm
 
     sizes = [n for g in group_sizes for n in g]
     layout, local = even_layout(sizes, world) if stage in (0, 3) else flat_layout(group_sizes, world)
     params = [torch.empty(n, device="meta") for n in sizes]
-    rec = Recorder()
+    rec = RecordingComm()
     red = OwnerReducer({id(p): pcs for p, pcs in zip(params, layout)}, 0, world, bucket, comm=rec)
     red.start(local, device="meta")
     for i in (order if order is not None else reversed(range(len(params)))):

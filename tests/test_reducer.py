@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from agvm_ds.testing.distributed import run_distributed
+from agvm_ds.testing.recording import RecordingComm
 from reducer_cases import layout_for, stream_cases
 
 SIZES = [7, 1, 40, 13, 64, 5, 33]
@@ -52,33 +53,11 @@ def test_owner_reduction_matches_bruteforce(world):
             assert calls["reduce_scatter"] == 0 and calls["reduce"] > 0
 
 
-class Recorder:
-    """torch.distributed's calls the reducer makes, recorded instead of run."""
-
-    ReduceOp = torch.distributed.ReduceOp
-
-    class _Done:
-        def wait(self):
-            pass
-
-    def __init__(self):
-        self.log = []
-
-    def reduce(self, tensor, dst, op=None, group=None, async_op=False):
-        self.log.append(("reduce", tensor.numel(), dst))
-        return self._Done()
-
-    def reduce_scatter_tensor(self, output, input, op=None, group=None, async_op=False):
-        assert input.numel() == output.numel() * 4
-        self.log.append(("reduce_scatter", input.numel(), None))
-        return self._Done()
-
-
 def _run(sizes, kind, fill_cap, scatter=True, order=None):
     from agvm_ds.core.reducer import SCATTER_PAD, OwnerReducer
 
     layout, params, local = layout_for(sizes, 4, kind)
-    rec = Recorder()
+    rec = RecordingComm(world=4)
     red = OwnerReducer(layout, 0, 4, math.ceil(fill_cap * (1 + SCATTER_PAD)), scatter=scatter, comm=rec)
     assert red.fill_cap == min(fill_cap, sum(sizes))
     red.start(local[0])
