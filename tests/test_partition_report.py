@@ -122,3 +122,22 @@ def test_memory_arithmetic():
     assert r["precision"] == "fp32" and r["zero_stage"] == 2
     assert r["memory_per_rank_bytes"]["zero2"]["total"] == pytest.approx(r["total_params"] * (4 + 8 / 2))
     assert len(r["param_groups"]) == 6 and {g["weight_decay"] for g in r["param_groups"]} == {0.0, 1e-4}
+
+
+def test_agvm_update_step_bytes_by_hand():
+    from agvm_ds.models.report import agvm_update_step_bytes
+
+    ds = {"zero_optimization": {"stage": 2, "reduce_bucket_size": 100}, "gradient_accumulation_steps": 1,
+          "agvm": {}}
+    # GAS 1 on 4 ranks: the ranks split. Bucket 2.25 x 100 (+1): a 100-element fill buffer
+    # and a 125-element send buffer, fp32; the accumulator is 1000 / 4 fp32 elements.
+    got = agvm_update_step_bytes(ds, num_params=1000, largest_param=50, world_size=4)
+    assert got == {"estimator": "ranks", "accumulator": 1000.0, "stream_buffers": 900}
+    # micro under ZeRO-2 (GAS 2) copies its snapshot: no stream buffers
+    ds["gradient_accumulation_steps"] = 2
+    assert agvm_update_step_bytes(ds, 1000, 50, 4)["stream_buffers"] == 0
+    # a parameter larger than ZeRO's bucket sets the bucket (ZeRO's bucket holds it whole)
+    ds["gradient_accumulation_steps"] = 1
+    assert agvm_update_step_bytes(ds, 1000, 400, 4)["stream_buffers"] == 4 * (400 + 500)
+    ds["agvm"] = {"enabled": False}
+    assert agvm_update_step_bytes(ds, 1000, 50, 4) == {}

@@ -50,7 +50,7 @@ from agvm_ds.core import native
 from agvm_ds.core.adapters import build_adapter, install_engine_hooks
 from agvm_ds.core.modulator import Modulator
 from agvm_ds.core.optimizer import AGVM
-from agvm_ds.core.reducer import SCATTER_PAD, OwnerReducer
+from agvm_ds.core.reducer import OwnerReducer, default_bucket_size
 from agvm_ds.core.statistics import (BLOCK, SLICE, Split, combine, gram, preconditioned_stats,
                                      split_coefficients, workspace)
 
@@ -92,7 +92,7 @@ class AGVMController:
         bucket = cfg.bucket_size
         if bucket is None:
             largest = max((int(getattr(p, "ds_numel", p.numel())) for p in self.params), default=0)
-            bucket = int((1.0 + SCATTER_PAD) * max(int(engine.zero_reduce_bucket_size()), largest)) + 1
+            bucket = default_bucket_size(engine.zero_reduce_bucket_size(), largest)
         self.bucket_size = bucket
         self.reducer = OwnerReducer(self.adapter.layout, self.rank, self.world, bucket)
         # The statistics pass borrows the bucket budget: 2 staging (adapter) + 3 scratch buffers.

@@ -54,6 +54,20 @@ import torch.distributed as dist
 SCATTER_PAD = 1.25
 
 
+def default_bucket_size(reduce_bucket_size: int, largest_param: int) -> int:
+    """``agvm.bucket_size`` when unset: room for one of ZeRO's reduction buckets filling while
+    the previous one is in flight (send buffer ``SCATTER_PAD`` × the fill), so AGVM's buckets
+    — and its collectives per micro-step — are ZeRO's own. ZeRO's bucket always takes a whole
+    parameter, however large: so does AGVM's."""
+    return int((1.0 + SCATTER_PAD) * max(int(reduce_bucket_size), int(largest_param))) + 1
+
+
+def buffer_elements(bucket_size: int, streamed: int) -> int:
+    """fp32 elements of the fill and send buffers for a stream of ``streamed`` elements."""
+    fill = max(1, min(int(bucket_size / (1.0 + SCATTER_PAD)), streamed))
+    return fill + int(SCATTER_PAD * fill)
+
+
 @dataclass(frozen=True)
 class Block:
     """``m`` equal pieces of one parameter owned by consecutive ranks: row ``i`` is elements

@@ -11,8 +11,12 @@ on ``N`` data-parallel ranks,
 * stage 1 shards optimizer state, stage 2 also gradients, stage 3 also parameters
   (divided by ``N``); stage 0 keeps everything on every rank.
 
+AGVM adds, on its update steps only (every τ steps), the P/N fp32 accumulator of the second
+gradient estimate and, where it streams gradients (the ``ranks`` estimator; ``micro`` under
+ZeRO-0/1), its fill and send buffers (``agvm_update_step_bytes``).
+
 Not included: activations, ZeRO-3's gathered working set (prefetch / live-parameter
-buckets), communication buffers, and fragmentation - all of which depend on the run.
+buckets), DeepSpeed's communication buffers, and fragmentation - all of which depend on the run.
 """
 
 from __future__ import annotations
@@ -75,6 +79,31 @@ def zero_memory(num_params: int, world_size: int, precision: str, opt_state: int
     return out
 
 
+def agvm_update_step_bytes(ds_config: dict, num_params: int, largest_param: int,
+                           world_size: int) -> dict[str, float]:
+    """AGVM's extra bytes per rank on an update step: ``accumulator`` (P/N fp32) and
+    ``stream_buffers`` (0 where nothing is streamed); empty when AGVM is off."""
+    from agvm_ds.core.reducer import buffer_elements, default_bucket_size
+
+    agvm = ds_config.get("agvm") or {}
+    if not agvm.get("enabled", True):
+        return {}
+    n = max(int(world_size), 1)
+    zero = ds_config.get("zero_optimization") or {}
+    stage = int(zero.get("stage", 0))
+    gas = int(ds_config.get("gradient_accumulation_steps", 1) or 1)
+    ranks = agvm.get("estimator", "micro") == "ranks" or (gas < 2 and n > 1)
+    streams = ranks or stage <= 1
+    bucket = agvm.get("bucket_size")
+    if bucket is None:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+        rbs = zero.get("reduce_bucket_size", DeepSpeedZeroConfig.model_fields["reduce_bucket_size"].default)
+        bucket = default_bucket_size(int(float(rbs)), largest_param)
+    return {"estimator": "ranks" if ranks else "micro", "accumulator": 4 * num_params / n,
+            "stream_buffers": 4 * buffer_elements(int(bucket), num_params) if streams else 0}
+
+
 def partition_report(model: nn.Module, ds_config: dict, world_size: int) -> dict[str, Any]:
     """Everything ``launch/partition.py`` prints, as one JSON-able dict."""
     modules = model.agvm_modules
@@ -119,6 +148,9 @@ def partition_report(model: nn.Module, ds_config: dict, world_size: int) -> dict
         "optimizer_state_bytes_per_param": opt_bytes + (4 if precision != "fp32" else 0),
         "zero_stage": stage,
         "memory_per_rank_bytes": zero_memory(trainable, world_size, precision, opt_bytes, grad_fp32),
+        "agvm_update_step_bytes": agvm_update_step_bytes(
+            ds_config, trainable, max((p.numel() for p in params.values() if p.requires_grad), default=0),
+            world_size),
     }
 
 
@@ -147,4 +179,8 @@ def format_report(r: dict[str, Any]) -> str:
         mark = "  <- config" if stage == f"zero{r['zero_stage']}" else ""
         lines.append(f"{stage:<8}{_gib(m['params']):>14}{_gib(m['grads']):>14}"
                      f"{_gib(m['optimizer']):>14}{_gib(m['total']):>14}{mark}")
+    agvm = r.get("agvm_update_step_bytes") or {}
+    if agvm:
+        lines.append(f"AGVM update steps (estimator {agvm['estimator']}): +{_gib(agvm['accumulator']).strip()} "
+                     f"accumulator, +{_gib(agvm['stream_buffers']).strip()} stream buffers")
     return "\n".join(lines)
