@@ -67,6 +67,13 @@ def collective_calls(source: str) -> list[tuple[int, str]]:
         return ".".join(reversed(parts))
 
     found = []
+    # A distributed module handed on as a value (``comm=dist``, ``self.comm = dist``) lets
+    # its collectives be called through another name: count the hand-over itself.
+    attribute_bases = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Name) and node.id in module_aliases and isinstance(node.ctx, ast.Load)
+                and id(node) not in attribute_bases):
+            found.append((node.lineno, f"{node.id} passed on as a value"))
     for node in ast.walk(tree):
         if not isinstance(node, ast.Call):
             continue
@@ -99,10 +106,14 @@ def f(x):
     torch.distributed.reduce(x, 0)
     torch.gather(x, 0, x)          # a tensor op, not a collective
     x.all_reduce()                 # a method of something else
+    dist.get_rank()                # not a collective
+
+def g(x, backend=dist):            # the module handed on: its calls would be invisible
+    backend.all_reduce(x)
 '''
     names = sorted(name for _, name in collective_calls(src))
     assert names == sorted(["all_reduce", "reduce_scatter_tensor", "broadcast", "all_reduce", "barrier",
-                            "all_gather_object", "reduce"])
+                            "all_gather_object", "reduce", "dist passed on as a value"])
 
 
 def test_collectives_only_in_allowed_modules():
