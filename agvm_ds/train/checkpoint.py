@@ -43,13 +43,22 @@ def tag_for(step: int) -> str:
 
 
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
+    """This process's RNG states as tensors and plain types only, so that loading them with
+    ``torch.load(..., weights_only=True)`` never unpickles an arbitrary object."""
+    version, internal, gauss = random.getstate()
+    key, words, pos, has_gauss, cached = np.random.get_state()
+    return {"python": {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64),
+                       "gauss": gauss},
+            "numpy": {"key": str(key), "state": torch.from_numpy(np.asarray(words, dtype=np.int64)),
+                      "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
             "torch": torch.get_rng_state()}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    np.random.set_state((npy["key"], npy["state"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached"]))
     torch.set_rng_state(state["torch"])
 
 
@@ -123,5 +132,9 @@ def load_checkpoint(engine, tag_dir: Path) -> dict[str, Any]:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {tag_dir}")
     rng_file = tag_dir / f"rng_rank{_rank()}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        try:
+            state = torch.load(rng_file, weights_only=True)  # tensors and plain types only
+        except Exception as err:  # noqa: BLE001 - an old pickled or a foreign file: refuse, run nothing
+            raise RuntimeError(f"{rng_file}: not a plain-tensor RNG state ({type(err).__name__})") from None
+        set_rng_state(state)
     return client_state or {}
