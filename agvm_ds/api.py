@@ -6,7 +6,9 @@ the run config, resolves the module partition (from ``modules=`` or the model's
 section, wraps it in :class:`~agvm_ds.core.optimizer.AGVM` and hands it to DeepSpeed as a
 client optimizer; then it attaches the statistics controller to the engine. Checkpoints
 written by ``engine.save_checkpoint`` carry μ and the modulator state (``client_state
-["agvm"]``) and ``engine.load_checkpoint`` restores them.
+["agvm"]``) and ``engine.load_checkpoint`` restores them; the engine loads checkpoint files
+with ``torch.load(weights_only=True)`` and a short allow-list of DeepSpeed's classes
+(:mod:`agvm_ds.checkpoint_engine`), never unpickling arbitrary objects.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from agvm_ds.config.agvm import AGVMConfig
 from agvm_ds.config.base import ConfigError, parse_section
 from agvm_ds.config.run import check_precision
 from agvm_ds.core.modulator import Modulator
-from agvm_ds.core.optimizer import AGVM, build_base_optimizer, is_adam_family
+from agvm_ds.core.optimizer import AGVM
+from agvm_ds.optim import registry
 from agvm_ds.core.partition import (PartitionError, build_param_groups, groups_from_parameters,
                                     model_partition, resolve_partition)
 
@@ -57,8 +60,9 @@ def initialize(model: torch.nn.Module, config, modules: dict | None = None, mode
     Args:
         model: the model; its ``agvm_modules`` / ``agvm_anchor`` give the default partition.
         config: the run config (dict or JSON path): DeepSpeed's sections plus ``agvm``. The
-            ``optimizer`` section names the *base* optimizer (``SGD``, ``AdamW``, ``Lamb``,
-            ``Lars`` or any torch optimizer class).
+            ``optimizer`` section names the *base* optimizer: a row of
+            :mod:`agvm_ds.optim.registry` (``SGD``, ``AdamW``, ``Lamb``, ``Lion`` …) or any
+            torch optimizer class, refused under ZeRO ≥ 1 unless known to be exact there.
         modules: module name → parameter-name prefixes, anchor first unless ``agvm.anchor``.
         model_parameters: optional param groups; each is split per module and tagged.
     Raises:
@@ -74,6 +78,13 @@ def initialize(model: torch.nn.Module, config, modules: dict | None = None, mode
     opt_section = cfg.pop("optimizer", None)
     if opt_section is None:
         raise ConfigError("optimizer: the section is required (it names AGVM's base optimizer)")
+    if not isinstance(opt_section, dict) or not isinstance(opt_section.get("type"), str):
+        raise ConfigError("optimizer.type: name the base optimizer (e.g. \"SGD\" or \"AdamW\")")
+    # Before any model or DeepSpeed work: a base that is wrong under this ZeRO stage, or a
+    # preconditioning it cannot honour, is refused here (as the launcher's config check does).
+    row = registry.find(opt_section["type"])
+    mode = registry.check(row, opt_section.get("params"), registry.zero_stage(cfg),
+                          agvm_cfg.precondition if agvm_cfg.enabled else "none")
 
     try:
         if modules is None:
@@ -97,17 +108,12 @@ def initialize(model: torch.nn.Module, config, modules: dict | None = None, mode
             groups = groups_from_parameters(model, owner, list(model_parameters))
         except PartitionError as err:
             raise ConfigError(f"model_parameters: {err}") from None
-    try:
-        base = build_base_optimizer(opt_section, groups)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    base = registry.build(row, opt_section, groups)
 
     start = agvm_cfg.start_step or 0
     modulator = Modulator(order, anchor, interval=agvm_cfg.interval, momentum=agvm_cfg.momentum,
                           start_step=start, clamp=tuple(agvm_cfg.clamp), eps=agvm_cfg.eps)
-    if agvm_cfg.precondition == "adam" and not is_adam_family(base):
-        raise ConfigError(f"agvm.precondition: 'adam' needs an Adam-family base optimizer, got {type(base).__name__}")
-    precondition = agvm_cfg.precondition == "adam" or (agvm_cfg.precondition == "auto" and is_adam_family(base))
+    precondition = row if mode == "adam" else None  # the row names the second moment, β2, eps
 
     optimizer = AGVM(base, modulator) if agvm_cfg.enabled else base
     group_params = [list(g["params"]) for g in base.param_groups]
@@ -116,6 +122,15 @@ def initialize(model: torch.nn.Module, config, modules: dict | None = None, mode
     engine, opt, loader, sched = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg,
                                                       training_data=training_data, lr_scheduler=lr_scheduler,
                                                       collate_fn=collate_fn, **kwargs)
+    from agvm_ds import checkpoint_engine
+
+    checkpoint_engine.install(engine)  # engine.load_checkpoint never unpickles arbitrary objects
+    from agvm_ds.optim.layerwise import attach_layerwise
+
+    try:  # Lamb/Lars: whole-tensor norms over ZeRO's flat partitions (no-op for other bases)
+        attach_layerwise(engine, base)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if agvm_cfg.enabled:
         from agvm_ds.core.controller import AGVMController
 

@@ -60,6 +60,16 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def all_reduce_sum_group(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Σ over the ranks of ``group`` (``None``: the default group, e.g. DeepSpeed's
+    data-parallel group when it spans the world); like :func:`all_reduce_sum` otherwise."""
+    if world() == 1 or (group is not None and dist.get_world_size(group) == 1):
+        return t
+    out = _on_device(t)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     """Mean over ranks of a floating tensor; see :func:`all_reduce_sum`."""
     n = world()

@@ -111,7 +111,8 @@ class Detector(nn.Module):
 
 
 OPTIMIZERS = {"sgd": {"type": "SGD", "params": {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4}},
-              "adamw": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.05}}}
+              "adamw": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.05}},
+              "lamb": {"type": "Lamb", "params": {"lr": 1e-3, "weight_decay": 0.01}}}
 
 
 def _config(stage, gas, interval, estimator, bucket, skip_check=True, optimizer="sgd"):
@@ -156,6 +157,67 @@ def instrument_agvm(counter: ByteCounter):
     for name in ENTRY_POINTS:
         setattr(AGVMController, name, timed(getattr(AGVMController, name)))
     OwnerReducer.add = timed(OwnerReducer.add)
+
+
+def lamb_step_times(rank, world, args, data):
+    """The exact layer-wise LAMB step under ZeRO-``stage`` beside DeepSpeed's stage-0 LAMB
+    step (whole tensors, no collective) and the same ZeRO step with the segment maps dropped
+    (per-partition ratios: wrong, the cost without exactness), AGVM off, engines taking
+    turns step by step. Times the base optimizer's ``step()`` calls of each optimizer step
+    (synchronized on the accelerator) and the whole boundary ``engine.step()``."""
+    import agvm_ds
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    from agvm_ds.optim.layerwise import base_of
+
+    acc = get_accelerator()
+    variants = {"stage0": 0, "exact": args["stage"], "no_maps": args["stage"]}
+    engines, spent = {}, {v: 0.0 for v in variants}
+    for v, stage in variants.items():
+        torch.manual_seed(0)
+        engines[v], *_ = agvm_ds.initialize(model=Detector(), config=_config(stage, args["gas"], args["interval"],
+                                            "off", args["bucket"], optimizer="lamb"))
+        base = base_of(engines[v].basic_optimizer)
+        if v == "no_maps":
+            base.attach_segments({}, 0)
+        inner = base.step
+
+        def timed(*a, __inner=inner, __v=v, **k):
+            acc.synchronize()
+            t0 = time.perf_counter()
+            try:
+                return __inner(*a, **k)
+            finally:
+                acc.synchronize()
+                spent[__v] += time.perf_counter() - t0
+        base.step = timed
+    rows = {v: {"opt_step": [], "boundary_step": []} for v in variants}
+    for k in range(args["rounds"] * 4 + 2):
+        order = list(variants)[k % 3:] + list(variants)[:k % 3]
+        for v in order:
+            eng = engines[v]
+            for i, (x, y) in enumerate(data):
+                eng.backward((eng(x) - y).pow(2).mean())
+                if i == len(data) - 1:
+                    dist.barrier()
+                    acc.synchronize()
+                    s0, t0 = spent[v], time.perf_counter()
+                eng.step()
+            acc.synchronize()
+            if k >= 2:  # two warm-up steps
+                rows[v]["boundary_step"].append(time.perf_counter() - t0)
+                rows[v]["opt_step"].append(spent[v] - s0)
+    return rows
+
+
+def _lamb_summary(rows, stage):
+    med = {v: {key: sorted(x)[len(x) // 2] for key, x in r.items()} for v, r in rows.items()}
+    return {"stage": stage, "median_s": med,
+            "exact_opt_step_over_stage0": med["exact"]["opt_step"] / med["stage0"]["opt_step"],
+            "exact_opt_step_over_no_maps": med["exact"]["opt_step"] / med["no_maps"]["opt_step"],
+            "exact_boundary_step_over_stage0": med["exact"]["boundary_step"] / med["stage0"]["boundary_step"],
+            "steps": len(rows["stage0"]["opt_step"])}
 
 
 def rank_main(rank, world, args):
@@ -222,7 +284,10 @@ def rank_main(rank, world, args):
         for v in order:
             blocks[v].append([one_step(v) for _ in range(args["interval"])])
     final_held()
-    return {"P": P, "blocks": blocks, "held": held, "bucket": args["bucket"], "world": world}
+    out = {"P": P, "blocks": blocks, "held": held, "bucket": args["bucket"], "world": world}
+    if args["optimizer"] == "lamb":
+        out["lamb"] = lamb_step_times(rank, world, args, data)
+    return out
 
 
 def main(argv=None):
@@ -235,7 +300,8 @@ def main(argv=None):
     ap.add_argument("--bucket", type=int, default=500_000)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd",
-                    help="adamw also exercises the Adam-preconditioned statistics")
+                    help="adamw also exercises the Adam-preconditioned statistics; lamb also times the exact "
+                         "layer-wise LAMB step under ZeRO against DeepSpeed's stage-0 LAMB step")
     ap.add_argument("--no-check", action="store_true", help="agvm.skip_nonfinite=false (no per-step check)")
     a = ap.parse_args(argv)
     from agvm_ds.testing.distributed import run_distributed
@@ -245,6 +311,8 @@ def main(argv=None):
             "optimizer": a.optimizer}
     res = run_distributed(rank_main, 2, args, timeout=3600)[0]
     summary = summarize(res, args)
+    if "lamb" in res:
+        summary["lamb_step"] = _lamb_summary(res["lamb"], a.stage)
     print(json.dumps(summary, indent=2))
     if a.out:
         write_markdown(summary, a.out)

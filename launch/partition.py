@@ -49,12 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     import agvm_ds  # noqa: F401  (torchvision compat before timm)
     from agvm_ds.config.base import ConfigError, parse_section
     from agvm_ds.config.model import ModelConfig
+    from agvm_ds.config.run import strip_comments
     from agvm_ds.models.report import format_report, partition_report
 
     path = Path(args.deepspeed_config)
     try:
         try:
-            raw = json.loads(path.read_text())
+            raw = strip_comments(json.loads(path.read_text()))  # "_" keys are comments, as in training
         except OSError as err:
             raise ConfigError(f"--deepspeed_config: cannot read {path}: {err.strerror}") from None
         except json.JSONDecodeError as err:

@@ -7,7 +7,8 @@ Run it through a launcher, one process per accelerator (CPU ranks here)::
 
 Options: ``--output_dir DIR`` (default ``runs/<config name>``), ``--override key.path=value``
 (repeatable; the value is JSON, else a string), ``--resume auto|PATH`` (``auto``: the newest
-complete checkpoint in ``DIR/checkpoints``, or a fresh start when there is none).
+complete, intact checkpoint in ``DIR/checkpoints``, or a fresh start when there is none; a
+checkpoint saved on another number of ranks, ZeRO stage or batch layout is refused).
 
 Exit codes: 0 success; 2 a user mistake (bad config, bad data, bad ``--resume``), reported
 as one ``error: …`` line on stderr without a traceback; 1 any other failure. The launcher
@@ -55,11 +56,15 @@ def main(argv: list[str] | None = None) -> int:
         for warning in run.warnings:
             print(f"warning: {warning}", file=sys.stderr)
     out_dir = Path(args.output_dir) if args.output_dir else Path("runs") / run.name
-    if args.resume not in (None, "auto"):
-        from agvm_ds.train.checkpoint import resolve_resume
+    if args.resume:
+        # cheap refusals before the process group: no or a damaged checkpoint, another layout
+        from agvm_ds.train.checkpoint import check_resumable, layout, resolve_resume
 
         try:
-            resolve_resume(args.resume, out_dir / "checkpoints")
+            tag_dir = resolve_resume(args.resume, out_dir / "checkpoints", warn=lambda _msg: None)
+            if tag_dir is not None:
+                check_resumable(tag_dir, args.resume, layout(int(os.environ.get("WORLD_SIZE", "1")),
+                                                             run.zero_stage, run.micro_batch, run.grad_accum))
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -74,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             code = train(run, out_dir, args.resume, rank, world)
         except USER_ERRORS as err:
-            print(f"error: {err}", file=sys.stderr, flush=True)
+            if rank == 0 or not getattr(err, "same_on_every_rank", False):  # one line, not one per rank
+                print(f"error: {err}", file=sys.stderr, flush=True)
             code = 2
         ok = code == 0
         return code

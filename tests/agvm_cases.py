@@ -57,6 +57,15 @@ def ds_config(stage, gas, opt, precision="fp32", clip=0.0, estimator="micro", in
         cfg["optimizer"] = opt
     elif opt == "sgd":
         cfg["optimizer"] = {"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.01}}
+    elif opt == "lion":  # these three are replayed by tests/reference.py with the same values
+        cfg["optimizer"] = {"type": "Lion", "params": {"lr": 0.002, "betas": [0.9, 0.99], "weight_decay": 0.05}}
+    elif opt == "adamax":
+        cfg["optimizer"] = {"type": "Adamax", "params": {"lr": 0.01, "betas": [0.9, 0.99], "eps": 1e-8,
+                                                         "weight_decay": 0.05}}
+    elif opt == "rmsprop":  # AGVM preconditions with square_avg (alpha as β2)
+        cfg["optimizer"] = {"type": "RMSprop", "params": {"lr": 0.002, "alpha": 0.9, "eps": 1e-8,
+                                                          "weight_decay": 0.05}}
+        cfg["agvm"]["precondition"] = "adam"
     else:
         cfg["optimizer"] = {"type": "AdamW", "params": {"lr": 0.01, "betas": [0.9, 0.99], "eps": 1e-8,
                                                         "weight_decay": 0.05}}

@@ -22,7 +22,7 @@ def _grads(model, params, step, rank, micro):
         p.grad = None
     loss = loss_fn(model(x), y)
     loss.backward()
-    return float(loss), {n: p.grad.detach().clone() for n, p in params.items()}
+    return float(loss.detach()), {n: p.grad.detach().clone() for n, p in params.items()}
 
 
 def _precond(g, v, beta2, eps):
@@ -60,7 +60,10 @@ def replay(world, gas, opt, steps, estimator, clip=0.0, mus=None):
     losses = {r: [] for r in range(world)}
     cos_by_step = {}
     lr, wd = (0.05, 0.01) if opt == "sgd" else (0.01, 0.05)
+    lr = {"lion": 0.002, "rmsprop": 0.002}.get(opt, lr)  # the ds_config of agvm_cases
     b1, b2, eps = 0.9, 0.99, 1e-8
+    if opt == "rmsprop":
+        b2 = 0.9  # alpha: the decay of square_avg, and β2 of the preconditioned halves
     for t in range(steps):
         g = {}
         for r in range(world):
@@ -72,7 +75,7 @@ def replay(world, gas, opt, steps, estimator, clip=0.0, mus=None):
         h1, h2 = halves(world, gas, estimator)
         G1 = {n: sum(g[key][n] for key in h1) / len(h1) for n in names}
         G2 = {n: sum(g[key][n] for key in h2) / len(h2) for n in names}
-        if opt == "adamw":
+        if opt in ("adamw", "rmsprop"):  # both precondition with the previous v
             v_prev = {n: state[n].get("v", torch.zeros_like(G[n])) for n in names}
             G1 = {n: _precond(G1[n], v_prev[n], b2, eps) for n in names}
             G2 = {n: _precond(G2[n], v_prev[n], b2, eps) for n in names}
@@ -91,6 +94,21 @@ def replay(world, gas, opt, steps, estimator, clip=0.0, mus=None):
                     d = G[n] + decay * p
                     st["buf"] = d.clone() if "buf" not in st else 0.9 * st["buf"] + d
                     p -= lr * mu * st["buf"]
+                elif opt == "lion":  # Chen et al. 2023, Alg. 2 (timm's order: decay, sign, EMA)
+                    m = st.get("m", torch.zeros_like(p))
+                    p *= 1 - lr * mu * decay
+                    p -= lr * mu * torch.sign(b1 * m + (1 - b1) * G[n])
+                    st["m"] = b2 * m + (1 - b2) * G[n]
+                elif opt == "adamax":  # Kingma & Ba 2015, Alg. 2, L2 decay added to the gradient
+                    st["t"] = st.get("t", 0) + 1
+                    d = G[n] + decay * p
+                    st["m"] = b1 * st.get("m", torch.zeros_like(p)) + (1 - b1) * d
+                    st["u"] = torch.maximum(b2 * st.get("u", torch.zeros_like(p)), d.abs() + eps)
+                    p -= lr * mu / (1 - b1 ** st["t"]) * st["m"] / st["u"]
+                elif opt == "rmsprop":  # Hinton's RMSprop, L2 decay added to the gradient
+                    d = G[n] + decay * p
+                    st["v"] = b2 * st.get("v", torch.zeros_like(p)) + (1 - b2) * d * d
+                    p -= lr * mu * d / (st["v"].sqrt() + eps)
                 else:
                     st["t"] = st.get("t", 0) + 1
                     p *= 1 - lr * mu * decay

@@ -82,7 +82,12 @@ def test_optimizer_registry():
     assert base_optimizer_class("SGD") is torch.optim.SGD
     import timm.optim
 
-    assert base_optimizer_class("Lamb") is timm.optim.Lamb
-    assert base_optimizer_class("Lars") is timm.optim.Lars
+    from agvm_ds.optim.lamb import Lamb
+    from agvm_ds.optim.lars import Lars
+
+    assert base_optimizer_class("Lamb") is Lamb  # the partition-exact ones (agvm_ds/optim)
+    assert base_optimizer_class("Lars") is Lars
+    assert base_optimizer_class("timm.optim.Lamb") is timm.optim.Lamb
+    assert base_optimizer_class("Lion") is timm.optim.Lion
     with pytest.raises(ValueError, match="optimizer.type"):
         base_optimizer_class("NoSuchOpt")

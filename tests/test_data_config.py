@@ -45,4 +45,10 @@ def test_build_from_synthetic_cache(tmp_path):
     semantic = build_dataset(cfg.model_copy(update={"task": "semantic"}), "val", train=False)
     assert isinstance(semantic, SemanticSegDataset) and semantic.num_classes == 7
     assert semantic.ids == val.ids and semantic[0][1]["sem_seg"].dtype == torch.int64
-    assert len(list(tmp_path.iterdir())) >= 1  # generated into the configured cache
+    # generated into the configured cache, not the default one: every dataset reads from a
+    # folder inside tmp_path that holds the split's annotations and images
+    for ds in (train, val, semantic):
+        assert ds.root.parent == tmp_path, ds.root
+        assert ds.image_root.is_dir() and any(ds.image_root.iterdir()), ds.image_root
+    assert train.ann_file.is_file() and val.ann_file.is_file() and val.ann_file != train.ann_file
+    assert train.root == val.root == semantic.root

@@ -106,7 +106,8 @@ def test_memory_arithmetic():
     assert optimizer_state_bytes({"type": "SGD", "params": {}})[0] == 0
     assert optimizer_state_bytes({"type": "AdamW"})[0] == 8
     assert optimizer_state_bytes({"type": "Lamb"})[0] == 8
-    assert optimizer_state_bytes({"type": "Lars"})[0] == 4
+    assert optimizer_state_bytes({"type": "Lars", "params": {"momentum": 0.9}})[0] == 4
+    assert optimizer_state_bytes({"type": "Lars"})[0] == 0  # no momentum: no buffer (registry row)
     m = zero_memory(1000, 4, "fp32", 4)  # fp32 SGD-momentum: 4 + 4 + 4 bytes
     assert m["zero0"] == {"params": 4000, "grads": 4000, "optimizer": 4000, "total": 12000}
     assert m["zero1"]["optimizer"] == 1000 and m["zero1"]["grads"] == 4000

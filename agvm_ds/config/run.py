@@ -3,8 +3,9 @@
 ``load_run_config(path, overrides)`` reads the JSON, applies ``--override key.path=value``
 (dotted path into the JSON, value JSON-parsed with a fallback to a plain string), drops
 comment keys (any key starting with ``_``, at any depth), validates the four agvm-ds
-sections with pydantic (``extra="forbid"``) and checks DeepSpeed's batch keys — all before
-any distributed work, so a bad file fails in about a second.
+sections with pydantic (``extra="forbid"``), checks DeepSpeed's batch keys and the base
+optimizer against :mod:`agvm_ds.optim.registry` (ZeRO stage, ``agvm.precondition``) — all
+before any distributed work, so a bad file fails in about a second.
 
 Errors are :class:`agvm_ds.config.base.ConfigError` whose message names the file or the
 dotted key. Every other top-level section goes to DeepSpeed unchanged.
@@ -297,6 +298,12 @@ def validate_run_dict(raw: dict, path: Path, world_size: Optional[int] = None) -
     ds = {k: v for k, v in raw.items() if k not in OWN_SECTIONS}
     warnings: list[str] = []
     _check_deepspeed_sections(ds, train, warnings)
+    # The base optimizer against the registry: unknown names, whole-tensor optimizers under
+    # ZeRO >= 1 and an impossible agvm.precondition fail here, before any distributed work.
+    from agvm_ds.optim import registry
+
+    registry.check(registry.find(ds["optimizer"]["type"]), ds["optimizer"].get("params"),
+                   registry.zero_stage(ds), agvm.precondition if agvm.enabled else "none")
     ws = resolve_batch(ds, world_size)
     return RunConfig(path=path, name=path.stem, deepspeed=ds, agvm=agvm, model=model,
                      data=data, train=train, world_size=ws, warnings=warnings)

@@ -96,14 +96,15 @@ class StageAdapter:
     staging: dict = {}
 
     # -- reads -----------------------------------------------------------------------
-    def chunks(self, want_second_moment: bool = False) -> Iterator[Chunk]:
-        """This rank's owned gradient (and Adam second moment) in local-layout order, runs of
-        small pieces merged for the statistics pass. A chunk's tensors may be staging buffers
-        reused by the next chunk: consume each chunk before asking for the next."""
+    def chunks(self, second_moment: Optional[str] = None) -> Iterator[Chunk]:
+        """This rank's owned gradient (and, when ``second_moment`` names the base optimizer's
+        state key of it, that second moment) in local-layout order, runs of small pieces
+        merged for the statistics pass. A chunk's tensors may be staging buffers reused by
+        the next chunk: consume each chunk before asking for the next."""
         self.staging = {}  # the staging buffers of this walk (for memory accounting)
-        return coalesce(self._raw_chunks(want_second_moment), self.chunk_width, self.staging)
+        return coalesce(self._raw_chunks(second_moment), self.chunk_width, self.staging)
 
-    def _raw_chunks(self, want_second_moment: bool = False) -> Iterator[Chunk]:
+    def _raw_chunks(self, second_moment: Optional[str] = None) -> Iterator[Chunk]:
         """The same, one piece as DeepSpeed holds it (views where it can), uncopied."""
         raise NotImplementedError
 
@@ -166,17 +167,17 @@ class Stage0Adapter(StageAdapter):
                     self._state_param[id(mp)] = fp
         self._base_state = engine.basic_optimizer.state
 
-    def _moment(self, p):
+    def _moment(self, p, key):
         st = self._base_state.get(self._state_param.get(id(p), p))
-        return None if not st or "exp_avg_sq" not in st else st["exp_avg_sq"]
+        return None if not st or key not in st else st[key]
 
-    def _raw_chunks(self, want_second_moment=False):
+    def _raw_chunks(self, second_moment=None):
         for m, gi, p, lo, hi, acc in self._own:
             g = p.grad
             grad = torch.zeros(hi - lo, device=self.device) if g is None else g.detach().reshape(-1)[lo:hi].float()
             v = None
-            if want_second_moment:
-                mom = self._moment(p)
+            if second_moment:
+                mom = self._moment(p, second_moment)
                 v = None if mom is None else mom.reshape(-1)[lo:hi].float()
             yield Chunk(m, gi, acc, acc + hi - lo, grad, v)
 
@@ -213,15 +214,15 @@ class Stage12Adapter(StageAdapter):
             base += ps
         self.local_numel = base
 
-    def _raw_chunks(self, want_second_moment=False):
+    def _raw_chunks(self, second_moment=None):
         # At the boundary only (between boundaries ZeRO-2 uses copy_owned_grad).
         zo = self.zero
         for gi, (base, ps) in enumerate(self._base):
             m = self.group_modules[gi]
             v = None
-            if want_second_moment:
+            if second_moment:
                 st = zo.optimizer.state.get(zo.single_partition_of_fp32_groups[gi])
-                v = None if not st or "exp_avg_sq" not in st else st["exp_avg_sq"].reshape(-1).float()
+                v = None if not st or second_moment not in st else st[second_moment].reshape(-1).float()
             held = zo.averaged_gradients.get(gi) if isinstance(zo.averaged_gradients, dict) else None
             flat = getattr(held, "flat_partition", None)
             if flat is not None:  # bf16 model, fp32 accumulation: one flat buffer already
@@ -307,7 +308,7 @@ class BF16OptimizerAdapter(StageAdapter):
       the end to a multiple of ``2 · world``; ``partition_size = flat.numel() // world``;
       rank ``r`` owns ``[r · ps, (r + 1) · ps)`` (its fp32 master is
       ``fp32_groups_flat_partition[i]``, the tensor the base optimizer steps, so Adam's
-      second moment is that tensor's ``exp_avg_sq``);
+      second moment is that tensor's state, e.g. ``exp_avg_sq``);
     * ``fp32_groups_gradients_flat[i]`` — a *full* (unpartitioned) fp32 gradient buffer of
       the same layout. The engine's backward epilogue adds each micro-step's bf16 grads
       into it (``update_hp_grads``, or hooks with ``immediate_grad_update``), so before the
@@ -349,15 +350,15 @@ class BF16OptimizerAdapter(StageAdapter):
         if missing:  # AGVM's groups and BF16_Optimizer's must be the same parameters
             raise ValueError(f"BF16_Optimizer holds no partition for {len(missing)} AGVM parameter(s)")
 
-    def _raw_chunks(self, want_second_moment=False):
+    def _raw_chunks(self, second_moment=None):
         # At the boundary (after the all-reduce): one view of this rank's owned averaged
         # gradient per group, padding included (zero there, as in DeepSpeed's buffer).
         zo = self.zero
         for gi, (base, ps) in enumerate(self._base):
             v = None
-            if want_second_moment:
+            if second_moment:
                 st = zo.optimizer.state.get(zo.fp32_groups_flat_partition[gi])
-                v = None if not st or "exp_avg_sq" not in st else st["exp_avg_sq"].reshape(-1).float()
+                v = None if not st or second_moment not in st else st[second_moment].reshape(-1).float()
             g = zo.fp32_groups_gradient_flat_partition[gi].reshape(-1)
             yield Chunk(self.group_modules[gi], gi, base, base + ps, g if g.dtype == torch.float32 else g.float(), v)
 
@@ -386,16 +387,16 @@ class Stage3Adapter(StageAdapter):
         # ZeRO-3 partitions every parameter on its own: ceil(numel / N) elements per rank.
         self._own = self._per_parameter_layout(lambda p: (int(p.ds_numel), int(p.ds_tensor.ds_numel)))
 
-    def _raw_chunks(self, want_second_moment=False):
+    def _raw_chunks(self, second_moment=None):
         from deepspeed.utils import safe_get_local_grad, safe_get_local_optimizer_state
 
         for m, gi, p, lo, hi, acc in self._own:
             g = safe_get_local_grad(p)
             grad = torch.zeros(hi - lo, device=self.device) if g is None else g.reshape(-1)[: hi - lo].float()
             v = None
-            if want_second_moment:
+            if second_moment:
                 try:
-                    s = safe_get_local_optimizer_state(p, "exp_avg_sq")
+                    s = safe_get_local_optimizer_state(p, second_moment)
                 except (KeyError, AttributeError, AssertionError):
                     s = None
                 v = None if s is None else s.reshape(-1)[: hi - lo].float()
@@ -414,6 +415,86 @@ def _invalid_norm(norm) -> bool:
         return False
     value = float(norm)
     return not math.isfinite(value) or value < 0
+
+
+def layerwise_segments(engine) -> dict:
+    """``id(stepped tensor) → SegmentMap`` (agvm_ds.optim.layerwise) for every flat tensor
+    this engine hands its base optimizer's ``step()``; tensor indices number the params the
+    flat tensor is cut from, identically on every rank of the partition group:
+
+    * stage 0 fp32, and fp16/bf16 through ``FP16_UnfusedOptimizer``: whole (fp32 copies of)
+      parameters, no map; ``FP16_Optimizer`` (fused, FusedAdam only): ``fp32_groups_flat[i]``
+      holds whole params of ``fp16_groups[i]`` back to back — a local map, no collective;
+    * ZeRO-1/2: ``single_partition_of_fp32_groups[i]`` is ``[r·ps, (r+1)·ps)`` of group ``i``'s
+      flat buffer (``round_robin_bit16_groups[i]`` at ``round_robin_bit16_offsets[i]``,
+      ``ps = partition_size[i]``, padding at the end), one ``step()`` per group;
+    * BF16_Optimizer: ``fp32_groups_flat_partition[i]``, the same cut of ``bf16_groups[i]``
+      packed back to back (aligned padding at the end), all groups in one ``step()``;
+    * ZeRO-3: sub-group ``j``'s ``fp32_partitioned_groups_flat[j]`` is the concatenation of
+      its params' (``fp16_groups[j]``) partitions, ``ds_tensor.ds_numel = ceil(numel / N)``
+      each, rank ``r`` holding elements ``[r·part, (r+1)·part)`` (the last rank padded), one
+      ``step()`` per sub-group.
+    """
+    import torch.distributed as tdist
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+
+    from agvm_ds.optim.layerwise import SegmentMap
+
+    zo = engine.optimizer
+    stage = int(engine.zero_optimization_stage())
+    out = {}
+
+    def cut(flat, params, offsets, ps, group):
+        # Group-buffer elements [r·ps, (r+1)·ps) of this rank, param j at offsets[j].
+        r = tdist.get_rank(group) if tdist.is_initialized() else 0
+        pieces = []
+        for j, (p, off) in enumerate(zip(params, offsets)):
+            lo, hi = max(off, r * ps), min(off + p.numel(), (r + 1) * ps)
+            if lo < hi:
+                pieces.append((j, lo - r * ps, hi - lo))
+        out[id(flat)] = SegmentMap.from_pieces(flat.numel(), pieces, len(params), group,
+                                               sources=[id(p) for p in params])
+
+    def packed(params):
+        offsets, at = [], 0
+        for p in params:
+            offsets.append(at)
+            at += p.numel()
+        return offsets
+
+    if isinstance(zo, BF16_Optimizer):
+        for i, flat in enumerate(zo.fp32_groups_flat_partition):
+            cut(flat, zo.bf16_groups[i], packed(zo.bf16_groups[i]), flat.numel(), zo.real_dp_process_group[i])
+    elif isinstance(zo, FP16_Optimizer):
+        for i, flat in enumerate(zo.fp32_groups_flat):
+            params = zo.fp16_groups[i]
+            pieces = [(j, off, p.numel()) for j, (p, off) in enumerate(zip(params, packed(params)))]
+            out[id(flat)] = SegmentMap.from_pieces(flat.numel(), pieces, len(params), distributed=False,
+                                                   sources=[id(p) for p in params])
+    elif stage in (1, 2):
+        for i, flat in enumerate(zo.single_partition_of_fp32_groups):
+            cut(flat, zo.round_robin_bit16_groups[i], [int(o) for o in zo.round_robin_bit16_offsets[i]],
+                int(zo.partition_size[i]), zo.real_dp_process_group[i])
+    elif stage == 3:
+        for j, flat in enumerate(zo.fp32_partitioned_groups_flat):
+            params = zo.fp16_groups[j]
+            group = zo.sub_group_process_groups[j]
+            if flat.numel() == 0 and params:
+                raise ValueError("layer-wise optimizers: ZeRO-3 with NVMe-swapped optimizer state is not supported")
+            r = tdist.get_rank(group) if tdist.is_initialized() else 0
+            pieces, at = [], 0
+            for k, p in enumerate(params):
+                part = int(p.ds_tensor.ds_numel)
+                valid = max(0, min(int(p.ds_numel) - r * part, part))
+                if valid:
+                    pieces.append((k, at, valid))
+                at += part
+            if at != flat.numel():
+                raise ValueError(f"ZeRO-3 sub-group {j}: partitions hold {at} elements, its fp32 flat {flat.numel()}")
+            out[id(flat)] = SegmentMap.from_pieces(flat.numel(), pieces, len(params), group,
+                                                   sources=[id(p) for p in params])
+    return out
 
 
 def build_adapter(engine, groups, group_modules) -> StageAdapter:

@@ -41,6 +41,7 @@ Limitations:
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -53,19 +54,24 @@ from agvm_ds.core.optimizer import AGVM
 from agvm_ds.core.reducer import OwnerReducer, default_bucket_size
 from agvm_ds.core.statistics import (BLOCK, SLICE, Split, combine, gram, preconditioned_stats,
                                      split_coefficients, workspace)
+from agvm_ds.optim.registry import OptimizerInfo
 
 log = logging.getLogger("agvm_ds")
 
 
 class AGVMController:
     def __init__(self, engine, optimizer: AGVM, modulator: Modulator, cfg: AGVMConfig,
-                 groups: list[list[torch.nn.Parameter]], group_dicts: list[dict], precondition: bool):
+                 groups: list[list[torch.nn.Parameter]], group_dicts: list[dict],
+                 precondition: Optional[OptimizerInfo]):
+        """``precondition``: the base's registry row when Φ is taken on Adam-preconditioned
+        halves (its ``second_moment`` state, ``beta2`` and ``eps`` are read), else None."""
         self.engine = engine
         self.optimizer = optimizer
         self.modulator = modulator
         self.cfg = cfg
         self.group_dicts = group_dicts
         self.precondition = precondition
+        optimizer.groups_frozen = True  # the groups below are the ones measured
         group_modules = [modulator.modules.index(g["module"]) for g in group_dicts]
         self.adapter = build_adapter(engine, groups, group_modules)
         self.params = self.adapter.params
@@ -187,12 +193,13 @@ class AGVMController:
         work = None if self.fused else workspace(min(self.adapter.local_numel, self.scratch_numel), acc.device)
         scaled = Split(*(x * inv_scale for x in self.split))  # fp16: unscale inside the pass
         rows, modules = [], []
-        for ch in self.adapter.chunks(want_second_moment=self.precondition):
+        row = self.precondition
+        for ch in self.adapter.chunks(second_moment=row.second_moment if row else None):
             g, s = ch.grad, acc[ch.lo:ch.hi]
-            if self.precondition:
+            if row:
                 gd = self.group_dicts[ch.group]
                 rows.append(preconditioned_stats(g, s, scaled, ch.second_moment,
-                                                 float(gd["betas"][1]), float(gd["eps"]), work))
+                                                 row.beta2_of(gd), row.eps_of(gd), work))
             else:
                 rows.append(gram(g, s, work))
             modules.append(ch.module)

@@ -27,34 +27,55 @@ gradient norm (see :meth:`~agvm_ds.core.adapters.StageAdapter.engine_nonfinite_c
 
 from __future__ import annotations
 
-import inspect
+from collections import OrderedDict
 
 import torch
 
 from agvm_ds.core.modulator import Modulator
+from agvm_ds.optim import registry
 
 
 class AGVM(torch.optim.Optimizer):
-    """Wraps ``base``; every param group must carry a ``"module"`` key naming its module."""
+    """Wraps ``base``; every param group must carry a ``"module"`` key naming its module.
+
+    A real torch optimizer: ``register_step_pre_hook`` / ``register_step_post_hook`` fire
+    around every ``step()`` call (per group / sub-group under ZeRO), the state-dict hooks
+    around ``state_dict`` / ``load_state_dict`` (which hold the base's state), and
+    ``add_param_group`` adds to the base (module key required; refused once a statistics
+    controller has taken the groups, since a new group would be modulated unmeasured)."""
 
     def __init__(self, base: torch.optim.Optimizer, modulator: Modulator):
         if not isinstance(base, torch.optim.Optimizer):
             raise TypeError(f"base must be a torch.optim.Optimizer, got {type(base).__name__}")
         for i, g in enumerate(base.param_groups):
-            if "module" not in g:
-                raise ValueError(f"param group {i} has no 'module' key")
-            if g["module"] not in modulator.modules:
-                raise ValueError(f"param group {i} names unknown module {g['module']!r}")
-        # Deliberately no super().__init__: the wrapper owns no groups or state of its own.
+            self._check_group(g, modulator, f"param group {i}")
         self.base = base
         self.modulator = modulator
         self.step_index = 0  # the optimizer step μ applies to (the engine's global step)
         self.skip_next_step: bool | None = False
         self.step_guard = None  # () -> bool, asked when skip_next_step is None
         self.skipped_steps = 0
+        self.groups_frozen = False  # set by the controller once it has measured the groups
+        # torch.optim.Optimizer.__init__ minus its two assignments: it would set
+        # self.state / self.param_groups, which here *are* the base's (see the properties),
+        # and re-add every group to the base. Everything else torch's machinery reads:
         self.defaults = base.defaults
-        self._optimizer_step_pre_hooks = {}
-        self._optimizer_step_post_hooks = {}
+        self._init_torch_hooks()
+
+    def _init_torch_hooks(self):
+        for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+                     "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
+                     "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
+            if name not in self.__dict__:
+                setattr(self, name, OrderedDict())
+        self._patch_step_function()  # wraps AGVM.step once so the step hooks fire
+
+    @staticmethod
+    def _check_group(g: dict, modulator: Modulator, where: str):
+        if "module" not in g:
+            raise ValueError(f"{where} has no 'module' key (AGVM scales the lr per module)")
+        if g["module"] not in modulator.modules:
+            raise ValueError(f"{where} names unknown module {g['module']!r} (modules: {modulator.modules})")
 
     # The base optimizer's groups and state *are* ours: DeepSpeed may assign either.
     @property
@@ -78,6 +99,7 @@ class AGVM(torch.optim.Optimizer):
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self._init_torch_hooks()
 
     def __repr__(self):
         return f"AGVM({self.base!r}, modules={self.modulator.modules})"
@@ -86,8 +108,10 @@ class AGVM(torch.optim.Optimizer):
         self.base.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group):
-        if "module" not in param_group:
-            raise ValueError("an AGVM param group needs a 'module' key")
+        if self.groups_frozen:
+            raise ValueError("AGVM.add_param_group: the statistics controller already measures a fixed set of "
+                             "groups; add every group before agvm_ds.initialize")
+        self._check_group(param_group, self.modulator, "the new param group")
         self.base.add_param_group(param_group)
 
     @torch.no_grad()
@@ -108,61 +132,42 @@ class AGVM(torch.optim.Optimizer):
             for group, lr in zip(self.param_groups, saved):
                 group["lr"] = lr
 
+    # The base's own state_dict / load_state_dict do the work (and fire the base's hooks);
+    # AGVM's hooks, registered through torch's public API, run around them.
     def state_dict(self):
-        return self.base.state_dict()
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        out = self.base.state_dict()
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            changed = hook(self, out)
+            out = out if changed is None else changed
+        return out
 
     def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            changed = hook(self, state_dict)
+            state_dict = state_dict if changed is None else changed
         self.base.load_state_dict(state_dict)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
 
 
-def _timm_optimizers():
-    import timm.optim as topt
-
-    return {"lamb": topt.Lamb, "lars": topt.Lars, "lion": getattr(topt, "Lion", None)}
-
-
+# The registry (agvm_ds.optim.registry) decides; these names stay for existing callers.
 def base_optimizer_class(name: str) -> type[torch.optim.Optimizer]:
-    """Resolve the ``optimizer.type`` of a DeepSpeed JSON to a class.
-
-    Any ``torch.optim`` class by name (case-insensitive: ``SGD``, ``AdamW``, ``Adam`` …),
-    ``Lamb`` / ``Lars`` from ``timm.optim``, or a dotted import path ``pkg.mod.Class``.
-    """
-    key = name.lower()
-    for attr in dir(torch.optim):
-        obj = getattr(torch.optim, attr)
-        if attr.lower() == key and inspect.isclass(obj) and issubclass(obj, torch.optim.Optimizer):
-            return obj
-    timm_opts = _timm_optimizers()
-    if timm_opts.get(key) is not None:
-        return timm_opts[key]
-    if "." in name:
-        import importlib
-
-        mod, _, cls = name.rpartition(".")
-        try:
-            obj = getattr(importlib.import_module(mod), cls)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"optimizer.type: cannot import {name!r} ({err})") from None
-        if inspect.isclass(obj) and issubclass(obj, torch.optim.Optimizer):
-            return obj
-    raise ValueError(f"optimizer.type: unknown optimizer {name!r} (a torch.optim class, Lamb, Lars, "
-                     "or a dotted path to a torch.optim.Optimizer subclass)")
+    """Resolve the ``optimizer.type`` of a DeepSpeed JSON to a class through the registry
+    (a registered name, any ``torch.optim`` class, or a dotted path)."""
+    return registry.find(name).load()
 
 
 def build_base_optimizer(section: dict, param_groups: list[dict]) -> torch.optim.Optimizer:
     """Build the base optimizer from DeepSpeed's ``{"type": ..., "params": {...}}`` section."""
     if not isinstance(section, dict) or "type" not in section:
         raise ValueError("optimizer: the section needs a 'type' (e.g. \"SGD\" or \"AdamW\")")
-    cls = base_optimizer_class(str(section["type"]))
-    params = dict(section.get("params", {}))
-    if "betas" in params:
-        params["betas"] = tuple(params["betas"])
-    try:
-        return cls(param_groups, **params)
-    except TypeError as err:
-        raise ValueError(f"optimizer.params: {err}") from None
+    return registry.build(registry.find(str(section["type"])), section, param_groups)
 
 
 def is_adam_family(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether the base keeps an Adam second moment ``exp_avg_sq`` with ``betas``."""
-    return "betas" in optimizer.defaults
+    """Whether the base's registry row preconditions with an Adam second moment by default."""
+    row = registry.info_for(optimizer)
+    return row is not None and row.auto_precondition == "adam"

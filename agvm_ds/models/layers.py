@@ -7,9 +7,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["make_norm", "ConvNormAct", "DropPath", "LayerScale", "SqueezeExcite", "LayerNorm2d",
-           "BatchNorm2d", "mixed_precision_batchnorm", "NORM_TYPES"]
+           "BatchNorm2d", "mixed_precision_batchnorm", "convert_batchnorm", "NORM_TYPES",
+           "NORM_KINDS"]
 
 # Norm layers get no weight decay (see agvm_ds.models.param_groups); keep this tuple complete.
+# FrozenBatchNorm2d is absent on purpose: it owns no parameters, and a residual branch must
+# never have its frozen scale zeroed (uninet_blocks._zero_last_norm looks norms up here).
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
               nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
 
@@ -81,17 +84,46 @@ def mixed_precision_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
+NORM_KINDS = ("none", "bn", "syncbn", "frozen_bn", "gn", "ln")
+
+
+def convert_batchnorm(module: nn.Module, kind: str) -> nn.Module:
+    """Turn every BatchNorm of a built network (e.g. timm's) into ``kind``'s layer:
+    ``"bn"`` the mixed-precision BatchNorm (statistics and parameters kept), ``"syncbn"``
+    SyncBatchNorm, ``"frozen_bn"`` FrozenBatchNorm2d with the current values. Returns the
+    (possibly new) root module."""
+    from agvm_ds.models import norms
+
+    if kind == "bn":
+        return mixed_precision_batchnorm(module)
+    if kind == "syncbn":
+        return norms.sync_batchnorm(module)
+    if kind == "frozen_bn":
+        return norms.freeze_batchnorm(module)
+    raise ValueError(f"cannot convert BatchNorm to {kind!r} (expected bn, syncbn or frozen_bn)")
+
+
 def make_norm(kind: str | None, channels: int) -> nn.Module:
-    """``"bn"`` BatchNorm, ``"gn"`` GroupNorm (32 groups, fewer when channels demand),
-    ``"ln"`` channel LayerNorm, ``None``/``"none"`` identity.
+    """``"bn"`` BatchNorm (per-rank batch statistics), ``"syncbn"`` SyncBatchNorm (statistics
+    of the global batch; GPU process groups only, see :func:`~agvm_ds.models.norms.sync_batchnorm`),
+    ``"frozen_bn"`` :class:`~agvm_ds.models.norms.FrozenBatchNorm2d` (constant statistics
+    and affine), ``"gn"`` GroupNorm (32 groups, fewer when channels demand), ``"ln"``
+    channel LayerNorm, ``None``/``"none"`` identity.
 
     GroupNorm is the usual choice for detection heads and for training from scratch with
-    few images per device, where BatchNorm statistics are noisy.
+    few images per device, where BatchNorm statistics are noisy. ``frozen_bn`` only makes
+    sense with pretrained weights: from scratch it is a fixed identity-like scaling.
     """
     if kind in (None, "none"):
         return nn.Identity()
     if kind == "bn":
         return BatchNorm2d(channels)
+    if kind == "syncbn":
+        return nn.SyncBatchNorm(channels)
+    if kind == "frozen_bn":
+        from agvm_ds.models.norms import FrozenBatchNorm2d
+
+        return FrozenBatchNorm2d(channels)
     if kind == "gn":
         groups = 32
         while channels % groups:
@@ -99,7 +131,7 @@ def make_norm(kind: str | None, channels: int) -> nn.Module:
         return nn.GroupNorm(groups, channels)
     if kind == "ln":
         return LayerNorm2d(channels)
-    raise ValueError(f"unknown norm {kind!r} (expected 'bn', 'gn', 'ln' or 'none')")
+    raise ValueError(f"unknown norm {kind!r} (expected one of {', '.join(NORM_KINDS)})")
 
 
 class ConvNormAct(nn.Sequential):

@@ -30,28 +30,19 @@ from agvm_ds.models.param_groups import param_groups
 
 __all__ = ["optimizer_state_bytes", "zero_memory", "partition_report", "format_report"]
 
-_ADAM_LIKE = ("adam", "adamw", "fusedadam", "cpuadam", "deepspeedcpuadam", "lamb", "fusedlamb",
-              "onebitadam", "zerooneadam", "onebitlamb", "adamax", "nadam", "radam", "adan",
-              "lion")
-_ONE_STATE = ("lars", "adagrad", "rmsprop", "muon", "lion")
-
 
 def optimizer_state_bytes(opt: dict | None) -> tuple[int, str]:
-    """fp32 state bytes per parameter the base optimizer keeps (excluding a master copy)."""
+    """fp32 state bytes per parameter the base optimizer keeps (excluding a master copy):
+    4 per state tensor its registry row lists for these hyper-parameters
+    (:mod:`agvm_ds.optim.registry`); a name the registry does not know is assumed Adam-like."""
+    from agvm_ds.optim.registry import lookup
+
     opt = opt or {}
     kind = str(opt.get("type", "AdamW"))
-    params = opt.get("params", {}) or {}
-    k = kind.lower().replace("_", "")
-    if k == "sgd":
-        return (4 if float(params.get("momentum", 0.0)) > 0 else 0), kind
-    if k == "lion":
-        return 4, kind
-    if k in _ADAM_LIKE:
-        return 8, kind
-    if k in _ONE_STATE:
-        extra = 4 if k == "rmsprop" and float(params.get("momentum", 0.0)) > 0 else 0
-        return 4 + extra, kind
-    return 8, f"{kind} (unknown: assumed Adam-like, 8 bytes)"
+    row = lookup(kind)
+    if row is None:
+        return 8, f"{kind} (unknown: assumed Adam-like, 8 bytes)"
+    return 4 * len(row.state_names(opt.get("params", {}) or {})), kind
 
 
 def _precision(ds: dict) -> str:

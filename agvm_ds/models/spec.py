@@ -23,7 +23,12 @@ __all__ = ["ModelSpec", "UniNetSpec", "UniNetStageSpec", "TimmBackboneSpec", "FP
            "REPO_ROOT", "resolve_spec_path"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-Norm = Literal["none", "bn", "gn"]
+# Norm layers (agvm_ds.models.layers.make_norm): bn = per-rank BatchNorm (its running
+# statistics are averaged across ranks before every evaluation and checkpoint), syncbn =
+# SyncBatchNorm (GPU process groups), frozen_bn = constant statistics and affine (for
+# pretrained weights), gn = GroupNorm, ln = channel LayerNorm.
+Norm = Literal["none", "bn", "syncbn", "frozen_bn", "gn", "ln"]
+BackboneNorm = Literal["bn", "syncbn", "frozen_bn", "gn", "ln"]
 
 
 class UniNetStageSpec(ConfigModel):
@@ -53,7 +58,7 @@ class UniNetSpec(ConfigModel):
     stages: list[UniNetStageSpec] = Field(min_length=1)
     head_dim: int = Field(32, gt=0)
     out_indices: list[int] = Field(min_length=1, description="0-based stages whose outputs feed the neck")
-    norm: Literal["bn", "gn"] = "bn"
+    norm: BackboneNorm = "bn"
     layer_scale_init: float = Field(1e-5, gt=0)
     drop_path_rate: float = Field(0.0, ge=0, lt=1)
     grad_checkpointing: bool = False
@@ -82,6 +87,9 @@ class TimmBackboneSpec(ConfigModel):
         None, description="timm feature indices; default: the last (up to) 4 with stride >= 4")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model kwargs")
     checkpoint: Optional[str] = Field(None, description="local weights file (timm format)")
+    norm: Literal["bn", "syncbn", "frozen_bn"] = Field(
+        "bn", description="what timm's BatchNorms become (after loading checkpoint); "
+                          "other norms come through kwargs (e.g. norm_layer)")
 
 
 class FPNSpec(ConfigModel):

@@ -12,9 +12,14 @@ Outputs in ``out_dir`` (rank 0): ``metrics.jsonl``, ``eval.json`` (final), ``eva
 (the resolved run file).
 
 Notes:
-    Randomness is a function of (seed, step, micro-step, rank) and, for data, of (seed,
+    Randomness is a function of (seed, step, global micro-block) and, for data, of (seed,
     epoch, sample): a resumed run repeats an uninterrupted one exactly (CPU, fp32) as long
-    as the model keeps all its state in parameters and buffers.
+    as the model keeps all its state in parameters and buffers, and (to fp32 summation
+    order) also on another number of ranks (:mod:`agvm_ds.train.elastic`). BatchNorm running
+    statistics are averaged across ranks before every checkpoint and every evaluation
+    (:func:`agvm_ds.models.norms.average_batchnorm_statistics`): DeepSpeed broadcasts buffers
+    only at start-up and saves rank 0's, so without it each rank would evaluate its own
+    model and a resume would hand every rank rank 0's statistics.
 
 Limitations:
     Every rank must see the same loss-part names each step (one all-reduce averages them).
@@ -39,8 +44,12 @@ from agvm_ds.config.base import ConfigError
 from agvm_ds.config.run import RunConfig
 from agvm_ds.core.partition import PartitionError
 from agvm_ds.data.errors import DatasetError
+from agvm_ds.models.norms import average_batchnorm_statistics
 from agvm_ds.train import build as B
-from agvm_ds.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from agvm_ds.checkpoint_engine import CheckpointError
+from agvm_ds.train import elastic
+from agvm_ds.train.checkpoint import (layout, load_checkpoint, read_marker, save_checkpoint,
+                                      select_checkpoint)
 from agvm_ds.train.distributed import maybe_inject_fault
 from agvm_ds.train.evaluate import evaluate
 from agvm_ds.train.metrics import LossLog, MetricsWriter, agvm_record, read_metrics
@@ -127,12 +136,15 @@ def build_job(run: RunConfig, out_dir: Path, rank: int, world: int) -> Job:
     return job
 
 
-def resume_job(job: Job, resume: Optional[str]) -> int:
-    """Load the ``--resume`` checkpoint (if any); return the number of steps already done."""
-    tag_dir = resolve_resume(resume, job.ckpt_dir)
+def resume_job(job: Job, tag_dir: Optional[Path]) -> int:
+    """Load the checkpoint ``tag_dir`` (from :func:`select_checkpoint`, None for a fresh
+    start); return the number of steps already done."""
     if tag_dir is None:
         return 0
-    state = load_checkpoint(job.engine, tag_dir)
+    if _saved_world(tag_dir) not in (None, job.world):  # another number of ranks
+        state = elastic.load_state(job.engine, tag_dir)
+    else:
+        state = load_checkpoint(job.engine, tag_dir)  # DeepSpeed's own files: the fast path
     start = int(state.get("step", 0))
     job.say(f"resumed from {tag_dir} at step {start}")
     if job.rank == 0:
@@ -154,7 +166,8 @@ def train_step(job: Job, step: int, batches: Iterator, losses_out: LossLog) -> d
     parts = []
     for micro in range(run.grad_accum):
         images, targets = _to_device(*next(batches), engine.device, job.dtype)
-        seed_all(mix_seed(run.train.seed, step, micro, job.rank, 0xA6))
+        # seeded by the global micro-block, not (micro, rank): world-size independent
+        seed_all(mix_seed(run.train.seed, step, job.sampler.block(micro), 0xA6))
         losses = engine(images, targets)
         engine.backward(sum(losses.values()))
         engine.step()
@@ -174,8 +187,16 @@ def train_step(job: Job, step: int, batches: Iterator, losses_out: LossLog) -> d
 
 def train(run: RunConfig, out_dir: Path, resume: Optional[str], rank: int, world: int) -> int:
     """Run the whole job on this rank; return 0 on success."""
+    # refusals (damaged, unsafe, other world size) come before anything is built
+    tag_dir = select_checkpoint(resume, out_dir / "checkpoints",
+                                layout(world, run.zero_stage, run.micro_batch, run.grad_accum))
+    if tag_dir is not None and _saved_world(tag_dir) not in (None, world):
+        why = elastic.unsupported(run)
+        if why is not None:
+            raise CheckpointError(f"--resume {resume}: saved with {_saved_world(tag_dir)} ranks, this run "
+                                  f"has {world}; resuming on another number of ranks does not support {why}")
     job = build_job(run, out_dir, rank, world)
-    start = resume_job(job, resume)
+    start = resume_job(job, tag_dir)
     tcfg, engine, total = run.train, job.engine, job.total_steps
     loader = torch.utils.data.DataLoader(
         SeededDataset(job.train_set), batch_sampler=StepBatchSampler(job.sampler, start, total),
@@ -278,12 +299,22 @@ def _report_peak_memory(job: Job) -> None:
 def _save(job: Job, steps_done: int) -> None:
     state = {"sampler": job.sampler.position(steps_done), "run": job.run.name,
              "global_batch": job.run.global_batch}
-    save_checkpoint(job.engine, job.ckpt_dir, steps_done, state, job.run.train.keep_checkpoints)
+    # DeepSpeed saves rank 0's buffers and a resume loads them on every rank: make every
+    # rank's BatchNorm statistics equal first, so a resumed run continues the same model
+    average_batchnorm_statistics(job.engine.module)
+    # a world-size-independent copy of the state too, where the elastic path supports the run
+    extra = None if elastic.unsupported(job.run) else (
+        lambda tag_dir: elastic.save_state(job.engine, tag_dir, steps_done))
+    save_checkpoint(job.engine, job.ckpt_dir, steps_done, state, job.run.train.keep_checkpoints,
+                    extra=extra)
 
 
 def _evaluate(job: Job, step: int, writer: MetricsWriter, final: bool) -> Optional[dict]:
     t0 = time.perf_counter()
     batch = job.run.train.eval_batch_size or job.run.micro_batch
+    # every rank scores its shard: with per-rank BatchNorm statistics each shard would be
+    # scored by a different model (DeepSpeed broadcasts buffers only at start-up)
+    average_batchnorm_statistics(job.engine.module)
     stats = evaluate(job.engine, job.run, job.val_set, batch_size=batch, rank=job.rank,
                      world=job.world)
     if job.rank == 0 and stats is not None:
@@ -320,6 +351,11 @@ def _default_monitor_paths(run: RunConfig, out_dir: Path) -> None:
         section = run.deepspeed.get(key)
         if isinstance(section, dict) and section.get("enabled") and not section.get("output_path"):
             section["output_path"] = str(out_dir / "monitor") + "/"
+
+
+def _saved_world(tag_dir: Path) -> Optional[int]:
+    """The world size a checkpoint was saved with (None for an old marker without it)."""
+    return read_marker(tag_dir).get("world_size")
 
 
 def _trim_jsonl(path: Path, last_step: int) -> None:

@@ -1,29 +1,32 @@
-"""Step-indexed batches on top of :class:`agvm_ds.data.sampler.ResumableDistributedSampler`.
+"""Step-indexed batches on top of the epoch order of :class:`agvm_ds.data.sampler.ResumableDistributedSampler`.
 
 Optimizer step ``s`` is step ``k = s % steps_per_epoch`` of epoch ``e = s // steps_per_epoch``;
-it starts at the global position ``k × B`` (``B = micro × GAS × world``) of that epoch's
-order, so resuming at step ``s`` needs only ``s``: the data sampler is rebuilt with
-``start_index = k × B`` and ``set_epoch(e)``. Each rank cuts its shard into micro-batches
-of ``micro`` samples; the ``GAS`` micro-batches of a step are consecutive. Every ZeRO stage
-therefore sees the same data.
+its global batch is positions ``[k·B, (k+1)·B)`` (``B = micro × GAS × world``) of that
+epoch's global order (one permutation per epoch, the same for every world size). The
+global batch is cut into ``GAS·world`` micro-blocks of ``micro`` consecutive positions,
+numbered ``j = 0 … GAS·world − 1``; rank ``r``'s micro-step ``m`` takes block
+``j = m·world + r`` (:meth:`StepSampler.block`). So resuming at step ``s`` needs only
+``s``, every ZeRO stage sees the same data, and with ``B`` and ``micro`` fixed the blocks
+do not depend on the world size: 2 ranks × GAS 2 and 1 rank × GAS 4 train on the same
+four blocks, and the first half of the micro-steps (AGVM's ``micro`` estimator) covers
+the same first half of the blocks in both. Model-side randomness is seeded per block
+(the training loop's ``mix_seed(seed, step, j)``), so it is world-size independent too.
 
 Each sample is loaded with the global RNGs (python, numpy, torch) seeded from (seed,
 epoch, index), so random augmentation is reproducible whatever the number of loader
-workers and wherever a run was resumed.
+workers, wherever a run was resumed and on however many ranks.
 
 Notes:
     Epochs drop the incomplete last global batch (``steps_per_epoch = len // B``).
 
 Limitations:
-    The training set must hold at least one global batch. Resuming on a different world
-    size keeps the epoch's global position but not the exact per-rank batches.
+    The training set must hold at least one global batch.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from itertools import islice
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -84,26 +87,27 @@ class StepSampler:
         return {"epoch": epoch, "start_index": k * self.global_batch, "seed": self.seed,
                 "world_size": self.world_size}
 
-    def _shard(self, epoch: int, start_index: int) -> ResumableDistributedSampler:
-        s = ResumableDistributedSampler(self.dataset_len, num_replicas=self.world_size,
-                                        rank=self.rank, shuffle=self.shuffle, seed=self.seed,
-                                        start_index=start_index)
-        s.set_epoch(epoch)
-        return s
+    def block(self, micro_step: int) -> int:
+        """Global index of the micro-block this rank trains on at ``micro_step`` of a step."""
+        return micro_step * self.world_size + self.rank
+
+    def _order(self, epoch: int) -> list[int]:
+        # the shared epoch order; one "replica" so that it never depends on the world size
+        return ResumableDistributedSampler(self.dataset_len, num_replicas=1, rank=0,
+                                           shuffle=self.shuffle, seed=self.seed).global_order(epoch)
 
     def iter_micro_batches(self, start_step: int, stop_step: int
                            ) -> Iterator[list[tuple[int, int]]]:
         """Micro-batches of steps ``start_step .. stop_step-1`` as (index, sample seed) lists."""
-        step = start_step
-        while step < stop_step:
-            pos = self.position(step)
-            epoch = pos["epoch"]
-            steps_here = min(self.steps_per_epoch - step % self.steps_per_epoch, stop_step - step)
-            indices = iter(self._shard(epoch, pos["start_index"]))
-            for _ in range(steps_here * self.grad_accum):
-                batch = list(islice(indices, self.micro_batch))
-                yield [(int(i), mix_seed(self.seed, epoch, int(i))) for i in batch]
-            step += steps_here
+        epoch_cached, order = None, []
+        for step in range(start_step, stop_step):
+            epoch, k = divmod(step, self.steps_per_epoch)
+            if epoch != epoch_cached:
+                epoch_cached, order = epoch, self._order(epoch)
+            base = k * self.global_batch
+            for m in range(self.grad_accum):
+                lo = base + self.block(m) * self.micro_batch
+                yield [(int(i), mix_seed(self.seed, epoch, int(i))) for i in order[lo:lo + self.micro_batch]]
 
     def micro_batches(self, step: int) -> list[list[tuple[int, int]]]:
         """The ``grad_accum`` micro-batches of one step on this rank."""

@@ -4,6 +4,10 @@ timm's feature wrappers return the chosen stage outputs plus ``feature_info`` (c
 reduction of each). Hierarchical transformers such as Swin produce NHWC maps; those are
 permuted to the NCHW the necks expect, based on the wrapper's ``output_fmt``.
 
+``norm`` converts timm's BatchNorms: ``bn`` keeps them (per-rank statistics), ``syncbn``
+makes them SyncBatchNorm, ``frozen_bn`` FrozenBatchNorm2d (the detectron2 / mmdetection
+default for pretrained backbones; from random weights it only rescales).
+
 Weights start random. Pretrained weights come only from a local file (``checkpoint``) -
 timm's own ``pretrained_cfg_overlay={"file": ...}`` loads it into the full classifier
 model before the feature wrapper prunes it, so any checkpoint timm can read works, with
@@ -18,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from agvm_ds.config.base import ConfigError
-from agvm_ds.models.layers import mixed_precision_batchnorm
+from agvm_ds.models.layers import convert_batchnorm
+from agvm_ds.models.norms import count_batchnorms
 
 __all__ = ["TimmBackbone"]
 
@@ -64,8 +69,12 @@ class TimmBackbone(nn.Module):
             wanted = [i for i, r in enumerate(reductions) if r >= 4][-4:]
             if len(wanted) != len(reductions):
                 model = create(wanted)
-        # timm builds plain nn.BatchNorm2d layers; make them run under DeepSpeed's bf16 mode
-        self.body = mixed_precision_batchnorm(model)
+        if spec.norm != "bn" and not count_batchnorms(model):
+            raise ConfigError(f"backbone.norm: {spec.norm!r} converts BatchNorm layers, but timm's "
+                              f"{spec.name!r} has none")
+        # timm builds plain nn.BatchNorm2d layers: "bn" makes them run under DeepSpeed's bf16
+        # mode, "syncbn"/"frozen_bn" replace them (after any checkpoint was loaded into them)
+        self.body = convert_batchnorm(model, spec.norm)
         self.nhwc = str(getattr(model, "output_fmt", "NCHW")).endswith("NHWC")
         self.channels = list(model.feature_info.channels())
         self.strides = list(model.feature_info.reduction())
