@@ -28,7 +28,7 @@ import torch
 from agvm_ds.checkpoint_engine import safe_load
 from agvm_ds.testing.distributed import run_distributed
 from agvm_ds.train.sampler import StepSampler
-from train_helpers import TINY, metrics, mu_series, write_config
+from train_helpers import TINY, metrics, mu_series, run_train, tail, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -180,6 +180,35 @@ def test_resume_on_another_world_size_matches(runs, case):
         assert state.keys() == ref_state.keys(), name
         for key, value in ref_state.items():
             _close(state[key], value, (name, key))
+
+
+def test_killed_rank_then_resume_on_fewer_ranks_through_the_launcher(runs, tmp_path):
+    """The deepspeed launcher on 2 ranks, rank 1 killed hard after step 5 (the last complete
+    checkpoint is step 3), then ``--resume auto`` through the launcher on 1 rank: the
+    continued run equals the uninterrupted 2-rank run (ZeRO-2, SGD momentum)."""
+    case = (2, "sgd")
+    config = _config(tmp_path, *case)
+    out = tmp_path / "killed"
+    proc = run_train(config, out, launcher="deepspeed", extra_env={"AGVM_DS_FAULT_AT_STEP": "5"})
+    assert proc.returncode != 0, tail(proc)
+    from agvm_ds.train.checkpoint import complete_tags
+
+    assert [s for s, _ in complete_tags(out / "checkpoints")] == [CUT]
+    proc = run_train(config, out, "--resume", "auto", launcher="deepspeed", ranks=1)
+    assert proc.returncode == 0, tail(proc)
+    assert "resumed from" in proc.stdout, tail(proc)
+    ref_rows, rows = metrics(runs["R2", case]), metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    for a, b in zip(ref_rows, rows):
+        assert b["loss"] == pytest.approx(a["loss"], rel=REL), a["step"]
+    ref_mu, mu = mu_series(ref_rows), mu_series(rows)
+    assert mu.keys() == ref_mu.keys() and any(s > CUT for s, _ in mu)
+    for key, value in ref_mu.items():
+        assert mu[key] == pytest.approx(value, rel=REL), key
+    ref = {k: v for k, v in _params(runs["R2", case], 2).items() if not k.endswith(BUFFERS)}
+    got = _params(out, 2)
+    for key in ref:
+        _close(got[key], ref[key], key)
 
 
 def test_micro_blocks_do_not_depend_on_the_world_size():

@@ -48,14 +48,14 @@ def env(**extra: str) -> dict:
 
 
 def run_train(config: Path, out: Path, *args: str, launcher: str = "torchrun",
-              extra_env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``launch/train.py`` on 2 CPU ranks through ``torchrun`` or ``deepspeed``."""
+              extra_env: dict | None = None, timeout: float = 600, ranks: int = 2) -> subprocess.CompletedProcess:
+    """Run ``launch/train.py`` on ``ranks`` CPU ranks through ``torchrun`` or ``deepspeed``."""
     if launcher == "torchrun":
-        cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2"]
+        cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(ranks)]
     elif launcher == "deepspeed":
         from agvm_ds.testing.distributed import free_port
 
-        cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port())]
     else:
         cmd = [sys.executable]
     cmd += [str(TRAIN), "--deepspeed_config", str(config), "--output_dir", str(out), *args]
