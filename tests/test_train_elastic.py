@@ -3,9 +3,10 @@
 Real DeepSpeed through the training loop (``loop.train``, what ``launch/train.py`` runs),
 CPU gloo, fp32, the tiny Semantic FPN (BatchNorm backbone), AGVM on with the ``micro``
 estimator, global batch 8 = micro 2 × GAS 2 × 2 ranks = 2 × 4 × 1 rank, for ZeRO 0, 2, 3 ×
-SGD (momentum) and AdamW. Three spawned groups for all six cases: 1 rank runs 6 steps
-(checkpoints at 3 and 6); 2 ranks run 6 steps and resume the 1-rank step-3 checkpoint;
-1 rank resumes the 2-rank step-3 checkpoint. Compared with the uninterrupted 2-rank run
+SGD (momentum) and AdamW. The uninterrupted runs share two spawned groups for all six
+cases (1 rank and 2 ranks, 6 steps, checkpoints at 3 and 6); every resume on the other
+world size (2 ranks from the 1-rank step-3 checkpoint, 1 rank from the 2-rank one) goes
+through the `deepspeed` launcher and ``launch/train.py --resume PATH``. Compared with the uninterrupted 2-rank run
 (rel ≤ 1e-4: summation order changes with the world size): the per-step losses and μ of
 ``metrics.jsonl``, the final parameters as DeepSpeed's own checkpoint reader assembles them
 (``zero_to_fp32``, or the stage-0 module file), and the final optimizer state per parameter
@@ -95,9 +96,15 @@ def runs(tmp_path_factory):
     out = {(name, c): root / f"{name}_{c[0]}_{c[1]}" for name in ("R1", "R2", "E12", "E21") for c in CASES}
     assert run_distributed(_phase, 1, [(configs[c], out["R1", c], None) for c in CASES], [],
                            timeout=600) == [True]
-    jobs = [(configs[c], out["R2", c], None) for c in CASES]
-    jobs += [(configs[c], out["E12", c], str(_tag(out["R1", c], CUT))) for c in CASES]
-    assert run_distributed(_phase, 2, jobs, [], timeout=600) == [True, True]
+    assert run_distributed(_phase, 2, [(configs[c], out["R2", c], None) for c in CASES], [],
+                           timeout=600) == [True, True]
+    # The resumes on another world size go through the `deepspeed` launcher, the path users run.
+    for c in CASES:
+        for name, ranks, src in (("E12", 2, "R1"), ("E21", 1, "R2")):
+            proc = run_train(configs[c], out[name, c], "--resume", str(_tag(out[src, c], CUT)),
+                             launcher="deepspeed", ranks=ranks)
+            assert proc.returncode == 0, (name, c, tail(proc))
+            assert "resumed from" in proc.stdout, (name, c, tail(proc))
     sgd2 = configs[2, "sgd"]
     bare = _strip_elastic(_tag(out["R2", (2, "sgd")], CUT), root / "bare" / "step_0000003")
     refusals = [(sgd2, ["optimizer.type=Adam"], root / "x_adam", str(_tag(out["R2", (2, "sgd")], CUT)),
@@ -105,8 +112,7 @@ def runs(tmp_path_factory):
                 (sgd2, ["train_batch_size=4", "gradient_accumulation_steps=2"], root / "x_gas", str(_tag(out["R2", (2, "sgd")], CUT)),
                  r"same micro and global batch \(saved 2 x 2 x 2 = 8, this run 2 x 2 x 1 = 4\)"),
                 (sgd2, [], root / "x_bare", str(bare), "has no elastic state")]
-    jobs = [(configs[c], out["E21", c], str(_tag(out["R2", c], CUT))) for c in CASES]
-    assert run_distributed(_phase, 1, jobs, refusals, timeout=600) == [True]
+    assert run_distributed(_phase, 1, [], refusals, timeout=600) == [True]
     return out
 
 
