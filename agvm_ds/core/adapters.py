@@ -417,14 +417,27 @@ def _invalid_norm(norm) -> bool:
     return not math.isfinite(value) or value < 0
 
 
-def layerwise_segments(engine) -> dict:
-    """``id(stepped tensor) → SegmentMap`` (agvm_ds.optim.layerwise) for every flat tensor
-    this engine hands its base optimizer's ``step()``; tensor indices number the params the
-    flat tensor is cut from, identically on every rank of the partition group:
+@dataclass(frozen=True)
+class FlatPartition:
+    """One flat fp32 tensor the engine hands its base optimizer's ``step()``: this rank's
+    ``runs`` ``(param index, param start, flat start, length)`` of ``params`` (the same list,
+    in the same order, on every rank of ``group``); elements no run covers are padding.
+    ``distributed`` is False where the flat tensor holds whole parameters."""
+
+    flat: torch.Tensor
+    params: tuple
+    runs: tuple
+    group: object = None
+    distributed: bool = True
+
+
+def flat_partitions(engine) -> list[FlatPartition]:
+    """Every flat tensor this engine's optimizer steps, and which parameter elements it holds
+    (empty at stage 0 with whole parameters):
 
     * stage 0 fp32, and fp16/bf16 through ``FP16_UnfusedOptimizer``: whole (fp32 copies of)
-      parameters, no map; ``FP16_Optimizer`` (fused, FusedAdam only): ``fp32_groups_flat[i]``
-      holds whole params of ``fp16_groups[i]`` back to back — a local map, no collective;
+      parameters, nothing listed; ``FP16_Optimizer`` (fused, FusedAdam only): ``fp32_groups_flat[i]``
+      holds whole params of ``fp16_groups[i]`` back to back (not distributed);
     * ZeRO-1/2: ``single_partition_of_fp32_groups[i]`` is ``[r·ps, (r+1)·ps)`` of group ``i``'s
       flat buffer (``round_robin_bit16_groups[i]`` at ``round_robin_bit16_offsets[i]``,
       ``ps = partition_size[i]``, padding at the end), one ``step()`` per group;
@@ -439,22 +452,11 @@ def layerwise_segments(engine) -> dict:
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
     from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
 
-    from agvm_ds.optim.layerwise import SegmentMap
-
     zo = engine.optimizer
     stage = int(engine.zero_optimization_stage())
-    out = {}
 
-    def cut(flat, params, offsets, ps, group):
-        # Group-buffer elements [r·ps, (r+1)·ps) of this rank, param j at offsets[j].
-        r = tdist.get_rank(group) if tdist.is_initialized() else 0
-        pieces = []
-        for j, (p, off) in enumerate(zip(params, offsets)):
-            lo, hi = max(off, r * ps), min(off + p.numel(), (r + 1) * ps)
-            if lo < hi:
-                pieces.append((j, lo - r * ps, hi - lo))
-        out[id(flat)] = SegmentMap.from_pieces(flat.numel(), pieces, len(params), group,
-                                               sources=[id(p) for p in params])
+    def rank_in(group) -> int:
+        return tdist.get_rank(group) if tdist.is_initialized() else 0
 
     def packed(params):
         offsets, at = [], 0
@@ -463,38 +465,60 @@ def layerwise_segments(engine) -> dict:
             at += p.numel()
         return offsets
 
+    def cut(flat, params, offsets, ps, group) -> FlatPartition:
+        # Group-buffer elements [r·ps, (r+1)·ps) of this rank, param j at offsets[j].
+        r = rank_in(group)
+        runs = []
+        for j, (p, off) in enumerate(zip(params, offsets)):
+            lo, hi = max(off, r * ps), min(off + p.numel(), (r + 1) * ps)
+            if lo < hi:
+                runs.append((j, lo - off, lo - r * ps, hi - lo))
+        return FlatPartition(flat, tuple(params), tuple(runs), group)
+
+    out = []
     if isinstance(zo, BF16_Optimizer):
         for i, flat in enumerate(zo.fp32_groups_flat_partition):
-            cut(flat, zo.bf16_groups[i], packed(zo.bf16_groups[i]), flat.numel(), zo.real_dp_process_group[i])
+            out.append(cut(flat, zo.bf16_groups[i], packed(zo.bf16_groups[i]), flat.numel(),
+                           zo.real_dp_process_group[i]))
     elif isinstance(zo, FP16_Optimizer):
         for i, flat in enumerate(zo.fp32_groups_flat):
             params = zo.fp16_groups[i]
-            pieces = [(j, off, p.numel()) for j, (p, off) in enumerate(zip(params, packed(params)))]
-            out[id(flat)] = SegmentMap.from_pieces(flat.numel(), pieces, len(params), distributed=False,
-                                                   sources=[id(p) for p in params])
+            runs = tuple((j, 0, off, p.numel()) for j, (p, off) in enumerate(zip(params, packed(params))))
+            out.append(FlatPartition(flat, tuple(params), runs, None, distributed=False))
     elif stage in (1, 2):
         for i, flat in enumerate(zo.single_partition_of_fp32_groups):
-            cut(flat, zo.round_robin_bit16_groups[i], [int(o) for o in zo.round_robin_bit16_offsets[i]],
-                int(zo.partition_size[i]), zo.real_dp_process_group[i])
+            out.append(cut(flat, zo.round_robin_bit16_groups[i], [int(o) for o in zo.round_robin_bit16_offsets[i]],
+                           int(zo.partition_size[i]), zo.real_dp_process_group[i]))
     elif stage == 3:
         for j, flat in enumerate(zo.fp32_partitioned_groups_flat):
             params = zo.fp16_groups[j]
             group = zo.sub_group_process_groups[j]
             if flat.numel() == 0 and params:
-                raise ValueError("layer-wise optimizers: ZeRO-3 with NVMe-swapped optimizer state is not supported")
-            r = tdist.get_rank(group) if tdist.is_initialized() else 0
-            pieces, at = [], 0
+                raise ValueError("flat partitions: ZeRO-3 with NVMe-swapped optimizer state is not supported")
+            r = rank_in(group)
+            runs, at = [], 0
             for k, p in enumerate(params):
                 part = int(p.ds_tensor.ds_numel)
                 valid = max(0, min(int(p.ds_numel) - r * part, part))
                 if valid:
-                    pieces.append((k, at, valid))
+                    runs.append((k, r * part, at, valid))
                 at += part
             if at != flat.numel():
                 raise ValueError(f"ZeRO-3 sub-group {j}: partitions hold {at} elements, its fp32 flat {flat.numel()}")
-            out[id(flat)] = SegmentMap.from_pieces(flat.numel(), pieces, len(params), group,
-                                                   sources=[id(p) for p in params])
+            out.append(FlatPartition(flat, tuple(params), tuple(runs), group))
     return out
+
+
+def layerwise_segments(engine) -> dict:
+    """``id(stepped tensor) → SegmentMap`` (agvm_ds.optim.layerwise) for every flat tensor of
+    :func:`flat_partitions`; tensor indices number the params the flat tensor is cut from,
+    identically on every rank of the partition group."""
+    from agvm_ds.optim.layerwise import SegmentMap
+
+    return {id(fp.flat): SegmentMap.from_pieces(fp.flat.numel(), [(j, at, n) for j, _, at, n in fp.runs],
+                                                len(fp.params), fp.group, distributed=fp.distributed,
+                                                sources=tuple(id(p) for p in fp.params))
+            for fp in flat_partitions(engine)}
 
 
 def build_adapter(engine, groups, group_modules) -> StageAdapter:

@@ -119,37 +119,17 @@ def base_optimizer(engine) -> torch.optim.Optimizer:
 
 def local_targets(engine) -> list[tuple[torch.Tensor, list[tuple[Any, int, int, int]]]]:
     """``(stepped tensor, [(param, param_start, flat_start, length), …])`` for every tensor
-    this rank's optimizer steps: which element range of which parameter each part holds."""
+    this rank's optimizer steps: which element range of which parameter each part holds
+    (ZeRO's flat partitions as :func:`agvm_ds.core.adapters.flat_partitions` reads them)."""
+    from agvm_ds.core.adapters import flat_partitions
+
     stage = int(engine.zero_optimization_stage())
-    zo = engine.optimizer
-    out = []
     if stage == 0:
-        for g in base_optimizer(engine).param_groups:
-            out += [(p, [(p, 0, 0, p.numel())]) for p in g["params"]]
-    elif stage in (1, 2):
-        for i, flat in enumerate(zo.single_partition_of_fp32_groups):
-            r, ps = _group_rank(zo.real_dp_process_group[i]), int(zo.partition_size[i])
-            runs = []
-            for p, off in zip(zo.round_robin_bit16_groups[i], zo.round_robin_bit16_offsets[i]):
-                off = int(off)
-                lo, hi = max(off, r * ps), min(off + p.numel(), (r + 1) * ps)
-                if lo < hi:
-                    runs.append((p, lo - off, lo - r * ps, hi - lo))
-            out.append((flat, runs))
-    elif stage == 3:
-        for j, flat in enumerate(zo.fp32_partitioned_groups_flat):
-            r = _group_rank(zo.sub_group_process_groups[j])
-            runs, at = [], 0
-            for p in zo.fp16_groups[j]:
-                part = int(p.ds_tensor.ds_numel)
-                valid = max(0, min(int(p.ds_numel) - r * part, part))
-                if valid:
-                    runs.append((p, r * part, at, valid))
-                at += part
-            out.append((flat, runs))
-    else:
+        return [(p, [(p, 0, 0, p.numel())]) for g in base_optimizer(engine).param_groups for p in g["params"]]
+    if stage not in (1, 2, 3):
         raise CheckpointError(f"elastic resume: ZeRO stage {stage} is not supported")
-    return out
+    return [(fp.flat, [(fp.params[j], start, at, n) for j, start, at, n in fp.runs])
+            for fp in flat_partitions(engine)]
 
 
 def _names(engine) -> dict[int, str]:
@@ -324,6 +304,8 @@ def _owned(engine, base, targets, names, keys, scalars) -> dict[str, list]:
 
 def _zero_params(engine) -> list:
     """The model parameters ZeRO-1/2/3 keep a separate (lp) copy of; none under stage 0."""
-    stage, zo = int(engine.zero_optimization_stage()), engine.optimizer
-    groups = zo.round_robin_bit16_groups if stage in (1, 2) else zo.fp16_groups if stage == 3 else []
-    return [p for g in groups for p in g]
+    from agvm_ds.core.adapters import flat_partitions
+
+    if int(engine.zero_optimization_stage()) == 0:
+        return []
+    return [p for fp in flat_partitions(engine) for p in fp.params]
