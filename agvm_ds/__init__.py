@@ -10,13 +10,8 @@ from agvm_ds import _compat  # noqa: F401  (must run before anything imports tor
 __version__ = "0.1.0"
 
 
-def __getattr__(name):
-    # Lazy: importing deepspeed costs seconds and is not needed for config/data/model work.
-    if name in ("initialize", "modulation", "set_gradient_clipping"):
-        from agvm_ds import api
-
-        return getattr(api, name)
-    raise AttributeError(f"module 'agvm_ds' has no attribute {name!r}")
-
+# Explicit, so static tools and readers can follow the front door. DeepSpeed itself is
+# imported only inside ``initialize`` (it costs seconds and config/data/model work needs none).
+from agvm_ds.api import initialize, modulation, set_gradient_clipping  # noqa: E402
 
 __all__ = ["initialize", "modulation", "set_gradient_clipping", "__version__"]

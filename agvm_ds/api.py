@@ -1,10 +1,13 @@
 """Public API for people with their own DeepSpeed training loop.
 
-``agvm_ds.initialize`` mirrors ``deepspeed.initialize``: it reads the ``agvm`` section of
-the run config, resolves the module partition (from ``modules=`` or the model's
-``agvm_modules`` metadata), builds the base optimizer named by the config's ``optimizer``
-section, wraps it in :class:`~agvm_ds.core.optimizer.AGVM` and hands it to DeepSpeed as a
-client optimizer; then it attaches the statistics controller to the engine. Checkpoints
+``agvm_ds.initialize`` mirrors ``deepspeed.initialize``, in small steps: it reads the run
+config (:func:`read_config`; the ``agvm`` section is parsed once, or given typed), checks
+the base optimizer against the registry, resolves the module partition
+(:func:`build_partition`: ``modules=`` or the model's ``agvm_modules`` metadata), cuts the
+param groups (:func:`build_param_groups`), builds the base optimizer named by the ``optimizer`` section and wraps it in
+:class:`~agvm_ds.core.optimizer.AGVM` with its :class:`~agvm_ds.core.modulator.Modulator`, hands it
+to DeepSpeed as a client optimizer, and attaches the statistics controller to the engine
+(:func:`attach_agvm`). Checkpoints
 written by ``engine.save_checkpoint`` carry μ and the modulator state (``client_state
 ["agvm"]``) and ``engine.load_checkpoint`` restores them; the engine loads checkpoint files
 with ``torch.load(weights_only=True)`` and a short allow-list of DeepSpeed's classes
@@ -14,154 +17,174 @@ with ``torch.load(weights_only=True)`` and a short allow-list of DeepSpeed's cla
 from __future__ import annotations
 
 import copy
-import json
 import os
-from collections import OrderedDict
 
 import torch
 
 from agvm_ds.config.agvm import AGVMConfig
 from agvm_ds.config.base import ConfigError, parse_section
+from agvm_ds.config.files import OWN_SECTIONS, read_json, strip_comments
 from agvm_ds.config.run import check_precision
 from agvm_ds.core.modulator import Modulator
 from agvm_ds.core.optimizer import AGVM
 from agvm_ds.optim import registry
-from agvm_ds.core.partition import (PartitionError, build_param_groups, groups_from_parameters,
-                                    model_partition, resolve_partition)
-
-#: Top-level sections agvm-ds owns; they are removed before the dict reaches DeepSpeed.
-OWN_SECTIONS = ("agvm", "model", "data", "train")
+from agvm_ds.partition import (Partition, PartitionError, groups_from_parameters, param_groups,
+                               resolve_partition)
 
 
-def _load_config(config) -> dict:
+def read_config(config) -> dict:
+    """A run dict from a JSON path or a dict (copied), comments (``_`` keys) removed — the
+    same reader and comment rule as the launcher's (:mod:`agvm_ds.config.files`)."""
     if isinstance(config, (str, os.PathLike)):
-        try:
-            with open(config) as f:
-                return json.load(f)
-        except OSError as err:
-            raise ConfigError(f"{config}: cannot read config ({err.strerror})") from None
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{config}: invalid JSON ({err})") from None
+        return strip_comments(read_json(config))
     if not isinstance(config, dict):
         raise ConfigError(f"config must be a dict or a path, got {type(config).__name__}")
-    return copy.deepcopy(config)
+    return strip_comments(copy.deepcopy(config))
 
 
-def _strip_comments(obj):
-    if isinstance(obj, dict):
-        return {k: _strip_comments(v) for k, v in obj.items() if not str(k).startswith("_")}
-    return obj
+def read_agvm_section(cfg: dict, agvm: AGVMConfig | None) -> AGVMConfig:
+    """The typed ``agvm`` section: ``agvm`` as given (already validated), else the dict's
+    ``agvm`` section parsed once. Both at once would be two sources of truth: refused."""
+    if agvm is None:
+        return parse_section(AGVMConfig, cfg.get("agvm"), "agvm")
+    if not isinstance(agvm, AGVMConfig):
+        raise ConfigError(f"agvm: expected an AGVMConfig, got {type(agvm).__name__}")
+    if cfg.get("agvm") is not None:
+        raise ConfigError("agvm: given both as the agvm= argument and as the config's agvm section")
+    return agvm
 
 
-def initialize(model: torch.nn.Module, config, modules: dict | None = None, model_parameters=None,
-               training_data=None, lr_scheduler=None, collate_fn=None, **kwargs):
+def initialize(model: torch.nn.Module, config, modules: dict | Partition | None = None, model_parameters=None,
+               training_data=None, lr_scheduler=None, collate_fn=None, *, agvm: AGVMConfig | None = None,
+               norm_bias_decay: bool = False, **kwargs):
     """``deepspeed.initialize`` with AGVM; returns ``(engine, optimizer, loader, scheduler)``.
 
     Args:
         model: the model; its ``agvm_modules`` / ``agvm_anchor`` give the default partition.
-        config: the run config (dict or JSON path): DeepSpeed's sections plus ``agvm``. The
+        config: the run config (dict or JSON path): DeepSpeed's sections plus ``agvm``
+            (keys starting with ``_`` are comments, as in run files). The
             ``optimizer`` section names the *base* optimizer: a row of
             :mod:`agvm_ds.optim.registry` (``SGD``, ``AdamW``, ``Lamb``, ``Lion`` …) or any
             torch optimizer class, refused under ZeRO ≥ 1 unless known to be exact there.
-        modules: module name → parameter-name prefixes, anchor first unless ``agvm.anchor``.
+        modules: module name → parameter-name prefixes, anchor first unless ``agvm.anchor``;
+            or a :class:`~agvm_ds.partition.Partition` already resolved, used as is (how the
+            launcher keeps the partition it cut its groups from without resolving it again).
         model_parameters: optional param groups; each is split per module and tagged.
+        norm_bias_decay: only without ``model_parameters``. False (the default) exempts the
+            parameters of norm layers, biases, other 1-d parameters and the position tables
+            a model lists (``no_weight_decay()``) from ``optimizer.params.weight_decay``,
+            detectron2 / timm style; True decays every parameter, exactly as
+            ``deepspeed.initialize`` with the same JSON would.
+        agvm: the typed ``agvm`` section (:class:`~agvm_ds.config.agvm.AGVMConfig`, already
+            validated) instead of a section in ``config`` — how the launcher passes its
+            resolved run without a dict round trip.
     Raises:
         ConfigError: a bad ``agvm``/``optimizer`` section or partition (the message names the key).
     """
     import deepspeed
 
-    cfg = _strip_comments(_load_config(config))
-    agvm_cfg = parse_section(AGVMConfig, cfg.get("agvm"), "agvm")
+    # Everything that can be refused is refused before DeepSpeed builds anything.
+    cfg = read_config(config)
+    agvm_cfg = read_agvm_section(cfg, agvm)
     check_precision(cfg)  # DeepSpeed would refuse these only from deep inside initialize
     for key in OWN_SECTIONS:
         cfg.pop(key, None)
     opt_section = cfg.pop("optimizer", None)
-    if opt_section is None:
-        raise ConfigError("optimizer: the section is required (it names AGVM's base optimizer)")
-    if not isinstance(opt_section, dict) or not isinstance(opt_section.get("type"), str):
-        raise ConfigError("optimizer.type: name the base optimizer (e.g. \"SGD\" or \"AdamW\")")
-    # Before any model or DeepSpeed work: a base that is wrong under this ZeRO stage, or a
-    # preconditioning it cannot honour, is refused here (as the launcher's config check does).
-    row = registry.find(opt_section["type"])
-    mode = registry.check(row, opt_section.get("params"), registry.zero_stage(cfg),
-                          agvm_cfg.precondition if agvm_cfg.enabled else "none")
-
-    try:
-        if modules is None:
-            modules, anchor = model_partition(model)
-        else:
-            modules = OrderedDict(modules)
-            anchor = next(iter(modules))
-        if agvm_cfg.anchor is not None:
-            if agvm_cfg.anchor not in modules:
-                raise ConfigError(f"agvm.anchor: unknown module {agvm_cfg.anchor!r} (modules: {list(modules)})")
-            anchor = agvm_cfg.anchor
-        owner = resolve_partition(model, modules)
-    except PartitionError as err:
-        raise ConfigError(f"agvm modules: {err}") from None
-    order = list(modules)
-    if model_parameters is None:
-        wd = opt_section.get("params", {}).get("weight_decay")
-        groups = build_param_groups(model, owner, order, weight_decay=wd if wd else None)
-    else:
-        try:
-            groups = groups_from_parameters(model, owner, list(model_parameters))
-        except PartitionError as err:
-            raise ConfigError(f"model_parameters: {err}") from None
+    row, precondition = check_base_optimizer(opt_section, cfg, agvm_cfg)
+    partition = build_partition(model, modules, agvm_cfg)
+    groups = build_param_groups(model, partition, opt_section, model_parameters, norm_bias_decay)
     base = registry.build(row, opt_section, groups)
-
-    start = agvm_cfg.start_step or 0
-    modulator = Modulator(order, anchor, interval=agvm_cfg.interval, momentum=agvm_cfg.momentum,
-                          start_step=start, clamp=tuple(agvm_cfg.clamp), eps=agvm_cfg.eps)
-    precondition = row if mode == "adam" else None  # the row names the second moment, β2, eps
-
+    modulator = Modulator(list(partition.order), partition.anchor, interval=agvm_cfg.interval,
+                          momentum=agvm_cfg.momentum, start_step=agvm_cfg.start_step or 0,
+                          clamp=tuple(agvm_cfg.clamp), eps=agvm_cfg.eps)
     optimizer = AGVM(base, modulator) if agvm_cfg.enabled else base
-    group_params = [list(g["params"]) for g in base.param_groups]
-    group_dicts = list(base.param_groups)
+    # the groups as built: ZeRO swaps each group's "params" for its flat partition
+    measured = [(list(g["params"]), g) for g in base.param_groups]
+
     cfg["zero_allow_untested_optimizer"] = True
     engine, opt, loader, sched = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg,
                                                       training_data=training_data, lr_scheduler=lr_scheduler,
                                                       collate_fn=collate_fn, **kwargs)
-    from agvm_ds import checkpoint_engine
+    attach_agvm(engine, base, optimizer, modulator, agvm_cfg, precondition, measured)
+    return engine, opt, loader, sched
 
-    checkpoint_engine.install(engine)  # engine.load_checkpoint never unpickles arbitrary objects
+
+def check_base_optimizer(opt_section, cfg: dict, agvm_cfg: AGVMConfig):
+    """The registry row of the base optimizer, and the row again when Φ is taken on
+    Adam-preconditioned halves (None otherwise): refused when the base is wrong under this
+    ZeRO stage or cannot honour ``agvm.precondition`` (as the launcher's config check does)."""
+    if opt_section is None:
+        raise ConfigError("optimizer: the section is required (it names AGVM's base optimizer)")
+    if not isinstance(opt_section, dict) or not isinstance(opt_section.get("type"), str):
+        raise ConfigError("optimizer.type: name the base optimizer (e.g. \"SGD\" or \"AdamW\")")
+    row = registry.find(opt_section["type"])
+    mode = registry.check(row, opt_section.get("params"), registry.zero_stage(cfg),
+                          agvm_cfg.precondition if agvm_cfg.enabled else "none")
+    return row, (row if mode == "adam" else None)  # the row names the second moment, β2, eps
+
+
+def build_partition(model: torch.nn.Module, modules, agvm_cfg: AGVMConfig) -> Partition:
+    """``modules`` (a dict, a :class:`Partition`, or None for the model's metadata) resolved
+    against the model, with ``agvm.anchor`` applied."""
+    try:
+        partition = modules if isinstance(modules, Partition) else resolve_partition(model, modules)
+    except PartitionError as err:
+        raise ConfigError(f"agvm modules: {err}") from None
+    if agvm_cfg.anchor is not None:
+        try:
+            partition = partition.with_anchor(agvm_cfg.anchor)
+        except PartitionError as err:  # "anchor: unknown module ..." -> the key agvm.anchor
+            raise ConfigError(f"agvm.{err}") from None
+    return partition
+
+
+def build_param_groups(model: torch.nn.Module, partition: Partition, opt_section: dict, model_parameters,
+                       norm_bias_decay: bool) -> list[dict]:
+    """The base optimizer's groups, each inside one module: the user's ``model_parameters``
+    split per module, or :func:`agvm_ds.partition.param_groups` with the JSON's weight decay."""
+    if model_parameters is None:
+        wd = opt_section.get("params", {}).get("weight_decay")
+        return param_groups(model, partition, wd if wd else None, norm_bias_decay=norm_bias_decay)
+    try:
+        return groups_from_parameters(model, partition, list(model_parameters))
+    except PartitionError as err:
+        raise ConfigError(f"model_parameters: {err}") from None
+
+
+def attach_agvm(engine, base, optimizer, modulator: Modulator, agvm_cfg: AGVMConfig, precondition,
+                measured: list[tuple[list, dict]]) -> None:
+    """After ``deepspeed.initialize``: the safe checkpoint engine, exact layer-wise norms
+    for Lamb/Lars, and — with AGVM on — the estimator (chosen from the engine's accumulation
+    count and data-parallel world) and the statistics controller behind its one seam;
+    ``measured`` holds each group's parameters and dict as they were before ZeRO flattened
+    them.
+    μ and the modulator then travel in DeepSpeed's model-states file (``client_state
+    ["agvm"]``) through the checkpoint engine; no engine method is replaced for it."""
+    from agvm_ds import checkpoint_engine
     from agvm_ds.optim.layerwise import attach_layerwise
 
+    checkpoint_engine.install(engine)  # engine.load_checkpoint never unpickles arbitrary objects
     try:  # Lamb/Lars: whole-tensor norms over ZeRO's flat partitions (no-op for other bases)
         attach_layerwise(engine, base)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if agvm_cfg.enabled:
-        from agvm_ds.core.controller import AGVMController
-
-        try:
-            controller = AGVMController(engine, optimizer, modulator, agvm_cfg, group_params, group_dicts,
-                                        precondition)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-        engine.agvm = controller
-        _wrap_checkpointing(engine, controller)
-    else:
+    if not agvm_cfg.enabled:
         engine.agvm = None
-    return engine, opt, loader, sched
+        return
+    from agvm_ds import collectives
+    from agvm_ds.core.adapters import attach_controller
+    from agvm_ds.core.controller import AGVMController
+    from agvm_ds.core.estimators import build_estimator
 
-
-def _wrap_checkpointing(engine, controller) -> None:
-    save, load = engine.save_checkpoint, engine.load_checkpoint
-
-    def save_checkpoint(save_dir, tag=None, client_state=None, *args, **kwargs):
-        state = dict(client_state or {})
-        state["agvm"] = controller.state_dict()
-        return save(save_dir, tag, state, *args, **kwargs)
-
-    def load_checkpoint(load_dir, tag=None, *args, **kwargs):
-        path, client_state = load(load_dir, tag, *args, **kwargs)
-        if path is not None and client_state and "agvm" in client_state:
-            controller.load_state_dict(client_state["agvm"])
-        return path, client_state
-
-    engine.save_checkpoint = save_checkpoint
-    engine.load_checkpoint = load_checkpoint
+    try:
+        estimator = build_estimator(agvm_cfg, engine.gradient_accumulation_steps(), collectives.world(),
+                                    collectives.rank())
+        controller = AGVMController(engine, optimizer, modulator, agvm_cfg, [p for p, _ in measured],
+                                    [g for _, g in measured], precondition, estimator)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    attach_controller(engine, controller)
+    engine.checkpoint_engine.register("agvm", controller)
 
 
 def modulation(engine) -> dict:

@@ -28,6 +28,21 @@ The engine also records the paths it wrote (:meth:`SafeCheckpointEngine.take_wri
 the training loop can list each rank's files, with size and checksum, in its completion
 marker (``agvm_ds.train.checkpoint``).
 
+It is also how agvm-ds's own state reaches DeepSpeed's checkpoints without touching the
+engine's ``save_checkpoint`` / ``load_checkpoint``: objects registered with
+:meth:`SafeCheckpointEngine.register` (``agvm_ds.initialize`` registers the AGVM
+controller as ``"agvm"``) have their ``state_dict()`` written into every model-states file
+the engine saves, under their key — where a ``client_state`` entry of that name would be, so
+``load_checkpoint``'s returned ``client_state`` still holds it and checkpoints written when
+AGVM's state was passed as ``client_state["agvm"]`` load the same way — and get
+``load_state_dict()`` with it whenever the engine reads such a file. In DeepSpeed 0.19 the
+model-states file is ``mp_rank_XX_model_states.pt``, written by data-parallel rank 0 and
+read by every rank under ZeRO 0–2, and ``zero_pp_rank_R_mp_rank_XX_model_states.pt``,
+written and read by each rank R under ZeRO-3 (``engine._get_ckpt_name``). DeepSpeed reads
+it twice per load (``SDLoader.check_ckpt_list``, then ``load``), so restoring must be
+idempotent, and before it restores its own counters (``global_steps`` comes later): a
+registered object must not read them in ``load_state_dict``.
+
 Limitations:
     DeepSpeed's universal-checkpoint and ``zero_to_fp32`` readers call ``torch.load``
     themselves, outside the engine; :func:`install` refuses ``load_universal_checkpoint``.
@@ -35,8 +50,9 @@ Limitations:
 
 from __future__ import annotations
 
+import os
 import re
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
@@ -89,20 +105,51 @@ def safe_load(path, map_location: Any = None, mmap: bool = False) -> Any:
         raise CheckpointError(f"{path}: refused to load ({why})") from None
 
 
+#: DeepSpeed's model-states file names (ZeRO 0-2, and ZeRO-3's per-rank ones); not the MoE
+#: expert files (``expert_*`` / ``layer_*_expert_*``), which hold no client state.
+_MODEL_STATES = re.compile(r"^(zero_pp_rank_\d+_)?mp_rank_\d+_model_states\.pt$")
+
+
+def is_model_states_file(path) -> bool:
+    """Whether ``path`` is a DeepSpeed model-states file (the one holding ``client_state``)."""
+    return bool(_MODEL_STATES.match(os.path.basename(str(path))))
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
 class SafeCheckpointEngine(TorchCheckpointEngine):
-    """``TorchCheckpointEngine`` whose ``load`` is :func:`safe_load`; remembers what it saves."""
+    """``TorchCheckpointEngine`` whose ``load`` is :func:`safe_load`; remembers what it saves
+    and carries registered objects' state in the model-states file (module docstring)."""
 
     def __init__(self, config_params=None):
         super().__init__(config_params)
         self.name = "AgvmSafeCheckpointEngine"
         self._written: list[str] = []
+        self._stateful: dict[str, Stateful] = {}
+
+    def register(self, key: str, obj: Stateful) -> None:
+        """Save ``obj.state_dict()`` as ``key`` of every model-states file; restore it on load."""
+        self._stateful[key] = obj
 
     def save(self, state_dict, path: str):
+        if self._stateful and isinstance(state_dict, dict) and is_model_states_file(path):
+            state_dict = dict(state_dict)
+            for key, obj in self._stateful.items():
+                state_dict[key] = obj.state_dict()
         super().save(state_dict, path)
         self._written.append(str(path))
 
     def load(self, path: str, map_location=None):
-        return safe_load(path, map_location=map_location)
+        state = safe_load(path, map_location=map_location)
+        if self._stateful and isinstance(state, dict) and is_model_states_file(path):
+            for key, obj in self._stateful.items():
+                if key in state:
+                    obj.load_state_dict(state[key])
+        return state
 
     def take_written(self) -> list[str]:
         """The paths saved since the last call (in order), and forget them."""

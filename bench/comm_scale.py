@@ -151,15 +151,15 @@ def model_groups(ds_path: str):
     """Parameter sizes per AGVM param group of the run's model, built on the meta device."""
     from agvm_ds.config.base import parse_section
     from agvm_ds.config.model import ModelConfig
-    from agvm_ds.core.partition import build_param_groups, model_partition, resolve_partition
+    from agvm_ds.models import build_model
+    from agvm_ds.partition import param_groups, resolve_partition
 
     ds = json.loads((ROOT / ds_path).read_text())
     cfg = parse_section(ModelConfig, ds["model"], "model")
     with torch.device("meta"):
-        model = cfg.build(check_partition=False)
-    modules, _ = model_partition(model)
+        model = build_model(cfg.model_spec(), check_partition=False)
     wd = (ds.get("optimizer") or {}).get("params", {}).get("weight_decay")
-    groups = build_param_groups(model, resolve_partition(model, modules), list(modules), weight_decay=wd or None)
+    groups = param_groups(model, resolve_partition(model), wd or None)
     return ds, [[p.numel() for p in g["params"]] for g in groups]
 
 

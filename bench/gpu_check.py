@@ -170,7 +170,8 @@ def check_statistics(device: str) -> dict:
     import torch
 
     from agvm_ds.core import native
-    from agvm_ds.core.statistics import combine, gram, preconditioned_stats, split_coefficients
+    from agvm_ds.core.estimators import split_coefficients
+    from agvm_ds.core.statistics import combine, gram, preconditioned_stats
 
     lib = native.kernels()
     gen = torch.Generator().manual_seed(7)

@@ -49,22 +49,18 @@ def main(argv: list[str] | None = None) -> int:
     import agvm_ds  # noqa: F401  (torchvision compat before timm)
     from agvm_ds.config.base import ConfigError, parse_section
     from agvm_ds.config.model import ModelConfig
-    from agvm_ds.config.run import strip_comments
-    from agvm_ds.models.report import format_report, partition_report
+    from agvm_ds.config.files import read_json, strip_comments
+    from agvm_ds.models import build_model
+    from agvm_ds.report import format_report, partition_report
 
     path = Path(args.deepspeed_config)
     try:
-        try:
-            raw = strip_comments(json.loads(path.read_text()))  # "_" keys are comments, as in training
-        except OSError as err:
-            raise ConfigError(f"--deepspeed_config: cannot read {path}: {err.strerror}") from None
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: not valid JSON ({err})") from None
-        if not isinstance(raw, dict) or "model" not in raw:
+        raw = strip_comments(read_json(path))  # "_" keys are comments, as in training
+        if "model" not in raw:
             raise ConfigError(f"{path}: model: missing section")
         cfg = parse_section(ModelConfig, raw["model"], "model")
         with torch.device("meta"):
-            model = cfg.build(check_partition=False)
+            model = build_model(cfg.model_spec(), check_partition=False)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

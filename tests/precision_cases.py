@@ -70,7 +70,7 @@ def _report(engine):
 
     rep = agvm_ds.modulation(engine)
     return {"step": rep["step"], "modules": rep["modules"], "mu": rep["mu"], "skipped": rep["skipped"],
-            "skipped_steps": engine.agvm.optimizer.skipped_steps}
+            "skipped_steps": engine.agvm.skipped_steps}
 
 
 # -- a bf16 model, fp32 gradient accumulation (BF16_Optimizer under ZeRO-1) ----------------------
@@ -142,7 +142,7 @@ def bf16_run(rank, world, stage, estimator, opt="sgd", steps=4, gas=2, comm="fp3
     rec.remove()
     out = {"losses": losses, "reports": reports, "params": master_params(engine), "init": init, "grads": rec.by_step,
            "owner": owner_of(names, MODULES), "grad_dtypes": sorted(rec.dtypes), "optimizer": type(engine.optimizer).__name__,
-           "adapter": type(engine.agvm.adapter).__name__, "estimator": engine.agvm.estimator}
+           "adapter": type(engine.agvm.adapter).__name__, "estimator": engine.agvm.estimator.name}
     engine.destroy()
     return out
 
@@ -220,7 +220,7 @@ def detector_run(rank, world, stage, estimator, steps=3, gas=2, autocast=True):
     out = {"losses": losses, "reports": reports, "params": full_params(engine), "init": init,
            "after_first": after_first, "norms": rec.norms, "lr": cfg["optimizer"]["params"]["lr"],
            "grads": rec.by_step, "owner": owner_of(names, modules), "loss_dtypes": sorted(dtypes),
-           "grad_dtypes": sorted(rec.dtypes), "estimator": engine.agvm.estimator,
+           "grad_dtypes": sorted(rec.dtypes), "estimator": engine.agvm.estimator.name,
            "autocast": bool(engine.torch_autocast_enabled()),
            "comm_dtypes": sorted({str(getattr(p, "comm_dtype", p.dtype)) for p in engine.module.parameters()})}
     engine.destroy()

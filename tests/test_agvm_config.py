@@ -9,7 +9,7 @@ from agvm_ds.config.agvm import AGVMConfig
 from agvm_ds.config.base import ConfigError, parse_section
 from agvm_ds.core.modulator import Modulator
 from agvm_ds.core.optimizer import AGVM, base_optimizer_class, build_base_optimizer
-from agvm_ds.core.partition import PartitionError, build_param_groups, resolve_partition
+from agvm_ds.partition import PartitionError, param_groups, resolve_partition
 
 
 @pytest.mark.parametrize("section, key", [
@@ -45,7 +45,7 @@ def test_unknown_anchor_is_rejected_before_any_distributed_work():
 
 def test_partition_longest_prefix_and_empty_module():
     model = nn.ModuleDict({"head": nn.ModuleDict({"cls": nn.Linear(2, 2), "box": nn.Linear(2, 2)})})
-    owner = resolve_partition(model, {"a": ["head."], "b": ["head.cls."]})
+    owner = resolve_partition(model, {"a": ["head."], "b": ["head.cls."]}).owner
     assert owner["head.cls.weight"] == "b" and owner["head.box.weight"] == "a"
     with pytest.raises(PartitionError, match="match no trainable parameter"):
         resolve_partition(model, {"a": ["head."], "ghost": ["neck."]})
@@ -54,8 +54,8 @@ def test_partition_longest_prefix_and_empty_module():
 def test_wrapper_scales_lr_per_module_and_restores_it():
     torch.manual_seed(0)
     model = nn.ModuleDict({"bb": nn.Linear(3, 3), "hd": nn.Linear(3, 3)})
-    owner = resolve_partition(model, {"bb": ["bb."], "hd": ["hd."]})
-    groups = build_param_groups(model, owner, ["bb", "hd"], weight_decay=0.1)
+    partition = resolve_partition(model, {"bb": ["bb."], "hd": ["hd."]})
+    groups = param_groups(model, partition, weight_decay=0.1)
     assert [(g["module"], g["weight_decay"]) for g in groups] == [("bb", 0.1), ("bb", 0.0), ("hd", 0.1), ("hd", 0.0)]
     mod = Modulator(["bb", "hd"], "bb", start_step=1)
     mod.mu = torch.tensor([1.0, 2.5], dtype=torch.float64)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import agvm_ds  # noqa: F401  (torchvision compat before timm)
-from agvm_ds.models import build_model, param_groups
+from agvm_ds.models import build_model
+from agvm_ds.partition import param_groups, resolve_partition
 
 SIZE = 64
 CAT_IDS = [3, 7, 11]  # non-contiguous COCO ids for contiguous labels 0..2
@@ -44,7 +45,7 @@ def make_batch(scale: float = 0.5, flipped: bool = False):
 
 def overfit(model, images, targets, steps: int, lr: float = 2e-3) -> list[float]:
     torch.manual_seed(0)
-    opt = torch.optim.AdamW(param_groups(model, 1e-4), lr=lr, foreach=True)
+    opt = torch.optim.AdamW(param_groups(model, resolve_partition(model), 1e-4), lr=lr, foreach=True)
     # linear decay to 0: the last steps settle instead of bouncing on the sampled RoIs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - i / steps)
     model.train()

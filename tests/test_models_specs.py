@@ -12,8 +12,9 @@ import torch
 import agvm_ds  # noqa: F401  (torchvision compat before timm)
 from agvm_ds.config.base import ConfigError, parse_section
 from agvm_ds.config.model import ModelConfig
-from agvm_ds.models import build_model, load_spec, param_groups
-from agvm_ds.models.spec import ARCHITECTURE_SECTIONS
+from agvm_ds.models import build_model, load_spec
+from agvm_ds.config.spec import ARCHITECTURE_SECTIONS
+from agvm_ds.partition import param_groups, resolve_partition
 
 REPO = Path(__file__).resolve().parents[1]
 SPECS = sorted((REPO / "models").glob("*.json"))
@@ -95,7 +96,7 @@ def test_bad_partitions_are_rejected(modules, message):
 
 
 def test_nested_prefix_goes_to_the_longest_match():
-    # The one partition rule (agvm_ds.core.partition), shared by training and the report.
+    # The one partition rule (agvm_ds.partition), shared by training and the report.
     model = build_model(_tiny(modules={"backbone": ["backbone"], "neck": ["neck"], "head": ["head"],
                                        "cls": ["head.cls_logits"]}))
     from agvm_ds.models import assign_modules
@@ -168,7 +169,7 @@ def test_backbone_checkpoint_roundtrip(tmp_path):
 
 def test_param_groups_decay_split_per_module():
     model = build_model("mask_rcnn_uninet_tiny")
-    groups = param_groups(model, 0.05)
+    groups = param_groups(model, resolve_partition(model), 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     seen = [names[id(p)] for g in groups for p in g["params"]]
     assert sorted(seen) == sorted(names.values())  # every parameter exactly once
@@ -185,14 +186,15 @@ def test_param_groups_decay_split_per_module():
             assert g["weight_decay"] == (0.0 if no_decay else 0.05), n
     # at most two groups per module; equal hyper-parameters merge into one
     assert len(groups) == 2 * len(model.agvm_modules)
-    merged = param_groups(model, 0.05, weight_decay_norm=0.05, weight_decay_bias=0.05, lr=0.1)
+    merged = param_groups(model, resolve_partition(model), 0.05, weight_decay_norm=0.05,
+                          weight_decay_bias=0.05, lr=0.1)
     assert len(merged) == len(model.agvm_modules) and all(g["lr"] == 0.1 for g in merged)
     with pytest.raises(ValueError, match="no single module"):
-        param_groups(model, 0.05, modules={"backbone": ["backbone"]})
+        param_groups(model, resolve_partition(model, {"backbone": ["backbone"]}), 0.05)
 
 
 def test_uninet_blocks_shapes_and_checkpointing():
-    from agvm_ds.models.spec import UniNetSpec
+    from agvm_ds.config.spec import UniNetSpec
     from agvm_ds.models.backbones import build_backbone
 
     d = copy.deepcopy(load_spec("faster_rcnn_uninet_tiny").backbone.model_dump())
@@ -247,8 +249,8 @@ def test_timm_backbone_local_checkpoint_and_convnext(tmp_path):
 
 def test_training_groups_and_report_groups_agree_on_decay():
     """The groups training builds (train.build) and the ones the partition report lists
-    (models.param_groups) exempt the same parameters from weight decay — including Swin's
-    relative-position tables, which are 2-d and named, not norms or biases."""
+    (agvm_ds.partition.param_groups) exempt the same parameters from weight decay —
+    including Swin's relative-position tables, which are 2-d and named, not norms or biases."""
     from agvm_ds.train.build import build_param_groups as training_groups
 
     model = build_model("mask_rcnn_swin_tiny")
@@ -258,6 +260,6 @@ def test_training_groups_and_report_groups_agree_on_decay():
 
     def exempt(groups):
         return {names[id(p)] for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
-    trained = exempt(training_groups(model, 0.05, 1e-3))
+    trained = exempt(training_groups(model, resolve_partition(model), 0.05, 1e-3))
     assert set(tables) <= trained
-    assert trained == exempt(param_groups(model, 0.05))
+    assert trained == exempt(param_groups(model, resolve_partition(model), 0.05))

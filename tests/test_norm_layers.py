@@ -12,7 +12,7 @@ from agvm_ds.config.base import ConfigError
 from agvm_ds.models import build_model
 from agvm_ds.models.norms import (FrozenBatchNorm2d, average_batchnorm_statistics,
                                   freeze_batchnorm)
-from agvm_ds.models.spec import load_spec
+from agvm_ds.config.spec import load_spec
 from agvm_ds.testing.distributed import run_distributed
 from test_models_pipelines import make_batch
 
@@ -67,7 +67,7 @@ def test_norm_option_builds_and_trains_one_step(norm):
     assert sum(isinstance(m, kinds[norm]) for m in model.modules()) >= 10, norm
     if norm != "bn":
         assert not any(type(m).__name__ == "BatchNorm2d" for m in model.modules()), norm
-    from agvm_ds.models.report import partition_report
+    from agvm_ds.report import partition_report
 
     report = partition_report(model, {"optimizer": {"type": "SGD"}}, 2)
     assert report["unassigned_params"] == 0 and not report["problems"]

@@ -23,7 +23,7 @@ from agvm_ds.config.base import ConfigError
 from agvm_ds.config.run import validate_run_dict
 from agvm_ds.core.modulator import Modulator
 from agvm_ds.core.optimizer import AGVM, build_base_optimizer
-from agvm_ds.core.partition import build_param_groups, resolve_partition
+from agvm_ds.partition import param_groups, resolve_partition
 from agvm_ds.optim import registry
 from train_helpers import REPO, TINY, run_train, tail, write_config
 
@@ -191,8 +191,8 @@ def test_lion_adamax_rmsprop_in_deepspeed_match_float64_replay():
 def _agvm(opt_type="AdamW", seed=0):
     torch.manual_seed(seed)
     model = nn.ModuleDict({"bb": nn.Linear(3, 3), "hd": nn.Linear(3, 2)})
-    owner = resolve_partition(model, {"bb": ["bb."], "hd": ["hd."]})
-    groups = build_param_groups(model, owner, ["bb", "hd"], weight_decay=0.01)
+    partition = resolve_partition(model, {"bb": ["bb."], "hd": ["hd."]})
+    groups = param_groups(model, partition, weight_decay=0.01)
     mod = Modulator(["bb", "hd"], "bb", start_step=0)
     mod.mu = torch.tensor([1.0, 2.0], dtype=torch.float64)
     base = build_base_optimizer({"type": opt_type, "params": {"lr": 0.01}}, groups)

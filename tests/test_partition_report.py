@@ -14,7 +14,7 @@ import torch
 
 import agvm_ds  # noqa: F401
 from agvm_ds.models import build_model
-from agvm_ds.models.report import optimizer_state_bytes, partition_report, zero_memory
+from agvm_ds.report import optimizer_state_bytes, partition_report, zero_memory
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_1B = REPO / "ds_configs" / "maskrcnn_uninet_1b_bs960.json"
@@ -126,7 +126,7 @@ def test_memory_arithmetic():
 
 
 def test_agvm_update_step_bytes_by_hand():
-    from agvm_ds.models.report import agvm_update_step_bytes
+    from agvm_ds.report import agvm_update_step_bytes
 
     ds = {"zero_optimization": {"stage": 2, "reduce_bucket_size": 100}, "gradient_accumulation_steps": 1,
           "agvm": {}}

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from agvm_ds.core import native
-from agvm_ds.core.statistics import combine, gram, preconditioned_stats, split_coefficients
+from agvm_ds.core.estimators import split_coefficients
+from agvm_ds.core.statistics import combine, gram, preconditioned_stats
 
 
 @pytest.fixture(params=["fused", "torch"])

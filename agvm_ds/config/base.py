@@ -15,8 +15,9 @@ class ConfigError(ValueError):
 
 
 class ConfigModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False,
-                              populate_by_name=True)
+    # frozen: a section is validated once, when the run file is read, and never edited
+    # afterwards (derived values go into a new object: agvm_ds.train.resolve)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 def format_validation_error(err: ValidationError, section: str) -> str:

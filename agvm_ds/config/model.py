@@ -1,5 +1,8 @@
 """The ``model`` section of a run file: which spec in ``models/`` to build, and tweaks.
 
+A config class only reads and validates: the network itself is built by
+``agvm_ds.models.build_model(section.model_spec())``.
+
 Example::
 
     "model": {"spec": "models/mask_rcnn_uninet_1b.json", "num_classes": 80,
@@ -35,7 +38,7 @@ class ModelConfig(ConfigModel):
     @field_validator("spec")
     @classmethod
     def _spec_exists(cls, v: str) -> str:
-        from agvm_ds.models.spec import resolve_spec_path
+        from agvm_ds.config.spec import resolve_spec_path
 
         try:
             resolve_spec_path(v)
@@ -59,13 +62,7 @@ class ModelConfig(ConfigModel):
         return ov
 
     def model_spec(self):
-        """The validated :class:`agvm_ds.models.spec.ModelSpec` with overrides applied."""
-        from agvm_ds.models.spec import load_spec
+        """The validated :class:`agvm_ds.config.spec.ModelSpec` with overrides applied."""
+        from agvm_ds.config.spec import load_spec
 
         return load_spec(self.spec, self.spec_overrides())
-
-    def build(self, check_partition: bool = True):
-        """``agvm_ds.models.build_model`` of this section."""
-        from agvm_ds.models.build import build_model
-
-        return build_model(self.model_spec(), check_partition=check_partition)

@@ -23,19 +23,19 @@ Limitations:
 
 from __future__ import annotations
 
-import copy
 import difflib
-import json
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from agvm_ds.config.agvm import AGVMConfig
 from agvm_ds.config.base import ConfigError, parse_section
+from agvm_ds.config.data import DataConfig
+from agvm_ds.config.files import OWN_SECTIONS, apply_override, read_json, strip_comments
+from agvm_ds.config.model import ModelConfig
 from agvm_ds.config.train import TrainConfig
-
-OWN_SECTIONS = ("agvm", "model", "data", "train")
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu",
               "gradient_accumulation_steps")
 # Top-level keys DeepSpeed 0.19 reads (used only to flag near-miss typos).
@@ -55,16 +55,20 @@ sequence_parallel_size zenflow
 """.split())
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
-    """A validated run file. ``deepspeed`` holds DeepSpeed's sections (comments removed)."""
+    """A validated run file: the typed root. Built once by :func:`load_run_config` and never
+    changed afterwards — what a run derives from it (steps, lr, AGVM's start step, monitor
+    paths) is :func:`agvm_ds.train.resolve.resolve_run`'s output, not an edit of this.
+
+    ``deepspeed`` holds DeepSpeed's sections (comments removed, batch keys completed)."""
 
     path: Path
     name: str
     deepspeed: dict[str, Any]
-    agvm: Any  # agvm_ds.config.agvm.AGVMConfig
-    model: Any  # agvm_ds.config.model.ModelConfig
-    data: Any  # agvm_ds.config.data.DataConfig
+    agvm: AGVMConfig
+    model: ModelConfig
+    data: DataConfig
     train: TrainConfig
     world_size: Optional[int] = None
     warnings: list[str] = field(default_factory=list)
@@ -84,72 +88,6 @@ class RunConfig:
     @property
     def zero_stage(self) -> int:
         return int(self.deepspeed.get("zero_optimization", {}).get("stage", 0))
-
-    def initialize_config(self) -> dict[str, Any]:
-        """The dict for ``agvm_ds.initialize(config=...)``: DeepSpeed's sections + ``agvm``."""
-        return {**copy.deepcopy(self.deepspeed), "agvm": self.agvm.model_dump()}
-
-
-# ----------------------------------------------------------------------------- overrides
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"a.b.c=1e-3"`` → (``["a", "b", "c"]``, ``0.001``). Unparseable JSON stays a str."""
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"--override {text!r}: expected key.path=value")
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return key.split("."), value
-
-
-def apply_override(config: dict, text: str) -> None:
-    """Set one dotted key in place, creating missing objects along the way."""
-    parts, value = parse_override(text)
-    node: Any = config
-    for i, part in enumerate(parts[:-1]):
-        where = ".".join(parts[: i + 1])
-        if isinstance(node, dict):
-            node = node.setdefault(part, {})
-        elif isinstance(node, list) and part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node):
-            node = node[int(part)]
-        else:
-            raise ConfigError(f"--override {text!r}: {where} is not an object")
-    last = parts[-1]
-    if isinstance(node, dict):
-        node[last] = value
-    elif isinstance(node, list) and last.lstrip("-").isdigit() and -len(node) <= int(last) < len(node):
-        node[int(last)] = value
-    else:
-        raise ConfigError(f"--override {text!r}: {'.'.join(parts[:-1])} is not an object")
-
-
-def strip_comments(node: Any) -> Any:
-    """Drop every key that starts with ``_`` (``"_comment"`` …) at any depth."""
-    if isinstance(node, dict):
-        return {k: strip_comments(v) for k, v in node.items()
-                if not (isinstance(k, str) and k.startswith("_"))}
-    if isinstance(node, list):
-        return [strip_comments(v) for v in node]
-    return node
-
-
-# ----------------------------------------------------------------------------- reading
-def read_json(path: Path) -> dict:
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read config file ({err.strerror or err})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a UTF-8 text file") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a JSON object")
-    return data
 
 
 def _positive_int(ds: dict, key: str) -> Optional[int]:
@@ -281,10 +219,6 @@ def _check_deepspeed_sections(ds: dict, train: TrainConfig, warnings: list[str])
 
 def validate_run_dict(raw: dict, path: Path, world_size: Optional[int] = None) -> RunConfig:
     """Validate an already-read (and overridden) run dict. See :func:`load_run_config`."""
-    from agvm_ds.config.agvm import AGVMConfig
-    from agvm_ds.config.data import DataConfig
-    from agvm_ds.config.model import ModelConfig
-
     raw = strip_comments(raw)
     for sec in OWN_SECTIONS:
         if sec in raw and raw[sec] is not None and not isinstance(raw[sec], dict):

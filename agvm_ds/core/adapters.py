@@ -1,7 +1,7 @@
 """Per-ZeRO-stage adapters: where this rank's share of the averaged gradient lives.
 
 This is the only module that reads DeepSpeed internals (measured on deepspeed 0.19.8;
-design.md §2–§3). Each adapter describes an **ownership layout**: every trainable
+docs/agvm.md lists who touches them). Each adapter describes an **ownership layout**: every trainable
 element is owned by exactly one rank, and each rank keeps its owned elements in one flat
 fp32 buffer ("local layout"). The layout is chosen so that the averaged gradient DeepSpeed
 already holds on this rank *is* this rank's owned part:
@@ -540,7 +540,22 @@ def build_adapter(engine, groups, group_modules) -> StageAdapter:
     raise ValueError(f"unsupported ZeRO stage {stage}")
 
 
-def install_engine_hooks(engine, after_backward, before_reduction, after_step, engine_skipped):
+def attach_controller(engine, controller) -> None:
+    """The one seam between a statistics controller and its engine.
+
+    Routes the engine's backward epilogue, stage-0/1 boundary reduction and optimizer step
+    to the controller's callbacks (:func:`_install_engine_hooks`), registers its forward
+    pre-hook on the module where its estimator asks for one, and sets ``engine.agvm`` (what
+    ``agvm_ds.modulation``, the training loop and elastic resume read). Checkpoints reach
+    the controller through the checkpoint engine, not through the engine's methods."""
+    _install_engine_hooks(engine, controller._after_backward, controller._before_reduction,
+                          controller._after_optimizer_step, controller.adapter.engine_skipped_step)
+    if controller.wants_forward_hook:
+        engine.module.register_forward_pre_hook(controller._on_forward)
+    engine.agvm = controller
+
+
+def _install_engine_hooks(engine, after_backward, before_reduction, after_step, engine_skipped):
     """Wrap the engine's backward epilogue (every backward, after DeepSpeed's reduction and
     before any clipping), for stages 0/1 its boundary reduction (local grads still
     unreduced), and the step of the optimizer the engine drives (ZeRO's, or AGVM itself),

@@ -1,41 +1,30 @@
 """Measure per-module gradient statistics inside a DeepSpeed engine and drive μ.
 
-Estimators (design.md §2), with A = gradient_accumulation_steps and N = ranks:
-
-* ``micro``: G1 = mean gradient of the first a1 = ⌊A/2⌋ micro-batches (all ranks), G2 of
-  the last a2 = A − a1. ZeRO-2/3 already hold the reduced running sum after micro-step a1,
-  so this rank copies its owned P/N elements (no extra traffic). ZeRO-0/1 reduce only at
-  the boundary; their local running sums are streamed to the owners once (one extra
-  reduction of P on update steps).
-* ``ranks``: G1 = mean over ranks [0, n1), G2 over [n1, N), n1 = ⌊N/2⌋ (the halves differ
-  by one rank when N is odd). Every rank streams ``c_r · g_r`` (c = +1/n1 or −1/n2) to the
-  owners, giving S = G1 − G2 on each owner; then G1 = G + (n2/N)·S, G2 = G − (n1/N)·S. Under
-  ZeRO-2/3 the stream runs from tensor hooks during the update step's backward passes
-  (one bucket + P/N memory); under ZeRO-0/1 from the local sums just before DeepSpeed's
-  boundary reduction. The stream goes out in ZeRO-shaped buckets (:mod:`agvm_ds.core.reducer`):
-  one reduce-scatter per bucket where the bucket's owners are all ranks in about equal
-  shares, else one reduce per owner the bucket touches — about P/bucket + N collectives and
-  P elements per micro-step, the bucket defaulting to ZeRO's ``reduce_bucket_size``.
-
-With A = 1 ``micro`` has no halves to compare: it uses the ``ranks`` split when N ≥ 2 and
-refuses to start on a single rank.
+What the two halves G1, G2 are and how the second vector ``S`` reaches each owner is the
+estimator's (:mod:`agvm_ds.core.estimators`, chosen once by ``build_estimator``); the
+controller calls its hooks from the engine callbacks and owns the rest, the same for every
+estimator:
 
 On each accumulation boundary, after DeepSpeed's reduction and before any clipping, every
 rank sums ⟨G1,G2⟩, |G1|², |G2|² (Adam-preconditioned when asked) over the elements it
 owns, per module (:mod:`agvm_ds.core.statistics`), and one asynchronous all-reduce of a
 float64 ``[modules × 3 + 1]`` tensor finishes the job; the extra slot counts chunks with a
 non-finite value. The all-reduce is waited for where μ is first needed: on the optimizer
-step's first call (``AGVM.step`` asks :meth:`AGVMController._step_guard`).
+step's first call (``AGVM.step`` asks :meth:`AGVMController.skip_step`).
 
 A non-finite gradient anywhere skips the optimizer step on every rank and leaves μ
 unchanged, in every precision. On update steps the statistics reveal it; on other steps,
 under ZeRO-1/2/3, the step guard reads the global gradient norm DeepSpeed all-reduces
 anyway (stage 0 and ``compute_grad_norm: false`` check the owned gradient themselves).
 
+The controller's state — the step μ applies to, the pending skip decision, the skipped and
+non-finite step counts — lives here, not on the optimizer; :meth:`AGVMController.state_dict`
+/ :meth:`~AGVMController.load_state_dict` carry what a checkpoint needs
+(:mod:`agvm_ds.checkpoint_engine` writes it into DeepSpeed's model-states file).
+
 Limitations:
-    The signed stream of ``ranks`` costs one extra gradient reduction per micro-step of an
-    update step (fp32, asynchronous, overlapping the backward pass). Pipeline and tensor
-    parallelism are not handled: the data-parallel group is assumed to be the world.
+    Pipeline and tensor parallelism are not handled: the data-parallel group is assumed to
+    be the world.
 """
 
 from __future__ import annotations
@@ -48,50 +37,44 @@ import torch.distributed as dist
 
 from agvm_ds.config.agvm import AGVMConfig
 from agvm_ds.core import native
-from agvm_ds.core.adapters import build_adapter, install_engine_hooks
+from agvm_ds.core.adapters import build_adapter
+from agvm_ds.core.estimators import Estimator
 from agvm_ds.core.modulator import Modulator
 from agvm_ds.core.optimizer import AGVM
 from agvm_ds.core.reducer import OwnerReducer, default_bucket_size
-from agvm_ds.core.statistics import (BLOCK, SLICE, Split, combine, gram, preconditioned_stats,
-                                     split_coefficients, workspace)
+from agvm_ds.core.statistics import BLOCK, SLICE, Split, combine, gram, preconditioned_stats, workspace
 from agvm_ds.optim.registry import OptimizerInfo
 
 log = logging.getLogger("agvm_ds")
 
 
 class AGVMController:
+    """The statistics pass, its all-reduce and the non-finite skip of one engine.
+
+    The AGVM optimizer is handed over on construction (its steps ask :meth:`skip_step` and
+    :attr:`step_index`); ``adapters.attach_controller(engine, controller)`` then routes the
+    engine's callbacks here (the ``_after_backward`` … ``_after_optimizer_step`` methods).
+    """
+
     def __init__(self, engine, optimizer: AGVM, modulator: Modulator, cfg: AGVMConfig,
                  groups: list[list[torch.nn.Parameter]], group_dicts: list[dict],
-                 precondition: Optional[OptimizerInfo]):
+                 precondition: Optional[OptimizerInfo], estimator: Estimator):
         """``precondition``: the base's registry row when Φ is taken on Adam-preconditioned
-        halves (its ``second_moment`` state, ``beta2`` and ``eps`` are read), else None."""
+        halves (its ``second_moment`` state, ``beta2`` and ``eps`` are read), else None.
+        ``estimator``: from ``build_estimator`` for this engine's accumulation count and
+        world size."""
         self.engine = engine
         self.optimizer = optimizer
         self.modulator = modulator
         self.cfg = cfg
         self.group_dicts = group_dicts
         self.precondition = precondition
-        optimizer.groups_frozen = True  # the groups below are the ones measured
+        self.estimator = estimator
         group_modules = [modulator.modules.index(g["module"]) for g in group_dicts]
         self.adapter = build_adapter(engine, groups, group_modules)
         self.params = self.adapter.params
         self.rank, self.world = self.adapter.rank, self.adapter.world
         self.A = int(engine.gradient_accumulation_steps())
-        self.estimator = cfg.estimator
-        if self.estimator == "micro" and self.A < 2:
-            if self.world < 2:
-                raise ValueError("agvm.estimator: 'micro' needs gradient_accumulation_steps >= 2 on a single "
-                                 "rank (there is only one micro-batch to compare)")
-            self.estimator = "ranks"
-            if self.rank == 0:
-                log.warning("agvm: gradient_accumulation_steps=1, so the 'micro' estimator splits by ranks")
-        if self.estimator == "ranks" and self.world < 2:
-            raise ValueError("agvm.estimator: 'ranks' needs at least 2 data-parallel ranks")
-        self.a1 = self.A // 2
-        self.n1 = self.world // 2
-        self.coeff = (1.0 / self.n1) if self.rank < self.n1 else (-1.0 / (self.world - self.n1)) \
-            if self.world > 1 else 0.0
-        self.split = split_coefficients(self.estimator, self.A, self.a1, self.world, self.n1)
         # Default: ZeRO's own bucket (one filling, one in flight), so AGVM's stream issues
         # about as many collectives per micro-step as DeepSpeed's reduction (docs/agvm.md).
         # ZeRO's bucket always takes a whole parameter, however large: so does AGVM's.
@@ -107,8 +90,10 @@ class AGVMController:
         # Build (once per machine, ~1 s) or load the fused CPU kernel now rather than inside
         # the first update step; the pass needs no scratch buffers when it is there.
         self.fused = self.adapter.device.type == "cpu" and native.kernels() is not None
-        self._hook_handles: list = []
-        self.nonfinite_steps = 0
+        self.nonfinite_steps = 0  # steps with a non-finite gradient, skipped or not
+        self.skipped_steps = 0  # optimizer steps skipped for one (by AGVM or DeepSpeed)
+        self._boundary_step: Optional[int] = None  # the engine's step at the last boundary
+        self._skip: bool | None = False  # this step's verdict; None: decided on its first call
         self._step_nonfinite = False
         self._pending = None  # (all-reduce work, stats tensor, step) of an update in flight
         self._pending_flag = None  # (all-reduce work, flag) of AGVM's own finiteness check
@@ -117,11 +102,22 @@ class AGVMController:
         # Where DeepSpeed already all-reduces a gradient norm every step, plain steps read it
         # (at step time, through AGVM.step) instead of running a check of their own.
         self.engine_check = self.adapter.engine_nonfinite_check()
-        optimizer.step_guard = self._step_guard
-        install_engine_hooks(engine, self._after_backward, self._before_reduction, self._after_optimizer_step,
-                             self.adapter.engine_skipped_step)
-        if self.estimator == "ranks" and self.adapter.reduces_every_micro_step:
-            engine.module.register_forward_pre_hook(self._on_forward)
+        optimizer.attach(self)  # the groups above are the ones measured; its steps ask here
+
+    # -- what the optimizer asks on its step -------------------------------------------
+    @property
+    def step_index(self) -> int:
+        """The optimizer step μ applies to: the engine's global step at the last accumulation
+        boundary. After a load it is read from the engine, which restores its counter only
+        after this controller's state (``load_state_dict`` must not read it)."""
+        return int(self.engine.global_steps) if self._boundary_step is None else self._boundary_step
+
+    def skip_step(self) -> bool:
+        """Whether this optimizer step is a no-op on every rank; decided once per step, on the
+        first call (ZeRO steps the optimizer once per group or sub-group)."""
+        if self._skip is None:
+            self._skip = bool(self._step_guard())
+        return self._skip
 
     # -- step bookkeeping ------------------------------------------------------------
     def _step(self) -> int:
@@ -133,52 +129,33 @@ class AGVMController:
     def _is_update(self) -> bool:
         return self.modulator.is_update_step(self._step())
 
-    # -- ranks under ZeRO-2/3: stream from tensor hooks --------------------------------
+    # -- engine callbacks (routed here by adapters.attach_controller) ------------------
+    @property
+    def wants_forward_hook(self) -> bool:
+        """Whether the estimator needs :meth:`_on_forward` before every forward pass."""
+        return self.estimator.wants_forward_hook(self.adapter)
+
     def _on_forward(self, module, args):
-        if self._hook_handles or not module.training or not torch.is_grad_enabled() or not self._is_update():
+        """The module's forward pre-hook: the estimator arms what an update step's backward needs."""
+        if not module.training or not torch.is_grad_enabled() or not self._is_update():
             return
-        self.reducer.start(self.adapter.local_numel, self.adapter.device)
-        for p in self.params:
-            self._hook_handles.append(p.register_hook(self._make_hook(p)))
+        self.estimator.on_forward(self.adapter, self.reducer)
 
-    def _make_hook(self, p):
-        def hook(grad):
-            self.reducer.add(p, grad, self.coeff)
-        return hook
-
-    def _disarm(self):
-        for h in self._hook_handles:
-            h.remove()
-        self._hook_handles.clear()
-
-    # -- engine callbacks -----------------------------------------------------------
     def _before_reduction(self):
         """Stages 0/1, inside the engine's epilogue, before DeepSpeed's own reduction."""
-        if self.adapter.reduces_every_micro_step or self.estimator != "ranks":
+        if self.adapter.reduces_every_micro_step:
             return
         if not (self.engine.is_gradient_accumulation_boundary() and self._is_update()):
             return
-        self._stream_local(self.coeff)
-
-    def _stream_local(self, coeff: float):
-        self.reducer.start(self.adapter.local_numel, self.adapter.device)
-        for p in self.params:
-            self.reducer.add(p, self.adapter.local_unreduced_grad(p), coeff)
-        self.reducer.flush()  # completes by the boundary (reducer.wait in _update_stats)
+        self.estimator.before_reduction(self.adapter, self.reducer)
 
     def _after_backward(self):
         update = self._is_update()
         boundary = self.engine.is_gradient_accumulation_boundary()
-        if update and self._hook_handles:
-            self.reducer.flush()
-        if update and self.estimator == "micro" and not boundary and self._micro_index() == self.a1 - 1:
-            if self.adapter.reduces_every_micro_step:
-                self.reducer.start(self.adapter.local_numel, self.adapter.device, zero=False)
-                self.adapter.copy_owned_grad(self.reducer.acc)
-            else:
-                self._stream_local(1.0 / self.world)
+        if update:
+            self.estimator.after_backward(self.adapter, self.reducer, self._micro_index(), boundary)
         if boundary:
-            self._disarm()
+            self.estimator.end_accumulation()
             self._finish_step(update)
 
     @torch.no_grad()
@@ -191,7 +168,7 @@ class AGVMController:
         self.reducer.free_send_buffers()  # the scratch below comes out of the same bucket budget
         acc = self.reducer.acc
         work = None if self.fused else workspace(min(self.adapter.local_numel, self.scratch_numel), acc.device)
-        scaled = Split(*(x * inv_scale for x in self.split))  # fp16: unscale inside the pass
+        scaled = Split(*(x * inv_scale for x in self.estimator.split))  # fp16: unscale inside the pass
         rows, modules = [], []
         row = self.precondition
         for ch in self.adapter.chunks(second_moment=row.second_moment if row else None):
@@ -229,7 +206,7 @@ class AGVMController:
         all-reduce instead of adding a second synchronization point."""
         self._resolve()
         step = self._step()
-        self.optimizer.step_index = step
+        self._boundary_step = step
         self._step_nonfinite = False
         if update:
             m = len(self.modulator.modules)
@@ -240,11 +217,11 @@ class AGVMController:
             local[-1] = bad
             work = dist.all_reduce(local, async_op=True) if self.world > 1 else None
             self._pending = (work, local, step)
-            self.optimizer.skip_next_step = None  # decided by _step_guard once the sums arrive
+            self._skip = None  # decided by _step_guard once the sums arrive
         elif self.cfg.skip_nonfinite and self.engine_check is not None:
             # DeepSpeed all-reduces a gradient norm on this step anyway: _step_guard reads it
             # at step time instead of paying for a pass and a collective here.
-            self.optimizer.skip_next_step = None
+            self._skip = None
         elif self.cfg.skip_nonfinite:
             # Stage 0 (or no DeepSpeed norm): AGVM's own flag, computed and all-reduced on the
             # device here and read by the step guard, so the epilogue itself never syncs.
@@ -254,9 +231,9 @@ class AGVMController:
                 flag += (~torch.isfinite(torch.stack(sums).sum())).to(torch.float64)
             work = dist.all_reduce(flag, async_op=True) if self.world > 1 else None
             self._pending_flag = (work, flag)
-            self.optimizer.skip_next_step = None  # decided by _step_guard
+            self._skip = None  # decided by _step_guard
         else:
-            self.optimizer.skip_next_step = False
+            self._skip = False
 
     def _resolve(self) -> bool | None:
         """Finish a pending update: wait for the summed statistics, then update μ (or count
@@ -287,7 +264,8 @@ class AGVMController:
         return bool(flag[0] > 0)
 
     def _step_guard(self) -> bool:
-        """Asked by AGVM.step on the step's first call: complete μ, then say whether to skip."""
+        """Asked through :meth:`skip_step` on the step's first call: complete μ, then say
+        whether to skip."""
         nonfinite = self._resolve()
         own = self._resolve_flag()
         if nonfinite is None:
@@ -303,26 +281,30 @@ class AGVMController:
         resolved = self._resolve()  # DeepSpeed skipped the step before AGVM.step could ask
         if self._resolve_flag() or resolved:
             self._step_nonfinite = True
-        caught = self.optimizer.skip_next_step is True or engine_skipped
+        caught = self._skip is True or engine_skipped
         nonfinite = caught or self._step_nonfinite is True
         self._step_nonfinite = False
         if not nonfinite:
             return
         self.nonfinite_steps += 1
         if caught:
-            self.optimizer.skipped_steps += 1
+            self.skipped_steps += 1
         if self.rank == 0:
             log.warning("agvm: non-finite gradient at step %d: %s", self._step(),
                         "optimizer step skipped" if caught else "step NOT skipped")
 
     # -- checkpoint state -----------------------------------------------------------
     def state_dict(self) -> dict:
+        """μ, the modulator state and the step counts: tensors and plain types only (the
+        checkpoint files are loaded with ``weights_only=True``). A pending update is folded
+        in first, so the saved μ is the one the last step used."""
         self._resolve()
-        return {"modulator": self.modulator.state_dict(), "skipped_steps": self.optimizer.skipped_steps,
+        return {"modulator": self.modulator.state_dict(), "skipped_steps": self.skipped_steps,
                 "nonfinite_steps": self.nonfinite_steps}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; the step index follows the engine's restored counter."""
         self.modulator.load_state_dict(state["modulator"])
-        self.optimizer.skipped_steps = int(state.get("skipped_steps", 0))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
-        self.optimizer.step_index = int(self.engine.global_steps)
+        self._boundary_step = None

@@ -18,21 +18,36 @@ AdamW decoupled decay the scaled lr also scales the decay and the momentum updat
 intended (paper §3, "Discussion on Momentum and Weight Decay").
 
 The statistics that produce μ are measured elsewhere (:mod:`agvm_ds.core.controller`);
-this class only holds μ through a shared :class:`~agvm_ds.core.modulator.Modulator` and a
-step counter the controller advances. ``skip_next_step`` makes the next step a no-op on
-every rank (set when a gradient was non-finite); ``None`` defers that decision to
-``step_guard()``, asked on the step's first call, when DeepSpeed has just all-reduced the
-gradient norm (see :meth:`~agvm_ds.core.adapters.StageAdapter.engine_nonfinite_check`).
+this class only holds μ through a shared :class:`~agvm_ds.core.modulator.Modulator`. Which
+step μ applies to, and whether a step is skipped (a non-finite gradient on any rank), is
+the business of the controller :meth:`AGVM.attach` hands the optimizer to: every step
+asks it (:class:`StepController`), so the decision can wait until the step's first call,
+when DeepSpeed has just all-reduced the gradient norm (see
+:meth:`~agvm_ds.core.adapters.StageAdapter.engine_nonfinite_check`). Used on its own,
+without a controller, AGVM never skips and applies μ at ``step_index``, which the caller
+advances.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Optional, Protocol
 
 import torch
 
 from agvm_ds.core.modulator import Modulator
 from agvm_ds.optim import registry
+
+
+class StepController(Protocol):
+    """What :meth:`AGVM.step` asks the controller it is attached to."""
+
+    @property
+    def step_index(self) -> int:
+        """The optimizer step μ applies to."""
+
+    def skip_step(self) -> bool:
+        """Whether this step must be a no-op (asked on every call of the step)."""
 
 
 class AGVM(torch.optim.Optimizer):
@@ -51,11 +66,9 @@ class AGVM(torch.optim.Optimizer):
             self._check_group(g, modulator, f"param group {i}")
         self.base = base
         self.modulator = modulator
-        self.step_index = 0  # the optimizer step μ applies to (the engine's global step)
-        self.skip_next_step: bool | None = False
-        self.step_guard = None  # () -> bool, asked when skip_next_step is None
-        self.skipped_steps = 0
-        self.groups_frozen = False  # set by the controller once it has measured the groups
+        self.step_index = 0  # without a controller: the optimizer step μ applies to
+        self.controller: Optional[StepController] = None
+        self.groups_frozen = False  # set once a controller measures the groups
         # torch.optim.Optimizer.__init__ minus its two assignments: it would set
         # self.state / self.param_groups, which here *are* the base's (see the properties),
         # and re-add every group to the base. Everything else torch's machinery reads:
@@ -104,6 +117,12 @@ class AGVM(torch.optim.Optimizer):
     def __repr__(self):
         return f"AGVM({self.base!r}, modules={self.modulator.modules})"
 
+    def attach(self, controller: StepController) -> None:
+        """Let ``controller`` decide each step's μ index and skip, and freeze the groups it
+        measures (a group added later would be modulated unmeasured)."""
+        self.controller = controller
+        self.groups_frozen = True
+
     def zero_grad(self, set_to_none: bool = True):
         self.base.zero_grad(set_to_none=set_to_none)
 
@@ -118,14 +137,14 @@ class AGVM(torch.optim.Optimizer):
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("AGVM does not support a closure (DeepSpeed never passes one)")
-        if self.skip_next_step is None:  # deferred: decided once per step, on the first call
-            self.skip_next_step = bool(self.step_guard is not None and self.step_guard())
-        if self.skip_next_step:
+        ctrl = self.controller
+        if ctrl is not None and ctrl.skip_step():
             return None
+        step = self.step_index if ctrl is None else ctrl.step_index
         saved = []
         for group in self.param_groups:
             saved.append(group["lr"])
-            group["lr"] = group["lr"] * self.modulator.multiplier(group["module"], self.step_index)
+            group["lr"] = group["lr"] * self.modulator.multiplier(group["module"], step)
         try:
             return self.base.step()
         finally:

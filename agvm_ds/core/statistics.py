@@ -10,13 +10,14 @@ it owns, the averaged gradient ``G`` and one more vector ``S``:
 
 Either way the halves are linear in (G, S)::
 
-    G1 = a1·G + b1·S,    G2 = a2·G + b2·S                       (split coefficients)
+    G1 = a1·G + b1·S,    G2 = a2·G + b2·S                       (:class:`Split`)
 
-so ⟨G1,G2⟩, |G1|², |G2|² are a fixed quadratic form in the three sums Σ G², Σ G·S, Σ S²
-(:func:`combine`). Those are taken with fp32 products and float64 accumulation
+with coefficients each estimator supplies (:mod:`agvm_ds.core.estimators`), so nothing
+here depends on which one runs, and ⟨G1,G2⟩, |G1|², |G2|² are a fixed quadratic form in
+the three sums Σ G², Σ G·S, Σ S² (:func:`combine`). Those are taken with fp32 products and float64 accumulation
 (:func:`gram`): no float64 copy of the slice and no G1/G2 buffers, three passes over P/N
 elements instead of eight. Each sum is within ~10⁻⁶·Σ|xᵢyᵢ| of exact in the worst case
-(``_sum_of_products``), so the cosine is good to ~10⁻⁶ absolute: far inside the 10⁻⁴ the
+(:func:`_row_sums`), so the cosine is good to ~10⁻⁶ absolute: far inside the 10⁻⁴ the
 tests ask, and at the scale of the modulator's ε = 10⁻⁶ on Φ = 1 − cos.
 
 With Adam preconditioning the halves pass through an element-wise non-linearity, so
@@ -39,26 +40,12 @@ from agvm_ds.core import native
 
 
 class Split(NamedTuple):
-    """G1 = a1·G + b1·S and G2 = a2·G + b2·S."""
+    """G1 = a1·G + b1·S and G2 = a2·G + b2·S (from an estimator's ``coefficients``)."""
 
     a1: float
     b1: float
     a2: float
     b2: float
-
-
-def split_coefficients(estimator: str, accumulation: int, first_micro: int, world: int, first_ranks: int) -> Split:
-    """The linear map from (G, S) to the halves, for ``estimator`` in {"micro", "ranks"}."""
-    if estimator == "micro":
-        if not 0 < first_micro < accumulation:
-            raise ValueError(f"micro split needs 0 < a1 < A, got a1={first_micro}, A={accumulation}")
-        return Split(0.0, accumulation / first_micro, accumulation / (accumulation - first_micro),
-                     -accumulation / (accumulation - first_micro))
-    if estimator == "ranks":
-        if not 0 < first_ranks < world:
-            raise ValueError(f"ranks split needs 0 < n1 < N, got n1={first_ranks}, N={world}")
-        return Split(1.0, (world - first_ranks) / world, 1.0, -first_ranks / world)
-    raise ValueError(f"unknown estimator {estimator!r}")
 
 
 #: Elements per fp32 partial sum; the partials are added in float64.

@@ -8,13 +8,12 @@ from pathlib import Path
 import torch
 
 from agvm_ds.config.data import DataConfig
+from agvm_ds.config.files import REPO_ROOT
 from agvm_ds.data.coco import CocoDataset
 from agvm_ds.data.sampler import ResumableDistributedSampler
 from agvm_ds.data.semantic import SemanticSegDataset
 from agvm_ds.data.synthetic import ensure_synthetic
 from agvm_ds.data.transforms import Transform, collate
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def default_cache_dir() -> Path:

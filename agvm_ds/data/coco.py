@@ -51,6 +51,14 @@ def read_json(path: Path) -> object:
         raise DatasetError(f"{path}: not a UTF-8 JSON file ({err.reason})") from None
 
 
+def encode_mask(mask: np.ndarray) -> dict:
+    """Compressed COCO RLE of one binary ``[H, W]`` mask, with ``counts`` as ``str``."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    rle["size"] = [int(s) for s in rle["size"]]
+    return rle
+
+
 def _require(path: Path, obj: dict, keys: tuple[str, ...], what: str) -> None:
     missing = [k for k in keys if k not in obj]
     if missing:

@@ -46,7 +46,7 @@ import numpy as np
 from PIL import Image
 
 from agvm_ds.data.shapes import SHAPE_NAMES, render_scene
-from agvm_ds.evaluation.results import encode_mask
+from agvm_ds.data.coco import encode_mask
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
-from pycocotools import mask as mask_utils
+
+from agvm_ds.data.coco import encode_mask
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -23,14 +24,6 @@ def _to_numpy(value: Any) -> np.ndarray:
             value = value.float()
         value = value.numpy()
     return np.asarray(value)
-
-
-def encode_mask(mask: np.ndarray) -> dict:
-    """Compressed COCO RLE of one binary ``[H, W]`` mask, with ``counts`` as ``str``."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    rle["counts"] = rle["counts"].decode("ascii")
-    rle["size"] = [int(s) for s in rle["size"]]
-    return rle
 
 
 def to_coco_results(predictions: Sequence[dict], image_ids: Sequence[int],

@@ -3,13 +3,12 @@
 ``build_model(spec)`` builds RetinaNet, Faster R-CNN, Mask R-CNN or Semantic FPN on a timm
 or UniNet-style backbone from a JSON spec in ``models/``; the returned module carries
 ``agvm_modules`` (module name -> parameter-name prefixes, anchor first) and
-``agvm_anchor``. ``param_groups(model, weight_decay)`` builds decay / no-decay groups per
-module for the optimizer.
+``agvm_anchor``, which :func:`agvm_ds.partition.resolve_partition` turns into the
+partition the optimizer groups (:func:`agvm_ds.partition.param_groups`) are cut along.
 """
 
 from agvm_ds.models.build import assign_modules, build_model, partition_problems
-from agvm_ds.models.param_groups import param_groups
-from agvm_ds.models.spec import ModelSpec, load_spec, resolve_spec_path
+from agvm_ds.config.spec import ModelSpec, load_spec, resolve_spec_path
 
-__all__ = ["ModelSpec", "assign_modules", "build_model", "load_spec", "param_groups",
-           "partition_problems", "resolve_spec_path"]
+__all__ = ["ModelSpec", "assign_modules", "build_model", "load_spec", "partition_problems",
+           "resolve_spec_path"]

@@ -15,7 +15,8 @@ from typing import Any
 from torch import nn
 
 from agvm_ds.config.base import ConfigError
-from agvm_ds.models.spec import ModelSpec, load_spec
+from agvm_ds.config.spec import ModelSpec, load_spec
+from agvm_ds.partition import classify_parameters
 
 __all__ = ["build_model", "assign_modules", "partition_problems", "ARCHITECTURES"]
 
@@ -32,11 +33,9 @@ ARCHITECTURES = ("retinanet", "faster_rcnn", "mask_rcnn", "semantic_fpn")
 
 
 def assign_modules(model: nn.Module, modules: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
-    """Module name -> names of the trainable parameters it owns, by the core's partition rule
-    (:func:`agvm_ds.core.partition.classify_parameters`); ``"<unassigned>"`` and
+    """Module name -> names of the trainable parameters it owns, by the one partition rule
+    (:func:`agvm_ds.partition.classify_parameters`); ``"<unassigned>"`` and
     ``"<ambiguous>"`` collect the problem cases instead of raising."""
-    from agvm_ds.core.partition import classify_parameters
-
     modules = modules if modules is not None else model.agvm_modules
     owner, unassigned, ambiguous, _ = classify_parameters(model, modules)
     out: dict[str, list[str]] = {m: [] for m in modules}
@@ -48,8 +47,6 @@ def assign_modules(model: nn.Module, modules: dict[str, list[str]] | None = None
 
 def partition_problems(model: nn.Module, modules: dict[str, list[str]] | None = None) -> list[str]:
     """Human-readable problems with a partition (empty list = valid)."""
-    from agvm_ds.core.partition import classify_parameters
-
     modules = modules if modules is not None else model.agvm_modules
     _, unassigned, ambiguous, empty = classify_parameters(model, modules)
     problems = []

@@ -7,14 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["make_norm", "ConvNormAct", "DropPath", "LayerScale", "SqueezeExcite", "LayerNorm2d",
-           "BatchNorm2d", "mixed_precision_batchnorm", "convert_batchnorm", "NORM_TYPES",
-           "NORM_KINDS"]
-
-# Norm layers get no weight decay (see agvm_ds.models.param_groups); keep this tuple complete.
-# FrozenBatchNorm2d is absent on purpose: it owns no parameters, and a residual branch must
-# never have its frozen scale zeroed (uninet_blocks._zero_last_norm looks norms up here).
-NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
-              nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
+           "BatchNorm2d", "mixed_precision_batchnorm", "convert_batchnorm", "NORM_KINDS"]
 
 
 class LayerNorm2d(nn.LayerNorm):

@@ -31,8 +31,9 @@ own loads then go through the same weights_only loader, and the RNG files are lo
 
 ``client_state`` holds ``step`` (optimizer steps done), ``sampler`` (epoch / step in epoch
 / seed / world size), ``rng`` (rank 0's generator states), ``run`` (config name),
-``global_batch`` and ``agvm`` (μ and the modulator state, added by ``agvm_ds.api``): all
-tensors and plain types.
+``global_batch`` and ``agvm`` (μ and the modulator state, which the checkpoint engine adds
+to DeepSpeed's model-states file and restores from it: :mod:`agvm_ds.checkpoint_engine`):
+all tensors and plain types.
 
 Limitations:
     Resuming needs the same ZeRO stage and batch layout. Another world size is loaded from

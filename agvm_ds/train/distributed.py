@@ -6,7 +6,7 @@ Notes:
     * On the CPU accelerator the backend is gloo and each rank gets
       ``cpu_count // local ranks`` torch threads unless ``OMP_NUM_THREADS`` is set.
     * :func:`teardown` is barrier + ``destroy_process_group``; without it processes
-      sometimes abort at exit (design §3). After a failure it only destroys.
+      sometimes abort at exit (measured with deepspeed 0.19.8). After a failure it only destroys.
     * ``AGVM_DS_FAULT_AT_STEP=N`` makes rank ``AGVM_DS_FAULT_RANK`` (default 1) leave with
       ``os._exit(17)`` just before optimizer step N+1 (i.e. after N steps) — for tests
       of crash handling and resumption; never set it in real runs.
@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from agvm_ds.config.files import REPO_ROOT
+
 FAULT_EXIT_CODE = 17
 
 

@@ -30,9 +30,10 @@ by (seed, step, global micro-block), see :mod:`agvm_ds.train.sampler`.
 Limitations:
     Supported: fp32 weights, ZeRO stage 0, 2 or 3 without offload, ``SGD`` or ``AdamW``,
     the same ZeRO stage, micro batch and global batch on both sides (so the accumulation
-    count absorbs the world size change), AGVM off or with the ``micro`` estimator (the
-    ``ranks`` estimator splits by rank). Anything else is refused before training
-    (``CheckpointError``). ZeRO-1 is refused only because it is untested here. Loading
+    count absorbs the world size change), AGVM off or with an estimator whose halves do not
+    depend on the world size (``micro`` with gradient_accumulation_steps >= 2; ``ranks``,
+    and ``micro`` with one micro-batch per step, split by rank). Anything else is refused
+    before training (``CheckpointError``). ZeRO-1 is refused only because it is untested here. Loading
     reads all old ranks' files on every rank (P floats per state read per rank). BatchNorm
     running statistics continue from the saved (rank-averaged) values, but their later
     updates depend on how many micro-batches each rank sees, so they are not world-size
@@ -57,8 +58,9 @@ OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
 _FILE_RE = re.compile(r"^elastic_rank(\d+)\.pt$")
 
 
-def unsupported(run) -> Optional[str]:
-    """Why ``run`` (a RunConfig) cannot save or resume elastically, or None."""
+def unsupported(run, world: Optional[int] = None) -> Optional[str]:
+    """Why ``run`` (a RunConfig) on ``world`` ranks (default: the run's own world size) cannot
+    save or resume elastically, or None."""
     ds = run.deepspeed
     if run.zero_stage not in STAGES:
         return f"zero_optimization.stage {run.zero_stage} (elastic resume supports ZeRO {STAGES})"
@@ -73,8 +75,17 @@ def unsupported(run) -> Optional[str]:
     name = str((ds.get("optimizer") or {}).get("type", "")).strip().lower()
     if name not in OPTIMIZERS:
         return f"optimizer.type {name!r} (elastic resume supports {', '.join(OPTIMIZERS)})"
-    if run.agvm.enabled and run.agvm.estimator != "micro":
-        return f"agvm.estimator {run.agvm.estimator!r} (it splits by rank; elastic resume needs 'micro')"
+    if run.agvm.enabled:
+        from agvm_ds.core.estimators import build_estimator
+
+        ranks = world if world is not None else run.world_size
+        try:
+            estimator = build_estimator(run.agvm, run.grad_accum, ranks or 1, collectives.rank(), announce=False)
+        except ValueError as err:
+            return str(err)
+        if not estimator.world_size_independent:
+            return (f"agvm.estimator {estimator.name!r} (its halves depend on the number of ranks; "
+                    f"elastic resume needs 'micro' with gradient_accumulation_steps >= 2)")
     return None
 
 

@@ -42,7 +42,7 @@ import agvm_ds
 from agvm_ds import collectives
 from agvm_ds.config.base import ConfigError
 from agvm_ds.config.run import RunConfig
-from agvm_ds.core.partition import PartitionError
+from agvm_ds.partition import PartitionError, resolve_partition
 from agvm_ds.data.errors import DatasetError
 from agvm_ds.models.norms import average_batchnorm_statistics
 from agvm_ds.train import build as B
@@ -56,7 +56,8 @@ from agvm_ds.train.metrics import LossLog, MetricsWriter, agvm_record, read_metr
 from agvm_ds.train.plot import plot_modulation
 from agvm_ds.train.sampler import (SeededDataset, StepBatchSampler, StepSampler, mix_seed,
                                    seed_all)
-from agvm_ds.train.schedule import LrSchedule, build_lr_schedule, clip_norm_at, resolve_steps
+from agvm_ds.train.resolve import ResolvedRun, resolve_run
+from agvm_ds.train.schedule import LrSchedule, build_lr_schedule, clip_norm_at
 
 logger = logging.getLogger("agvm_ds.train")
 
@@ -68,7 +69,7 @@ USER_ERRORS = (ConfigError, DatasetError, PartitionError)
 class Job:
     """Everything one rank needs to train; built by :func:`build_job`."""
 
-    run: RunConfig
+    resolved: ResolvedRun
     out_dir: Path
     rank: int
     world: int
@@ -76,13 +77,27 @@ class Job:
     val_set: Any
     sampler: StepSampler
     schedule: LrSchedule
-    total_steps: int
-    warmup: int
-    base_lr: float
     engine: Any = None
+    partition: Any = None  # agvm_ds.partition.Partition, resolved once for the whole run
     dtype: torch.dtype = torch.float32
     clip_now: Optional[float] = None  # the clipping threshold currently set on the engine
     last_update: Optional[int] = None  # step of the last AGVM update already logged
+
+    @property
+    def run(self) -> RunConfig:
+        return self.resolved.run
+
+    @property
+    def total_steps(self) -> int:
+        return self.resolved.total_steps
+
+    @property
+    def warmup(self) -> int:
+        return self.resolved.warmup_steps
+
+    @property
+    def base_lr(self) -> float:
+        return self.resolved.base_lr
 
     @property
     def ckpt_dir(self) -> Path:
@@ -101,38 +116,34 @@ def build_job(run: RunConfig, out_dir: Path, rank: int, world: int) -> Job:
     # the synthetic benchmark is generated once, by rank 0, under a file lock
     need_val = tcfg.eval_at_end or tcfg.eval_every > 0
     train_set, val_set = B.build_datasets(run, rank, need_val=need_val)
-    total, warmup = resolve_steps(tcfg, len(train_set), run.global_batch)
+    resolved = resolve_run(run, out_dir, world, len(train_set), rank)
     try:
         sampler = StepSampler(len(train_set), world, rank, run.micro_batch, run.grad_accum,
                               seed=tcfg.seed)
     except ValueError as err:
         raise ConfigError(f"train_batch_size: {err}") from None
-    if run.agvm.start_step is None:
-        run.agvm.start_step = warmup
-    base_lr, lr_note = B.choose_lr(run)
-    job = Job(run, out_dir, rank, world, train_set, val_set, sampler,
-              build_lr_schedule(tcfg, total, warmup), total, warmup, base_lr)
-    if lr_note:
-        job.say(lr_note)
+    job = Job(resolved, out_dir, rank, world, train_set, val_set, sampler,
+              build_lr_schedule(tcfg, resolved.total_steps, resolved.warmup_steps))
+    if resolved.lr_note:
+        job.say(resolved.lr_note)
 
     torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
-    _default_monitor_paths(run, out_dir)
     t0 = time.perf_counter()
     model = B.build_model(run, getattr(train_set, "num_classes", None))
     t1 = time.perf_counter()
-    weight_decay = float(run.deepspeed["optimizer"].get("params", {}).get("weight_decay", 0.0))
-    groups = B.build_param_groups(model, weight_decay, base_lr, tcfg.norm_bias_decay)
-    job.engine = B.build_engine(run, model, groups)
+    job.partition = resolve_partition(model, anchor=resolved.agvm.anchor)  # once, for groups and engine
+    weight_decay = float(resolved.deepspeed["optimizer"].get("params", {}).get("weight_decay", 0.0))
+    groups = B.build_param_groups(model, job.partition, weight_decay, resolved.base_lr,
+                                  tcfg.norm_bias_decay)
+    # the typed agvm section and the partition go in as they are: no dict round trip and no
+    # second resolution of the partition inside initialize
+    job.engine, *_ = agvm_ds.initialize(model=model, config=resolved.deepspeed, agvm=resolved.agvm,
+                                        modules=job.partition, model_parameters=groups)
     job.say(f"model built in {t1 - t0:.1f} s, DeepSpeed engine (ZeRO-{run.zero_stage}) in "
             f"{time.perf_counter() - t1:.1f} s")
     job.dtype = next(p.dtype for p in job.engine.module.parameters() if p.is_floating_point())
     if rank == 0:
-        resolved = {"total_steps": total, "warmup_steps": warmup, "base_lr": base_lr,
-                    "world_size": world}
-        (out_dir / "config.json").write_text(json.dumps(
-            {**run.initialize_config(), "model": run.model.model_dump(mode="json"),
-             "data": run.data.model_dump(mode="json"), "train": tcfg.model_dump(mode="json"),
-             "_resolved": resolved}, indent=2))
+        (out_dir / "config.json").write_text(json.dumps(resolved.record(), indent=2))
     return job
 
 
@@ -191,7 +202,7 @@ def train(run: RunConfig, out_dir: Path, resume: Optional[str], rank: int, world
     tag_dir = select_checkpoint(resume, out_dir / "checkpoints",
                                 layout(world, run.zero_stage, run.micro_batch, run.grad_accum))
     if tag_dir is not None and _saved_world(tag_dir) not in (None, world):
-        why = elastic.unsupported(run)
+        why = elastic.unsupported(run, world)
         if why is not None:
             raise CheckpointError(f"--resume {resume}: saved with {_saved_world(tag_dir)} ranks, this run "
                                   f"has {world}; resuming on another number of ranks does not support {why}")
@@ -204,7 +215,9 @@ def train(run: RunConfig, out_dir: Path, resume: Optional[str], rank: int, world
         # pinned host memory lets the copy to the GPU run asynchronously (no stall per step)
         pin_memory=torch.device(engine.device).type == "cuda")
     batches = iter(loader)
-    agvm_on = f"on from step {run.agvm.start_step}" if run.agvm.enabled else "off"
+    resolved = job.resolved
+    agvm_on = (f"on from step {resolved.agvm.start_step} ({resolved.estimator.name} estimator)"
+               if resolved.estimator else "off")
     job.say(f"{run.name}: {total} steps ({job.sampler.steps_per_epoch}/epoch), warmup "
             f"{job.warmup}, global batch {run.global_batch} = {run.micro_batch} x "
             f"{run.grad_accum} x {world} ranks, ZeRO-{run.zero_stage}, AGVM {agvm_on}")
@@ -303,7 +316,7 @@ def _save(job: Job, steps_done: int) -> None:
     # rank's BatchNorm statistics equal first, so a resumed run continues the same model
     average_batchnorm_statistics(job.engine.module)
     # a world-size-independent copy of the state too, where the elastic path supports the run
-    extra = None if elastic.unsupported(job.run) else (
+    extra = None if elastic.unsupported(job.run, job.world) else (
         lambda tag_dir: elastic.save_state(job.engine, tag_dir, steps_done))
     save_checkpoint(job.engine, job.ckpt_dir, steps_done, state, job.run.train.keep_checkpoints,
                     extra=extra)
@@ -343,14 +356,6 @@ def _progress(rank: int, total: int, initial: int):
     tty = sys.stderr.isatty()
     return tqdm(total=total, initial=initial, disable=rank != 0, dynamic_ncols=tty,
                 desc="train", unit="step", mininterval=1.0 if tty else 30.0, ascii=not tty)
-
-
-def _default_monitor_paths(run: RunConfig, out_dir: Path) -> None:
-    """DeepSpeed monitors that are enabled without an ``output_path`` write into the run."""
-    for key in ("tensorboard", "csv_monitor"):
-        section = run.deepspeed.get(key)
-        if isinstance(section, dict) and section.get("enabled") and not section.get("output_path"):
-            section["output_path"] = str(out_dir / "monitor") + "/"
 
 
 def _saved_world(tag_dir: Path) -> Optional[int]:

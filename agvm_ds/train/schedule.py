@@ -3,7 +3,7 @@
 The schedule is a pure function of the optimizer step, so a resumed run needs no
 scheduler state: before every step the loop writes ``group["lr"] = group["base_lr"] *
 factor(step)`` into each param group. AGVM multiplies by its module's μ around the base
-optimizer's step and restores the value afterwards (design §1), so the schedule never sees μ.
+optimizer's step and restores the value afterwards (:mod:`agvm_ds.core.optimizer`), so the schedule never sees μ.
 
 Notes:
     * warmup ``linear``: ``r + (1 - r) * s / W``; ``exponential``: ``r ** (1 - s / W)``;

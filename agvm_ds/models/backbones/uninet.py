@@ -3,7 +3,7 @@
 Layout (Liu et al., "UniNet", ECCV 2022): a stride-2 3x3 stem, then six stages with strides
 1, 2, 2, 2, 1, 2 (total stride 32). Each stage is ``[down-sampling module] + depth x block``
 of one kind; the down-sampling module also changes the channel count. Everything is set per
-stage in the spec (:class:`agvm_ds.models.spec.UniNetStageSpec`), so the family ranges from
+stage in the spec (:class:`agvm_ds.config.spec.UniNetStageSpec`), so the family ranges from
 a ~1M-parameter model that trains on two CPU cores to the ~1B one the AGVM paper used.
 """
 

@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from agvm_ds.models.layers import NORM_TYPES, ConvNormAct, DropPath, LayerScale, SqueezeExcite
+from agvm_ds.models.layers import ConvNormAct, DropPath, LayerScale, SqueezeExcite
+from agvm_ds.partition import NORM_TYPES
 
 __all__ = ["MBConv", "FusedMBConv", "AttentionBlock", "MixerBlock", "ContextDownsample", "Mlp"]
 

@@ -1,5 +1,9 @@
 """Partition report: parameters per AGVM module, their param groups, ZeRO memory per rank.
 
+The groups are the ones training builds (:func:`agvm_ds.partition.param_groups` with the
+run's ``optimizer.params.weight_decay`` and ``train.norm_bias_decay``), so the decay /
+no-decay counts printed per module are what the optimizer will see.
+
 The memory model is ZeRO's (Rajbhandari et al. 2020, §3): with ``P`` trainable parameters
 on ``N`` data-parallel ranks,
 
@@ -26,7 +30,7 @@ from typing import Any
 from torch import nn
 
 from agvm_ds.models.build import assign_modules, partition_problems
-from agvm_ds.models.param_groups import param_groups
+from agvm_ds.partition import param_groups, resolve_partition
 
 __all__ = ["optimizer_state_bytes", "zero_memory", "partition_report", "format_report"]
 
@@ -74,24 +78,31 @@ def agvm_update_step_bytes(ds_config: dict, num_params: int, largest_param: int,
                            world_size: int) -> dict[str, float]:
     """AGVM's extra bytes per rank on an update step: ``accumulator`` (P/N fp32) and
     ``stream_buffers`` (0 where nothing is streamed); empty when AGVM is off."""
+    from agvm_ds.config.agvm import AGVMConfig
+    from agvm_ds.config.base import parse_section
+    from agvm_ds.core.estimators import build_estimator
     from agvm_ds.core.reducer import buffer_elements, default_bucket_size
 
-    agvm = ds_config.get("agvm") or {}
-    if not agvm.get("enabled", True):
+    agvm = parse_section(AGVMConfig, ds_config.get("agvm"), "agvm")
+    if not agvm.enabled:
         return {}
     n = max(int(world_size), 1)
     zero = ds_config.get("zero_optimization") or {}
     stage = int(zero.get("stage", 0))
     gas = int(ds_config.get("gradient_accumulation_steps", 1) or 1)
-    ranks = agvm.get("estimator", "micro") == "ranks" or (gas < 2 and n > 1)
-    streams = ranks or stage <= 1
-    bucket = agvm.get("bucket_size")
+    try:
+        estimator = build_estimator(agvm, gas, n, 0, announce=False)
+    except ValueError as err:  # the run itself would be refused at start-up
+        return {"refused": str(err)}
+    bucket = agvm.bucket_size
     if bucket is None:
         from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
         rbs = zero.get("reduce_bucket_size", DeepSpeedZeroConfig.model_fields["reduce_bucket_size"].default)
         bucket = default_bucket_size(int(float(rbs)), largest_param)
-    return {"estimator": "ranks" if ranks else "micro", "accumulator": 4 * num_params / n,
+    # ZeRO-2/3 reduce every micro-step, so micro copies its snapshot instead of streaming
+    streams = estimator.streams(reduces_every_micro_step=stage >= 2)
+    return {"estimator": estimator.name, "accumulator": 4 * num_params / n,
             "stream_buffers": 4 * buffer_elements(int(bucket), num_params) if streams else 0}
 
 
@@ -106,12 +117,13 @@ def partition_report(model: nn.Module, ds_config: dict, world_size: int) -> dict
     problems = partition_problems(model, modules)
     opt = ds_config.get("optimizer") or {}
     wd = float((opt.get("params") or {}).get("weight_decay", 0.0))
+    norm_bias_decay = bool((ds_config.get("train") or {}).get("norm_bias_decay", False))
     report_modules: dict[str, Any] = {m: {"params": count(n), "tensors": len(n),
                                           "prefixes": list(modules[m]), "groups": []}
                                       for m, n in owners.items()}
     groups = []
-    if not unassigned and not ambiguous:
-        for g in param_groups(model, wd, modules=modules):
+    if not problems:  # groups exist only for a valid partition (training refuses the others)
+        for g in param_groups(model, resolve_partition(model), wd, norm_bias_decay=norm_bias_decay):
             entry = {"module": g["module"], "weight_decay": g["weight_decay"],
                      "params": int(sum(p.numel() for p in g["params"])), "tensors": len(g["params"])}
             groups.append(entry)
@@ -171,7 +183,9 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"{stage:<8}{_gib(m['params']):>14}{_gib(m['grads']):>14}"
                      f"{_gib(m['optimizer']):>14}{_gib(m['total']):>14}{mark}")
     agvm = r.get("agvm_update_step_bytes") or {}
-    if agvm:
+    if "refused" in agvm:
+        lines.append(f"AGVM: this run would be refused at start-up ({agvm['refused']})")
+    elif agvm:
         lines.append(f"AGVM update steps (estimator {agvm['estimator']}): +{_gib(agvm['accumulator']).strip()} "
                      f"accumulator, +{_gib(agvm['stream_buffers']).strip()} stream buffers")
     return "\n".join(lines)

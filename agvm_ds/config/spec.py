@@ -9,20 +9,20 @@ typo fails loudly instead of silently training a default.
 
 from __future__ import annotations
 
-import json
+import copy
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from agvm_ds.config.base import ConfigError, ConfigModel, format_validation_error
+from agvm_ds.config.files import REPO_ROOT, read_json, set_dotted
 
 __all__ = ["ModelSpec", "UniNetSpec", "UniNetStageSpec", "TimmBackboneSpec", "FPNSpec",
            "AnchorSpec", "RetinaHeadSpec", "RPNSpec", "ROIBoxSpec", "ROIMaskSpec",
            "SemanticHeadSpec", "ARCHITECTURE_SECTIONS", "DEFAULT_MODULES", "load_spec",
-           "REPO_ROOT", "resolve_spec_path"]
+           "resolve_spec_path"]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 # Norm layers (agvm_ds.models.layers.make_norm): bn = per-rank BatchNorm (its running
 # statistics are averaged across ranks before every evaluation and checkpoint), syncbn =
 # SyncBatchNorm (GPU process groups), frozen_bn = constant statistics and affine (for
@@ -265,27 +265,9 @@ def resolve_spec_path(path: str | Path) -> Path:
 
 def apply_overrides(data: dict, overrides: dict[str, Any], section: str = "overrides") -> dict:
     """Set dotted keys (``"roi_box.score_thresh"``, ``"backbone.stages.0.depth"``) in a copy."""
-    data = json.loads(json.dumps(data))
+    data = copy.deepcopy(data)
     for dotted, value in overrides.items():
-        node: Any = data
-        parts = dotted.split(".")
-        for i, part in enumerate(parts[:-1]):
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise ConfigError(f"{section}.{dotted}: no list item {part!r} at "
-                                      f"{'.'.join(parts[:i + 1])}")
-                node = node[int(part)]
-            elif isinstance(node, dict):
-                node = node.setdefault(part, {})
-            else:
-                raise ConfigError(f"{section}.{dotted}: {'.'.join(parts[:i])} is not a section")
-        last = parts[-1]
-        if isinstance(node, list):
-            if not last.isdigit() or int(last) >= len(node):
-                raise ConfigError(f"{section}.{dotted}: no list item {last!r}")
-            node[int(last)] = value
-        else:
-            node[last] = value
+        set_dotted(data, dotted.split("."), value, f"{section}.{dotted}")
     return data
 
 
@@ -307,10 +289,7 @@ def load_spec(spec: "ModelSpec | dict | str | Path", overrides: dict[str, Any] |
         except FileNotFoundError as err:
             raise ConfigError(str(err)) from None
         where = str(path)
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{where}: not valid JSON ({err})") from None
+        data = read_json(path, what="model spec")
     if overrides:
         data = apply_overrides(data, overrides)
     try:

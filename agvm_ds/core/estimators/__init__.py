@@ -1,0 +1,61 @@
+"""The estimators of AGVM's two gradient halves, one class per file, chosen once per run.
+
+:func:`build_estimator` is the only place that reads the ``agvm.estimator`` name: it knows
+the accumulation count and the world size, so it decides here, before the first step,
+whether the configured estimator can run (and refuses with an ``agvm.estimator:`` message
+when it cannot) and whether ``micro`` falls back to the ``ranks`` split (one micro-batch
+per step, several ranks). The controller then only calls the object's hooks
+(:class:`~agvm_ds.core.estimators.base.Estimator`). A new estimator is one new file and
+one entry in :data:`ESTIMATORS`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from agvm_ds.config.agvm import AGVMConfig
+from agvm_ds.core.estimators.base import Estimator
+from agvm_ds.core.estimators.micro import MicroEstimator
+from agvm_ds.core.estimators.ranks import RanksEstimator
+from agvm_ds.core.statistics import Split
+
+__all__ = ["ESTIMATORS", "Estimator", "MicroEstimator", "RanksEstimator", "build_estimator",
+           "split_coefficients"]
+
+log = logging.getLogger("agvm_ds")
+
+#: Every estimator by its ``agvm.estimator`` name.
+ESTIMATORS: dict[str, type[Estimator]] = {cls.name: cls for cls in (MicroEstimator, RanksEstimator)}
+
+
+def build_estimator(cfg: AGVMConfig, grad_accum: int, world_size: int, rank: int,
+                    announce: bool = True) -> Estimator:
+    """The estimator a run with ``grad_accum`` micro-batches per step on ``world_size`` ranks
+    measures with.
+
+    ``announce``: log the ``micro`` → ``ranks`` fallback on rank 0 (False where a caller
+    only asks what the run would use, as elastic resume does).
+
+    Raises:
+        ValueError: the configured estimator cannot split this run (``agvm.estimator: …``).
+    """
+    name = cfg.estimator
+    if name == "micro" and grad_accum < 2:
+        if world_size < 2:
+            raise ValueError("agvm.estimator: 'micro' needs gradient_accumulation_steps >= 2 on a single "
+                             "rank (there is only one micro-batch to compare)")
+        name = "ranks"
+        if announce and rank == 0:
+            log.warning("agvm: gradient_accumulation_steps=1, so the 'micro' estimator splits by ranks")
+    if name == "ranks" and world_size < 2:
+        raise ValueError("agvm.estimator: 'ranks' needs at least 2 data-parallel ranks")
+    return ESTIMATORS[name](int(grad_accum), int(world_size), int(rank))
+
+
+def split_coefficients(estimator: str, accumulation: int, first_micro: int, world: int, first_ranks: int) -> Split:
+    """The linear map from (G, S) to the halves of the estimator named ``estimator``, for
+    given half sizes (tests and benchmarks that check the statistics on their own)."""
+    cls = ESTIMATORS.get(estimator)
+    if cls is None:
+        raise ValueError(f"unknown estimator {estimator!r}")
+    return cls.coefficients(accumulation, first_micro, world, first_ranks)

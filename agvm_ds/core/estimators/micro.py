@@ -1,0 +1,51 @@
+"""The ``micro`` estimator: the halves are the first and the last micro-batches of a step.
+
+With A = gradient_accumulation_steps, G1 is the mean gradient of the first a1 = ⌊A/2⌋
+micro-batches (all ranks), G2 that of the last a2 = A − a1. ``S`` is the averaged running
+sum after micro-step a1, so ``G1 = (A/a1)·S`` and ``G2 = A/(A−a1)·(G − S)``:
+
+* ZeRO-2/3 already hold the reduced running sum after micro-step a1, so this rank copies
+  its owned P/N elements (no extra traffic);
+* ZeRO-0/1 reduce only at the boundary: their local running sums are streamed to the
+  owners once (one extra reduction of P on update steps).
+
+Which micro-batches form a half does not depend on the number of ranks, so a run can
+resume on another world size with the same global batch (the accumulation count absorbs
+the change). With A = 1 there are no halves to compare: ``build_estimator`` then uses the
+``ranks`` split instead (N ≥ 2) or refuses to start (one rank).
+"""
+
+from __future__ import annotations
+
+from agvm_ds.core.estimators.base import Estimator, stream_local
+from agvm_ds.core.statistics import Split
+
+
+class MicroEstimator(Estimator):
+    name = "micro"
+    world_size_independent = True
+
+    def __init__(self, grad_accum: int, world_size: int, rank: int):
+        self.first_micro = grad_accum // 2
+        self.world = world_size
+        self.split = self.coefficients(grad_accum, self.first_micro, world_size, world_size // 2)
+
+    @staticmethod
+    def coefficients(accumulation: int, first_micro: int, world: int, first_ranks: int) -> Split:
+        if not 0 < first_micro < accumulation:
+            raise ValueError(f"micro split needs 0 < a1 < A, got a1={first_micro}, A={accumulation}")
+        return Split(0.0, accumulation / first_micro, accumulation / (accumulation - first_micro),
+                     -accumulation / (accumulation - first_micro))
+
+    def streams(self, reduces_every_micro_step: bool) -> bool:
+        return not reduces_every_micro_step  # ZeRO-2/3 copy the reduced running sum instead
+
+    def after_backward(self, adapter, reducer, micro_index: int, boundary: bool) -> None:
+        """After micro-step a1: take ``S``, the running sum of the first half."""
+        if boundary or micro_index != self.first_micro - 1:
+            return
+        if adapter.reduces_every_micro_step:
+            reducer.start(adapter.local_numel, adapter.device, zero=False)
+            adapter.copy_owned_grad(reducer.acc)
+        else:
+            stream_local(adapter, reducer, 1.0 / self.world)
