@@ -91,3 +91,47 @@ def test_optimizer_registry():
     assert base_optimizer_class("Lion") is timm.optim.Lion
     with pytest.raises(ValueError, match="optimizer.type"):
         base_optimizer_class("NoSuchOpt")
+
+
+class _Net(nn.Module):
+    """Conv + BatchNorm + GroupNorm + LayerScale-like 1-d gamma + head, two modules."""
+
+    agvm_modules = {"backbone": ["body."], "head": ["head."]}
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1, bias=False))
+        self.body.gamma = nn.Parameter(torch.ones(4))
+        self.head = nn.Sequential(nn.GroupNorm(2, 4), nn.Linear(4, 2))
+
+
+def test_api_weight_decay_switch_exempts_norms_biases_1d_or_decays_everything():
+    """initialize's norm_bias_decay: the default exempts exactly the norm, bias and 1-d
+    parameters (checked against a naive walk); True decays every parameter, as
+    deepspeed.initialize does with the same JSON."""
+    from agvm_ds.api import build_param_groups
+
+    model = _Net()
+    partition = resolve_partition(model)
+    section = {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.05}}
+    exempt = {n for n, p in model.named_parameters() if p.ndim <= 1}  # every norm/bias/gamma here is 1-d
+    groups = build_param_groups(model, partition, section, None, norm_bias_decay=False)
+    name = {id(p): n for n, p in model.named_parameters()}
+    got = {name[id(p)] for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert got == exempt and {g["weight_decay"] for g in groups} == {0.0, 0.05}
+    everything = build_param_groups(model, partition, section, None, norm_bias_decay=True)
+    assert [g["weight_decay"] for g in everything] == [0.05, 0.05]
+    assert sorted(name[id(p)] for g in everything for p in g["params"]) == sorted(name.values())
+
+
+def test_agvm_section_comes_typed_or_in_the_dict_never_both():
+    from agvm_ds.api import read_agvm_section, read_config
+
+    typed = AGVMConfig(interval=4, estimator="ranks")
+    assert read_agvm_section({}, typed) is typed
+    parsed = read_agvm_section(read_config({"agvm": {"interval": 4, "_note": "a comment", "estimator": "ranks"}}), None)
+    assert parsed == typed
+    with pytest.raises(ConfigError, match=r"^agvm: given both"):
+        read_agvm_section({"agvm": {"interval": 4}}, typed)
+    with pytest.raises(ConfigError, match=r"^agvm: expected an AGVMConfig"):
+        read_agvm_section({}, {"interval": 4})
