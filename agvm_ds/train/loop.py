@@ -82,6 +82,7 @@ class Job:
     dtype: torch.dtype = torch.float32
     clip_now: Optional[float] = None  # the clipping threshold currently set on the engine
     last_update: Optional[int] = None  # step of the last AGVM update already logged
+    elastic_saves: bool = False  # checkpoints also write world-size-independent files
 
     @property
     def run(self) -> RunConfig:
@@ -123,7 +124,8 @@ def build_job(run: RunConfig, out_dir: Path, rank: int, world: int) -> Job:
     except ValueError as err:
         raise ConfigError(f"train_batch_size: {err}") from None
     job = Job(resolved, out_dir, rank, world, train_set, val_set, sampler,
-              build_lr_schedule(tcfg, resolved.total_steps, resolved.warmup_steps))
+              build_lr_schedule(tcfg, resolved.total_steps, resolved.warmup_steps),
+              elastic_saves=elastic.unsupported(run, world) is None)  # once, not per checkpoint
     if resolved.lr_note:
         job.say(resolved.lr_note)
 
@@ -316,7 +318,7 @@ def _save(job: Job, steps_done: int) -> None:
     # rank's BatchNorm statistics equal first, so a resumed run continues the same model
     average_batchnorm_statistics(job.engine.module)
     # a world-size-independent copy of the state too, where the elastic path supports the run
-    extra = None if elastic.unsupported(job.run, job.world) else (
+    extra = None if not job.elastic_saves else (
         lambda tag_dir: elastic.save_state(job.engine, tag_dir, steps_done))
     save_checkpoint(job.engine, job.ckpt_dir, steps_done, state, job.run.train.keep_checkpoints,
                     extra=extra)
