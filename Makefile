@@ -16,7 +16,7 @@ export PYTHONWARNINGS ?= ignore::DeprecationWarning,ignore::FutureWarning
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0 -e '.[test]'
+	$(BIN)/python -m pip install -q --no-compile -c constraints.txt torch==2.13.0 -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)

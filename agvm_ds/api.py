@@ -188,10 +188,13 @@ def attach_agvm(engine, base, optimizer, modulator: Modulator, agvm_cfg: AGVMCon
 
 
 def modulation(engine) -> dict:
-    """``{"step", "modules": {name: {"cos", "phi", "mu"}}, "skipped"}`` of the last AGVM update."""
+    """``{"step", "modules": {name: {"cos", "phi", "mu", "b_noise"}}, "b_noise", "skipped",
+    "mu"}`` of the last AGVM update; ``b_noise`` (per module, and at the top level the whole
+    model's) is the smoothed gradient-noise scale in samples, None while undefined
+    (:mod:`agvm_ds.core.modulator`)."""
     ctrl = getattr(engine, "agvm", None)
     if ctrl is None:
-        return {"step": -1, "modules": {}, "skipped": 0}
+        return {"step": -1, "modules": {}, "skipped": 0, "b_noise": None}
     out = ctrl.modulator.report()
     out["skipped"] = ctrl.modulator.skipped
     out["mu"] = dict(zip(ctrl.modulator.modules, ctrl.modulator.mu.tolist()))

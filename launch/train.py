@@ -8,7 +8,12 @@ Run it through a launcher, one process per accelerator (CPU ranks here)::
 Options: ``--output_dir DIR`` (default ``runs/<config name>``), ``--override key.path=value``
 (repeatable; the value is JSON, else a string), ``--resume auto|PATH`` (``auto``: the newest
 complete, intact checkpoint in ``DIR/checkpoints``, or a fresh start when there is none; a
-checkpoint saved on another number of ranks, ZeRO stage or batch layout is refused).
+checkpoint saved on another number of ranks, ZeRO stage or batch layout is refused),
+``--verbose`` (or ``AGVM_DS_VERBOSE=1``: keep every library's output on the console).
+
+Console: run as a script, each rank shows only agvm-ds's own lines (``[agvm-ds] …``,
+``error: …``, ``warning: …``) and the progress bar; what DeepSpeed, torch and other
+libraries print or warn goes to ``DIR/log_rank<N>.txt`` (:mod:`agvm_ds.train.console`).
 
 Exit codes: 0 success; 2 a user mistake (bad config, bad data, bad ``--resume``), reported
 as one ``error: …`` line on stderr without a traceback; 1 any other failure. The launcher
@@ -20,9 +25,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+#: how long ranks other than 0 wait before exiting on a run-file error (see ``main``)
+ERROR_GRACE_S = 10.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,12 +43,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="change one value of the run file (repeatable)")
     p.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="auto: newest complete checkpoint of the output dir; or a path")
+    p.add_argument("--verbose", action="store_true",
+                   help="keep every library's output on the console (also: AGVM_DS_VERBOSE=1)")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                    help="set by the deepspeed launcher")
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, console=None) -> int:
+    """The job; ``console``: the rank's :class:`~agvm_ds.train.console.RankConsole` when the
+    script installed one (None: output left as it is, e.g. when a test calls this)."""
     args = parse_args(argv)
     from agvm_ds.config.base import ConfigError
     from agvm_ds.config.run import load_run_config
@@ -50,12 +63,23 @@ def main(argv: list[str] | None = None) -> int:
         run = load_run_config(args.deepspeed_config, args.override,
                               world_size=int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        # every rank reads the same file and reaches the same verdict: one line for the job.
+        # The others wait a moment first: a launcher kills the remaining ranks as soon as one
+        # exits, and rank 0 must not be killed before its line is out (after rank 0 exits the
+        # launcher ends the wait; a plain `python` run has no other ranks).
+        if rank0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        else:
+            time.sleep(ERROR_GRACE_S)
         return 2
+    out_dir = Path(args.output_dir) if args.output_dir else Path("runs") / run.name
+    log = console.attach(out_dir) if console is not None else None
     if rank0:
+        where = f"; other libraries' output in {log.with_name('log_rank<N>.txt')}" if log else ""
+        print(f"[agvm-ds] {run.name}: {os.environ.get('WORLD_SIZE', '1')} rank(s), outputs in "
+              f"{out_dir}{where}", flush=True)
         for warning in run.warnings:
             print(f"warning: {warning}", file=sys.stderr)
-    out_dir = Path(args.output_dir) if args.output_dir else Path("runs") / run.name
     if args.resume:
         # cheap refusals before the process group: no or a damaged checkpoint, another layout
         from agvm_ds.train.checkpoint import check_resumable, layout, resolve_resume
@@ -88,5 +112,22 @@ def main(argv: list[str] | None = None) -> int:
         teardown(ok)
 
 
+def _main_with_console() -> int:
+    """``main`` behind the rank's console filter, installed before anything imports DeepSpeed."""
+    from agvm_ds.train.console import RankConsole, verbose_requested
+
+    if verbose_requested(parse_args().verbose):
+        return main()
+    console = RankConsole.install()
+    try:
+        code = main(console=console)
+    except BaseException:
+        console.log_exception()
+        console.close(failed=True)
+        raise
+    console.close(failed=code not in (0, 2))
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_main_with_console())

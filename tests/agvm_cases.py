@@ -121,7 +121,8 @@ def train(rank, world, stage, gas, opt, steps, precision="fp32", clip=0.0, estim
             losses.append(float(loss))
         rep = agvm_ds.modulation(engine)
         reports.append({"step": rep["step"], "modules": rep["modules"], "mu": rep["mu"],
-                        "skipped": rep["skipped"], "skipped_steps": engine.agvm.skipped_steps})
+                        "b_noise": rep["b_noise"], "skipped": rep["skipped"],
+                        "skipped_steps": engine.agvm.skipped_steps})
         if inject is not None:
             params_by_step.append(full_params(engine))
     result = {"losses": losses, "reports": reports, "params": full_params(engine),

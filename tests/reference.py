@@ -50,9 +50,46 @@ def module_cos(G1, G2, owner):
     return cos
 
 
-def replay(world, gas, opt, steps, estimator, clip=0.0, mus=None):
+def noise_terms(G1, G2, owner, b1, b2):
+    """Per module and for the whole model (key ``"model"``): (tr Σ, |G|²) estimated from two
+    independent half means of ``b1`` and ``b2`` samples (McCandlish et al. 2018):
+    E⟨G1,G2⟩ = |G|² and E|Gi|² = |G|² + tr Σ / bi, so b_i·(|Gi|² − ⟨G1,G2⟩) estimates tr Σ
+    from either half; the two are averaged."""
+    members = {m: [n for n in G1 if owner[n] == m] for m in dict.fromkeys(owner.values())}
+    members["model"] = list(G1)
+    out = {}
+    for m, names in members.items():
+        a = torch.cat([G1[n].reshape(-1) for n in names]).double()
+        b = torch.cat([G2[n].reshape(-1) for n in names]).double()
+        cross = float(a @ b)
+        out[m] = ((b1 * (float(a @ a) - cross) + b2 * (float(b @ b) - cross)) / 2, cross)
+    return out
+
+
+def expected_b_noise(noise_by_step, steps, interval, start, momentum):
+    """B_noise after each step: Σ_k w_k·trΣ_k / Σ_k w_k·|G|²_k over the update steps so far,
+    w_k = α^(updates after k) (an EMA from zero, written as its weighted sum); None before
+    the first update or while either weighted sum is ≤ 0."""
+    out = {}
+    done = []
+    for t in range(steps):
+        if t >= start and (t - start) % interval == 0:
+            done.append(noise_by_step[t])
+        ratios = {}
+        for m in (done[0] if done else {}):
+            w = [momentum ** (len(done) - 1 - i) for i in range(len(done))]
+            num = sum(wi * d[m][0] for wi, d in zip(w, done))
+            den = sum(wi * d[m][1] for wi, d in zip(w, done))
+            ratios[m] = num / den if num > 0 and den > 0 else None
+        out[t] = ratios
+    return out
+
+
+def replay(world, gas, opt, steps, estimator, clip=0.0, mus=None, noise=None):
     """Float64 replay. Returns losses [(step, rank, micro) order per rank], cos per update step,
-    and the final parameters. ``mus[t]`` (module → μ) are the multipliers to apply at step t."""
+    and the final parameters. ``mus[t]`` (module → μ) are the multipliers to apply at step t.
+    ``noise``: a dict filled with :func:`noise_terms` of every step, from the raw halves and
+    their sample counts (the rows of each half's batches)."""
     model = build_model().double()
     params = dict(model.named_parameters())
     names = list(params)
@@ -75,6 +112,9 @@ def replay(world, gas, opt, steps, estimator, clip=0.0, mus=None):
         h1, h2 = halves(world, gas, estimator)
         G1 = {n: sum(g[key][n] for key in h1) / len(h1) for n in names}
         G2 = {n: sum(g[key][n] for key in h2) / len(h2) for n in names}
+        if noise is not None:
+            n1, n2 = (sum(batch(t, r, k)[0].shape[0] for r, k in h) for h in (h1, h2))
+            noise[t] = noise_terms(G1, G2, {n: module_of(n) for n in names}, n1, n2)
         if opt in ("adamw", "rmsprop"):  # both precondition with the previous v
             v_prev = {n: state[n].get("v", torch.zeros_like(G[n])) for n in names}
             G1 = {n: _precond(G1[n], v_prev[n], b2, eps) for n in names}

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from agvm_cases import train_many
 from agvm_ds.testing.distributed import run_distributed
-from reference import expected_mu, replay
+from reference import expected_b_noise, expected_mu, replay
 
 STEPS, GAS, INTERVAL, START = 5, 2, 2, 1
 
@@ -25,7 +23,8 @@ def _max_param_rel(pa, pb):
 def _check_against_reference(res, world, opt, estimator, clip):
     # μ from the run itself drives the replay: proves μ hits the right groups from the right step.
     mus = {t: res["reports"][t]["mu"] for t in range(STEPS)}
-    losses, cos_ref, params_ref = replay(world, GAS, opt, STEPS, estimator, clip=clip, mus=mus)
+    noise = {}
+    losses, cos_ref, params_ref = replay(world, GAS, opt, STEPS, estimator, clip=clip, mus=mus, noise=noise)
     for t in range(STEPS):
         rep = res["reports"][t]
         if t >= START and (t - START) % INTERVAL == 0:
@@ -37,7 +36,27 @@ def _check_against_reference(res, world, opt, estimator, clip):
         for m, v in mu_ref[t].items():
             assert _rel(res["reports"][t]["mu"][m], v) <= 1e-4, (t, m)
     assert any(abs(v - 1) > 1e-3 for v in res["reports"][-1]["mu"].values()), "μ never moved: test is vacuous"
+    _check_noise_scale(res, noise)
     return losses, params_ref
+
+
+def _check_noise_scale(res, noise):
+    """B_noise per module and for the model after every step against the float64 replay's own
+    (raw halves, b from its own half definition, the EMA as a weighted sum)."""
+    ref = expected_b_noise(noise, STEPS, INTERVAL, START, momentum=0.5)
+    compared = 0
+    for t in range(STEPS):
+        rep = res["reports"][t]
+        got = {m: s["b_noise"] for m, s in rep["modules"].items()} | {"model": rep["b_noise"]}
+        want = ref[t] if ref[t] else {m: None for m in got}
+        assert set(got) == set(want), (t, got, want)
+        for m, v in want.items():
+            if v is None:
+                assert got[m] is None, (t, m, got[m])
+            else:
+                assert got[m] is not None and _rel(got[m], v) <= 1e-4, (t, m, got[m], v)
+                compared += 1
+    assert compared >= STEPS - START, "B_noise was never defined: the comparison is vacuous"
 
 
 CASES = [dict(stage=s, gas=GAS, opt="sgd", steps=STEPS, estimator=e, interval=INTERVAL, start=START)

@@ -111,6 +111,9 @@ def test_module_without_gradient_does_not_hang_and_keeps_mu():
 def test_checkpoint_round_trip_keeps_mu(tmp_path, stage):
     res = run_distributed(checkpoint_round_trip, 2, stage, str(tmp_path))[0]
     assert res["mod_b"]["mu"] == res["mod_a"]["mu"] and res["mod_b"]["step"] == res["mod_a"]["step"] == 2
+    # the whole per-module report (cos, Φ, μ, the smoothed B_noise) and the model's B_noise too
+    assert res["mod_b"]["modules"] == res["mod_a"]["modules"]
+    assert res["mod_b"]["b_noise"] == res["mod_a"]["b_noise"]
     assert res["updates_b"] == 5 and res["step_b"] == 5
     assert res["tail_a"] == pytest.approx(res["tail_b"], rel=1e-6)
     assert res["mu_a"] == pytest.approx(res["mu_b"], rel=1e-6)

@@ -208,3 +208,30 @@ def test_missing_area_and_iscrowd_get_coco_defaults(tmp_path):
     assert ds.coco.anns[1]["area"] == 20 and ds.coco.anns[1]["iscrowd"] == 0
     stats = evaluate_coco(ds.coco, [{"image_id": 1, "category_id": 3, "bbox": [1, 1, 4, 5], "score": 1.0}])
     assert stats["bbox_AP"] == pytest.approx(1.0)
+
+
+def test_image_memo_decodes_each_image_once_within_its_budget(tmp_path, monkeypatch):
+    # three 12x10 RGB images = 360 bytes each; a 800-byte budget keeps the first two decoded
+    write_dataset(tmp_path, [(1, 12, 10), (2, 12, 10), (3, 12, 10)],
+                  [ann(i, i, 3, [1, 1, 4, 4]) for i in (1, 2, 3)])
+    plain = CocoDataset(tmp_path, "train", train=True)
+    memo = CocoDataset(tmp_path, "train", train=True, image_memo_bytes=800)
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda path, *a, **k: opened.append(Path(path).name)
+                        or real_open(path, *a, **k))
+    for _epoch in range(3):
+        for i in range(3):
+            a, b = plain[i], memo[i]
+            torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+            torch.testing.assert_close(a[1]["boxes"], b[1]["boxes"], rtol=0, atol=0)
+    # the plain dataset opens every file every epoch; the memo only the third after epoch 1
+    assert sorted(opened) == sorted(["0001.png", "0002.png", "0003.png"] * 3
+                                    + ["0001.png", "0002.png", "0003.png"] + ["0003.png"] * 2)
+    assert memo._memo.used == 720 and len(memo._memo) == 2
+    # a file damaged after its first load is still served from memory; the unmemoized one fails
+    (tmp_path / "train" / "0001.png").write_bytes(b"not a png")
+    torch.testing.assert_close(memo[0][0], plain.transform(Image.new("RGB", (12, 10), (10,) * 3),
+                                                           plain.load_target(0))[0])
+    with pytest.raises(DatasetError, match="0001.png: cannot read image"):
+        plain[0]

@@ -52,6 +52,8 @@ class DataConfig(ConfigModel):
     max_size: int | None = Field(224, ge=1, description="cap on the long side")
     flip_prob: float = Field(0.5, ge=0.0, le=1.0)
     num_workers: int = Field(0, ge=0, le=64)
+    image_memo_mb: int = Field(0, ge=0, description="MiB of decoded training/evaluation images "
+                               "each process keeps after their first load (0: decode every time)")
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     skip_invalid_boxes: bool = Field(False, description="drop (and log) boxes outside the "

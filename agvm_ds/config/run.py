@@ -4,7 +4,8 @@
 (dotted path into the JSON, value JSON-parsed with a fallback to a plain string), drops
 comment keys (any key starting with ``_``, at any depth), validates the four agvm-ds
 sections with pydantic (``extra="forbid"``), checks DeepSpeed's batch keys and the base
-optimizer against :mod:`agvm_ds.optim.registry` (ZeRO stage, ``agvm.precondition``) — all
+optimizer against :mod:`agvm_ds.optim.registry` (ZeRO stage, ``agvm.precondition``) and
+imports the package of every enabled DeepSpeed monitor (:func:`check_monitors`) — all
 before any distributed work, so a bad file fails in about a second.
 
 Errors are :class:`agvm_ds.config.base.ConfigError` whose message names the file or the
@@ -24,6 +25,7 @@ Limitations:
 from __future__ import annotations
 
 import difflib
+import importlib
 import os
 import sys
 from dataclasses import dataclass, field
@@ -172,6 +174,51 @@ def check_precision(ds: dict) -> None:
                           f"DeepSpeed supports only under ZeRO (set zero_optimization.stage >= 1)")
 
 
+#: DeepSpeed monitor section -> (the modules DeepSpeed 0.19 imports for it, the pip extra,
+#: the minimum version DeepSpeed checks or None); csv_monitor needs nothing beyond DeepSpeed
+MONITOR_PACKAGES = {
+    "tensorboard": (("tensorboard", "torch.utils.tensorboard"), "tensorboard", None),
+    "wandb": (("wandb",), "wandb", None),
+    "comet": (("comet_ml",), "comet", "3.41.0"),
+}
+
+
+def _enabled(value: Any) -> bool:
+    """A monitor's ``enabled`` as DeepSpeed's pydantic model reads it (``"false"`` is off)."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1", "yes", "on", "t", "y")
+    return bool(value)
+
+
+def check_monitors(ds: dict) -> None:
+    """Import the package of every enabled monitor, so a missing one is refused here, with
+    the pip extra that installs it, instead of crashing rank 0 inside ``deepspeed.initialize``
+    (and the other ranks in the next collective)."""
+    for key, (modules, extra, min_version) in MONITOR_PACKAGES.items():
+        section = ds.get(key)
+        if not isinstance(section, dict) or not _enabled(section.get("enabled")):
+            continue
+        for module in modules:
+            try:
+                imported = importlib.import_module(module)
+            except Exception as err:  # noqa: BLE001 - a broken install is as unusable as none
+                why = " ".join(str(err).split()) or type(err).__name__
+                raise ConfigError(f"{key}.enabled: the {key} monitor needs the {modules[0]!r} package, which "
+                                  f"does not import ({why}); install it with pip install 'agvm-ds[{extra}]' "
+                                  f"(from a checkout: pip install -e '.[{extra}]')") from None
+            if min_version is not None and module == modules[0]:
+                from packaging.version import InvalidVersion, Version
+
+                have = str(getattr(imported, "__version__", "0"))
+                try:
+                    too_old = Version(have) < Version(min_version)
+                except InvalidVersion:  # a local build with a free-form version: let it try
+                    too_old = False
+                if too_old:
+                    raise ConfigError(f"{key}.enabled: the {key} monitor needs {modules[0]} >= {min_version}, "
+                                      f"found {have}; pip install 'agvm-ds[{extra}]'")
+
+
 def _check_deepspeed_sections(ds: dict, train: TrainConfig, warnings: list[str]) -> None:
     known = DEEPSPEED_KEYS | set(OWN_SECTIONS)
     for key in ds:
@@ -215,6 +262,7 @@ def _check_deepspeed_sections(ds: dict, train: TrainConfig, warnings: list[str])
         except ValidationError as err:
             raise ConfigError(format_validation_error(err, "zero_optimization")) from None
     check_precision(ds)
+    check_monitors(ds)
 
 
 def validate_run_dict(raw: dict, path: Path, world_size: Optional[int] = None) -> RunConfig:

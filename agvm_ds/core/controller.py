@@ -9,8 +9,11 @@ On each accumulation boundary, after DeepSpeed's reduction and before any clippi
 rank sums ⟨G1,G2⟩, |G1|², |G2|² (Adam-preconditioned when asked) over the elements it
 owns, per module (:mod:`agvm_ds.core.statistics`), and one asynchronous all-reduce of a
 float64 ``[modules × 3 + 1]`` tensor finishes the job; the extra slot counts chunks with a
-non-finite value. The all-reduce is waited for where μ is first needed: on the optimizer
-step's first call (``AGVM.step`` asks :meth:`AGVMController.skip_step`).
+non-finite value. Under Adam preconditioning the same tensor also carries the raw halves'
+sums (``[modules × 6 + 1]``, still one collective): the gradient-noise scale is defined on
+raw gradients (:mod:`agvm_ds.core.modulator`), so the pass also takes them there. The
+all-reduce is waited for where μ is first needed: on the optimizer step's first call
+(``AGVM.step`` asks :meth:`AGVMController.skip_step`).
 
 A non-finite gradient anywhere skips the optimizer step on every rank and leaves μ
 unchanged, in every precision. On update steps the statistics reveal it; on other steps,
@@ -102,6 +105,8 @@ class AGVMController:
         # Where DeepSpeed already all-reduces a gradient norm every step, plain steps read it
         # (at step time, through AGVM.step) instead of running a check of their own.
         self.engine_check = self.adapter.engine_nonfinite_check()
+        # The noise scale's b per half: the estimator states it for this world and micro-batch.
+        modulator.set_half_samples(*estimator.half_samples(int(engine.train_micro_batch_size_per_gpu())))
         optimizer.attach(self)  # the groups above are the ones measured; its steps ask here
 
     # -- what the optimizer asks on its step -------------------------------------------
@@ -160,8 +165,9 @@ class AGVMController:
 
     @torch.no_grad()
     def _update_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's float64 ``[modules, 3]`` share of ⟨G1,G2⟩, |G1|², |G2|² and how many
-        of its chunks hold a non-finite value (a device scalar: no host sync here)."""
+        """This rank's float64 share of ⟨G1,G2⟩, |G1|², |G2|² — ``[modules, 3]``, or
+        ``[modules, 6]`` with the raw halves' sums after the preconditioned ones — and how
+        many of its chunks hold a non-finite value (a device scalar: no host sync here)."""
         m = len(self.modulator.modules)
         inv_scale = 1.0 / self.adapter.grad_scale()
         self.reducer.wait()
@@ -175,15 +181,16 @@ class AGVMController:
             g, s = ch.grad, acc[ch.lo:ch.hi]
             if row:
                 gd = self.group_dicts[ch.group]
-                rows.append(preconditioned_stats(g, s, scaled, ch.second_moment,
-                                                 row.beta2_of(gd), row.eps_of(gd), work))
+                pre = preconditioned_stats(g, s, scaled, ch.second_moment, row.beta2_of(gd), row.eps_of(gd), work)
+                # the raw sums too, for the noise scale: one more pass over this chunk
+                rows.append(torch.cat([pre, combine(gram(g, s, work), scaled)]))
             else:
                 rows.append(gram(g, s, work))
             modules.append(ch.module)
         buffers = [*self.adapter.staging.values()] + ([] if work is None else [work])
         held = self.reducer.buffer_bytes() + sum(t.numel() * t.element_size() for t in buffers)
         self.peak_buffer_bytes = max(self.peak_buffer_bytes, held)
-        stats = torch.zeros(m, 3, dtype=torch.float64, device=self.adapter.device)
+        stats = torch.zeros(m, self._width, dtype=torch.float64, device=self.adapter.device)
         if not rows:
             return stats, torch.zeros((), dtype=torch.float64, device=stats.device)
         rows = torch.stack(rows)
@@ -195,6 +202,11 @@ class AGVMController:
             self._chunk_modules = (modules, torch.tensor(modules, device=stats.device))
         stats.index_add_(0, self._chunk_modules[1], rows)
         return stats, (~torch.isfinite(rows).all(dim=1)).sum(dtype=torch.float64)
+
+    @property
+    def _width(self) -> int:
+        """Statistics per module in the all-reduce: 3, and 3 raw ones under preconditioning."""
+        return 6 if self.precondition else 3
 
     @torch.no_grad()
     def _finish_step(self, update: bool):
@@ -212,7 +224,7 @@ class AGVMController:
             m = len(self.modulator.modules)
             stats, bad = self._update_stats()
             self.reducer.release()
-            local = torch.empty(m * 3 + 1, dtype=torch.float64, device=self.adapter.device)
+            local = torch.empty(m * self._width + 1, dtype=torch.float64, device=self.adapter.device)
             local[:-1] = stats.view(-1)
             local[-1] = bad
             work = dist.all_reduce(local, async_op=True) if self.world > 1 else None
@@ -250,7 +262,8 @@ class AGVMController:
         if nonfinite:
             self.modulator.skipped += 1
         else:
-            self.modulator.update(step, local[:-1].view(m, 3))
+            table = local[:-1].view(m, self._width)
+            self.modulator.update(step, table[:, :3], table[:, 3:] if self.precondition else None)
         return nonfinite
 
     def _resolve_flag(self) -> bool | None:

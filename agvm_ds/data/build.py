@@ -57,10 +57,12 @@ def build_dataset(cfg: DataConfig, split: str, train: bool):
     if cfg.task == "semantic":
         return SemanticSegDataset(root, split, image_dir=cfg.image_dir, label_dir=cfg.sem_seg_dir,
                                   ann_file=cfg.ann_file, num_classes=cfg.semantic_classes,
-                                  reduce_zero_label=cfg.reduce_zero_label, transform=transform)
+                                  reduce_zero_label=cfg.reduce_zero_label, transform=transform,
+                                  image_memo_bytes=cfg.image_memo_mb << 20)
     return CocoDataset(root, split, task=cfg.task, image_dir=cfg.image_dir, ann_file=cfg.ann_file,
                        transform=transform, train=train,
-                       skip_invalid_boxes=cfg.skip_invalid_boxes)
+                       skip_invalid_boxes=cfg.skip_invalid_boxes,
+                       image_memo_bytes=cfg.image_memo_mb << 20)
 
 
 def build_loader(cfg: DataConfig, dataset, batch_size: int, train: bool,

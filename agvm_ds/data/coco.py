@@ -31,6 +31,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from agvm_ds.data.errors import DatasetError
+from agvm_ds.data.memo import ImageMemo
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +185,8 @@ class CocoDataset(torch.utils.data.Dataset):
     def __init__(self, root: str | os.PathLike, split: str, task: str = "detection",
                  image_dir: str = "{split}", ann_file: str = "annotations/instances_{split}.json",
                  transform: Callable | None = None, train: bool = False,
-                 skip_invalid_boxes: bool = False, check_files: bool = True):
+                 skip_invalid_boxes: bool = False, check_files: bool = True,
+                 image_memo_bytes: int = 0):
         if task not in ("detection", "instance"):
             raise ValueError(f"CocoDataset: task must be 'detection' or 'instance', got {task!r}")
         from agvm_ds.data.transforms import Transform  # local: transforms imports nothing here
@@ -193,6 +195,7 @@ class CocoDataset(torch.utils.data.Dataset):
         self.ann_file = self.root / ann_file.format(split=split)
         self.image_root = self.root / image_dir.format(split=split)
         self.transform = transform if transform is not None else Transform(None, None)
+        self._memo = ImageMemo(image_memo_bytes)  # decoded images reused across epochs
         doc = load_coco_json(self.ann_file, skip_invalid_boxes)
         self.coco = coco_from_dict(doc)
         self.cat_ids = sorted(self.coco.cats)
@@ -243,7 +246,11 @@ class CocoDataset(torch.utils.data.Dataset):
         return len(self.ids)
 
     def load_image(self, index: int) -> Image.Image:
-        """The RGB image at ``index``, checked against the size the JSON declares."""
+        """The RGB image at ``index``, checked against the size the JSON declares (decoded
+        and checked once while ``image_memo_bytes`` lasts)."""
+        return self._memo.get(index, self._decode)
+
+    def _decode(self, index: int) -> Image.Image:
         info = self.coco.imgs[self.ids[index]]
         path = self.image_root / info["file_name"]
         try:

@@ -27,6 +27,7 @@ from PIL import Image
 
 from agvm_ds.data.coco import coco_from_dict, read_json
 from agvm_ds.data.errors import DatasetError
+from agvm_ds.data.memo import ImageMemo
 from agvm_ds.data.transforms import IGNORE_INDEX, Transform
 
 logger = logging.getLogger(__name__)
@@ -48,12 +49,13 @@ class SemanticSegDataset(torch.utils.data.Dataset):
                  num_classes: int | None = None,
                  classes_file: str = "annotations/semantic_classes.json",
                  reduce_zero_label: bool = False, transform: Callable | None = None,
-                 check_files: bool = True):
+                 check_files: bool = True, image_memo_bytes: int = 0):
         self.root, self.split = Path(root), split
         self.image_root = self.root / image_dir.format(split=split)
         self.label_root = self.root / label_dir.format(split=split)
         self.reduce_zero_label = reduce_zero_label
         self.transform = transform if transform is not None else Transform(None, None)
+        self._memo = ImageMemo(image_memo_bytes)  # decoded images reused across epochs
         self.class_names = self._class_names(num_classes, self.root / classes_file)
         self.num_classes = len(self.class_names)
         self.cat_ids = list(range(self.num_classes))
@@ -142,6 +144,9 @@ class SemanticSegDataset(torch.utils.data.Dataset):
         return labels
 
     def load_image(self, index: int) -> Image.Image:
+        return self._memo.get(index, self._decode)
+
+    def _decode(self, index: int) -> Image.Image:
         path = self.image_path(self.ids[index])
         try:
             with Image.open(path) as im:

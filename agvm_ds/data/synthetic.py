@@ -76,8 +76,11 @@ def _render_one(job: tuple) -> tuple[dict, list[dict]]:
     image, objects, semantic = render_scene(rng, height, width)
     image_id = index + 1
     file_name = f"{image_id:012d}.png"
-    Image.fromarray(image).save(Path(out) / split / file_name, format="PNG")
-    Image.fromarray(semantic).save(Path(out) / "semantic" / split / file_name, format="PNG")
+    # PNG is lossless at every level; level 1 encodes the noisy backgrounds ~2x faster than
+    # PIL's default 6, for files ~10 % larger (the pixels are the same)
+    Image.fromarray(image).save(Path(out) / split / file_name, format="PNG", compress_level=1)
+    Image.fromarray(semantic).save(Path(out) / "semantic" / split / file_name, format="PNG",
+                                   compress_level=1)
     anns = []
     for obj in objects:
         ys, xs = np.nonzero(obj.visible)

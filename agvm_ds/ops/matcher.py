@@ -23,20 +23,29 @@ class Matcher:
         self.high, self.low = float(high), float(low)
         self.allow_low_quality = allow_low_quality
 
-    def __call__(self, iou: Tensor) -> tuple[Tensor, Tensor]:
-        """``iou [G, P]`` -> (matched gt index ``[P]``, label ``[P]`` in {1, 0, -1})."""
-        num_pred = iou.shape[1]
-        if iou.shape[0] == 0:
-            return (torch.zeros(num_pred, dtype=torch.int64, device=iou.device),
-                    torch.zeros(num_pred, dtype=torch.int8, device=iou.device))
-        best, idx = iou.max(dim=0)
-        labels = torch.ones(num_pred, dtype=torch.int8, device=iou.device)
-        labels[best < self.high] = -1
-        labels[best < self.low] = 0
+    def __call__(self, iou: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``iou [..., G, P]`` -> (matched gt index ``[..., P]``, label ``[..., P]`` in {1, 0, -1}).
+
+        Leading dims are independent problems (a batch of images, ground truth padded to
+        the largest count); ``valid [..., G]`` marks the real rows, padding never matches.
+        An image without valid ground truth gets index 0 and label 0 (all background).
+        """
+        lead, num_gt, num_pred = iou.shape[:-2], iou.shape[-2], iou.shape[-1]
+        if num_gt == 0:
+            return (torch.zeros(*lead, num_pred, dtype=torch.int64, device=iou.device),
+                    torch.zeros(*lead, num_pred, dtype=torch.int8, device=iou.device))
+        if valid is not None:
+            # -1 is below any IoU, so a padded row neither wins a prediction nor (being <= 0)
+            # claims one as a low-quality match
+            iou = iou.masked_fill(~valid.unsqueeze(-1), -1.0)
+        best, idx = iou.max(dim=-2)
+        # 1 at or above high, -1 in [low, high), 0 below low (NaN stays 1, as comparisons fail)
+        labels = torch.ones(best.shape, dtype=torch.int8, device=iou.device)
+        labels = torch.where(best < self.low, 0, torch.where(best < self.high, -1, labels))
         if self.allow_low_quality:
-            per_gt = iou.max(dim=1, keepdim=True).values
-            claim = ((iou == per_gt) & (per_gt > 0)).any(dim=0)
-            labels[claim] = 1
+            per_gt = iou.max(dim=-1, keepdim=True).values
+            claim = ((iou == per_gt) & (per_gt > 0)).any(dim=-2)
+            labels = torch.where(claim, 1, labels)
         return idx, labels
 
 

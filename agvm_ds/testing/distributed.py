@@ -11,9 +11,10 @@ caller with the rank's traceback; a rank that dies or hangs fails the call after
 otherwise aborts at interpreter exit now and then, measured with deepspeed 0.19.8).
 
 Notes:
-    DeepSpeed JIT-compiles a shared-memory op on the first ``init_distributed`` (~30 s);
-    its cache lives in ``<repo>/.cache/torch_extensions`` unless ``TORCH_EXTENSIONS_DIR``
-    is already set, so only the first test run on a machine pays for it.
+    As in the launcher (:func:`agvm_ds.train.distributed.skip_shm_comm_build`), DeepSpeed's
+    CPU shared-memory comm op (a 36 s JIT build, used only by inference all-reduces) is not
+    built; JIT caches live in ``<repo>/.cache/torch_extensions`` unless
+    ``TORCH_EXTENSIONS_DIR`` is already set.
 """
 
 from __future__ import annotations
@@ -53,7 +54,10 @@ def _rank_main(rank, world_size, port, fn, args, queue, env):
     import deepspeed.comm as dist
     import torch.distributed as tdist
 
+    from agvm_ds.train.distributed import skip_shm_comm_build
+
     try:
+        skip_shm_comm_build()
         dist.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
         result = fn(rank, world_size, *args)
         # Plain pickle by value: torch's queue would pass tensors through shared memory that

@@ -5,6 +5,10 @@ Notes:
       one-time JIT build (~30 s on CPU) is cached next to the checkout.
     * On the CPU accelerator the backend is gloo and each rank gets
       ``cpu_count // local ranks`` torch threads unless ``OMP_NUM_THREADS`` is set.
+    * On the CPU accelerator DeepSpeed's shared-memory comm op is not built: DeepSpeed's
+      backend JIT-compiles it at start-up (36 s on a fresh 2-core machine, measured
+      2026-12-02) although only ``inference_all_reduce`` (tensor-parallel inference) uses
+      it; training's collectives go through gloo either way. ``AGVM_DS_SHM_COMM=1`` keeps it.
     * :func:`teardown` is barrier + ``destroy_process_group``; without it processes
       sometimes abort at exit (measured with deepspeed 0.19.8). After a failure it only destroys.
     * ``AGVM_DS_FAULT_AT_STEP=N`` makes rank ``AGVM_DS_FAULT_RANK`` (default 1) leave with
@@ -36,11 +40,27 @@ def init_distributed() -> tuple[int, int, int]:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
     if on_cpu and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    skip_shm_comm_build()
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu else None, verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not on_cpu:
         get_accelerator().set_device(local_rank)
     return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def skip_shm_comm_build() -> None:
+    """Mark DeepSpeed's CPU shared-memory comm op incompatible so its backend skips the JIT
+    build. ``deepspeed.ops.__compatible_ops__`` is the table DeepSpeed's backend consults
+    before building (``deepspeed.comm.torch.build_shm_op``); it is computed once per
+    process and DeepSpeed documents that edits to it persist."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu" or os.environ.get("AGVM_DS_SHM_COMM") == "1":
+        return
+    table = deepspeed.ops.__compatible_ops__
+    if "deepspeed_shm_comm" in table:
+        table["deepspeed_shm_comm"] = False
 
 
 def _single_process_env() -> None:

@@ -52,7 +52,8 @@ from agvm_ds.train.checkpoint import (layout, load_checkpoint, read_marker, save
                                       select_checkpoint)
 from agvm_ds.train.distributed import maybe_inject_fault
 from agvm_ds.train.evaluate import evaluate
-from agvm_ds.train.metrics import LossLog, MetricsWriter, agvm_record, read_metrics
+from agvm_ds.train.metrics import (LossLog, MetricsWriter, agvm_model_fields, agvm_record,
+                                   noise_scale_line, read_metrics)
 from agvm_ds.train.plot import plot_modulation
 from agvm_ds.train.sampler import (SeededDataset, StepBatchSampler, StepSampler, mix_seed,
                                    seed_all)
@@ -192,9 +193,11 @@ def train_step(job: Job, step: int, batches: Iterator, losses_out: LossLog) -> d
                               "images_per_s": run.global_batch / dt}
     if clip is not None:
         record["grad_clip"] = clip
-    agvm, job.last_update = agvm_record(agvm_ds.modulation(engine), job.last_update)
+    modulation = agvm_ds.modulation(engine)
+    agvm, job.last_update = agvm_record(modulation, job.last_update)
     if agvm is not None:
         record["agvm"] = agvm
+        record.update(agvm_model_fields(modulation))  # the model-wide B_noise
     return record
 
 
@@ -282,9 +285,13 @@ def _finish(job: Job, stats: Optional[dict]) -> None:
         return
     if job.run.train.plot:
         png = plot_modulation(job.out_dir / "metrics.jsonl", job.out_dir / "agvm_modulation.png",
-                              title=job.run.name)
+                              title=job.run.name, global_batch=job.run.global_batch)
         if png:
             job.say(f"wrote {png}")
+    # the modulator's host-side state: no collective, so rank 0 alone may read it
+    noise = noise_scale_line(agvm_ds.modulation(job.engine), job.run.global_batch)
+    if noise:
+        job.say(noise)
     if stats is not None:
         job.say("eval: " + ", ".join(f"{k}={v:.4f}" for k, v in stats.items()
                                      if isinstance(v, float) and not k.endswith("_s")))

@@ -3,7 +3,9 @@
 Each line holds ``step`` (1-based: the number of optimizer steps done), ``epoch``, ``loss``
 (mean over the step's micro-batches and ranks) and its parts (``loss_<name>``), ``lr`` (the
 scheduled base lr, before AGVM's μ), ``step_time_s``, ``images_per_s`` and, on the steps
-where AGVM updated μ, ``"agvm": {module: {"cos", "phi", "mu"}}``.
+where AGVM updated μ, ``"agvm": {module: {"cos", "phi", "mu", "b_noise"}}`` and the whole
+model's ``"agvm_b_noise"`` (:func:`agvm_model_fields`). ``b_noise`` is the smoothed
+gradient-noise scale in samples (:mod:`agvm_ds.core.modulator`), ``null`` while undefined.
 
 Notes:
     On resume the file is cut back to the steps before the resumed one, so it always has
@@ -127,6 +129,14 @@ class MetricsWriter:
             self._fh = None
 
 
+#: What each module's entry of the ``"agvm"`` record holds (numbers become monitor events).
+AGVM_KEYS = ("cos", "phi", "mu", "b_noise")
+
+
+def _number(x: Any) -> Optional[float]:
+    return None if x is None else float(x)
+
+
 def agvm_record(modulation: Optional[dict], last_step: Optional[int]) -> tuple[Optional[dict], Optional[int]]:
     """The ``"agvm"`` entry when ``modulation`` reports an update newer than ``last_step``."""
     if not modulation or not modulation.get("modules"):
@@ -134,6 +144,30 @@ def agvm_record(modulation: Optional[dict], last_step: Optional[int]) -> tuple[O
     step = modulation.get("step")
     if step is None or step == last_step:
         return None, last_step
-    modules = {name: {k: float(s[k]) for k in ("cos", "phi", "mu") if k in s}
+    modules = {name: {k: _number(s[k]) for k in AGVM_KEYS if k in s}
                for name, s in modulation["modules"].items()}
     return modules, step
+
+
+def agvm_model_fields(modulation: Optional[dict]) -> dict[str, Optional[float]]:
+    """Top-level fields of an update step's record: the whole model's ``agvm_b_noise``
+    (kept out of ``"agvm"``, whose keys are module names only)."""
+    if not modulation or not modulation.get("modules"):
+        return {}
+    return {"agvm_b_noise": _number(modulation.get("b_noise"))}
+
+
+def _samples(x: Optional[float]) -> str:
+    return "undefined" if x is None else f"{x:.3g}"
+
+
+def noise_scale_line(modulation: Optional[dict], global_batch: int) -> Optional[str]:
+    """The end-of-run summary of the gradient-noise scale beside the batch the run used;
+    None when AGVM never measured it."""
+    if not modulation or not modulation.get("modules"):
+        return None
+    per = ", ".join(f"{name} {_samples(s.get('b_noise'))}" for name, s in modulation["modules"].items())
+    model = modulation.get("b_noise")
+    model = "model undefined" if model is None else f"model ≈ {model:.3g} samples"
+    return (f"gradient-noise scale (last smoothed): {model}, per module {per}; "
+            f"this run's global batch: {global_batch}")

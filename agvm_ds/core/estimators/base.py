@@ -26,7 +26,9 @@ points where it acts:
 Capability data tells the rest of the package what an estimate depends on without naming
 the estimator: ``world_size_independent`` says whether the halves are the same however the
 global batch is spread over ranks (what elastic resume needs, :mod:`agvm_ds.train.elastic`),
-:meth:`Estimator.streams` whether it needs the reducer's stream buffers.
+:meth:`Estimator.streams` whether it needs the reducer's stream buffers, and
+:meth:`Estimator.half_samples` how many samples each half averages (what the gradient-noise
+scale needs: the half-batch variance shrinks as 1/b, :mod:`agvm_ds.core.modulator`).
 """
 
 from __future__ import annotations
@@ -48,6 +50,16 @@ class Estimator:
     world_size_independent: ClassVar[bool]
 
     split: Split
+    #: The run's shape, as ``build_estimator`` passed it, and the first half's share of it.
+    accumulation: int
+    world: int
+    first_micro: int
+    first_ranks: int
+
+    def __init__(self, grad_accum: int, world_size: int, rank: int):
+        self.accumulation, self.world = int(grad_accum), int(world_size)
+        self.first_micro, self.first_ranks = self.accumulation // 2, self.world // 2
+        self.split = self.coefficients(self.accumulation, self.first_micro, self.world, self.first_ranks)
 
     @staticmethod
     def coefficients(accumulation: int, first_micro: int, world: int, first_ranks: int) -> Split:
@@ -55,6 +67,20 @@ class Estimator:
         ``first_ranks`` of ``world`` ranks in the first half (each estimator reads the pair
         it splits by)."""
         raise NotImplementedError
+
+    @staticmethod
+    def sample_counts(accumulation: int, first_micro: int, world: int, first_ranks: int,
+                      micro_batch: int) -> tuple[int, int]:
+        """How many samples G1 and G2 each average, for the same half sizes as
+        :meth:`coefficients` and ``micro_batch`` samples per micro-batch and rank."""
+        raise NotImplementedError
+
+    def half_samples(self, micro_batch: int) -> tuple[int, int]:
+        """(b1, b2) of this run's halves with ``micro_batch`` samples per micro-batch."""
+        if micro_batch < 1:
+            raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+        return self.sample_counts(self.accumulation, self.first_micro, self.world, self.first_ranks,
+                                  int(micro_batch))
 
     def streams(self, reduces_every_micro_step: bool) -> bool:
         """Whether update steps send gradients through the reducer's fill and send buffers

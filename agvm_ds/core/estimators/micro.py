@@ -25,17 +25,21 @@ class MicroEstimator(Estimator):
     name = "micro"
     world_size_independent = True
 
-    def __init__(self, grad_accum: int, world_size: int, rank: int):
-        self.first_micro = grad_accum // 2
-        self.world = world_size
-        self.split = self.coefficients(grad_accum, self.first_micro, world_size, world_size // 2)
-
     @staticmethod
     def coefficients(accumulation: int, first_micro: int, world: int, first_ranks: int) -> Split:
         if not 0 < first_micro < accumulation:
             raise ValueError(f"micro split needs 0 < a1 < A, got a1={first_micro}, A={accumulation}")
         return Split(0.0, accumulation / first_micro, accumulation / (accumulation - first_micro),
                      -accumulation / (accumulation - first_micro))
+
+    @staticmethod
+    def sample_counts(accumulation: int, first_micro: int, world: int, first_ranks: int,
+                      micro_batch: int) -> tuple[int, int]:
+        """Each half holds its micro-batches from every rank: a1·m·N and (A − a1)·m·N
+        samples (m per micro-batch)."""
+        if not 0 < first_micro < accumulation:
+            raise ValueError(f"micro split needs 0 < a1 < A, got a1={first_micro}, A={accumulation}")
+        return first_micro * micro_batch * world, (accumulation - first_micro) * micro_batch * world
 
     def streams(self, reduces_every_micro_step: bool) -> bool:
         return not reduces_every_micro_step  # ZeRO-2/3 copy the reduced running sum instead

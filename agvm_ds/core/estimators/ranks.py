@@ -32,10 +32,10 @@ class RanksEstimator(Estimator):
     world_size_independent = False
 
     def __init__(self, grad_accum: int, world_size: int, rank: int):
-        first_ranks = world_size // 2
-        self.split = self.coefficients(grad_accum, grad_accum // 2, world_size, first_ranks)
+        super().__init__(grad_accum, world_size, rank)
+        n1 = self.first_ranks
         #: This rank's weight in the signed stream S = G1 − G2.
-        self.coeff = (1.0 / first_ranks) if rank < first_ranks else (-1.0 / (world_size - first_ranks))
+        self.coeff = (1.0 / n1) if rank < n1 else (-1.0 / (self.world - n1))
         self._hook_handles: list = []
 
     @staticmethod
@@ -43,6 +43,15 @@ class RanksEstimator(Estimator):
         if not 0 < first_ranks < world:
             raise ValueError(f"ranks split needs 0 < n1 < N, got n1={first_ranks}, N={world}")
         return Split(1.0, (world - first_ranks) / world, 1.0, -first_ranks / world)
+
+    @staticmethod
+    def sample_counts(accumulation: int, first_micro: int, world: int, first_ranks: int,
+                      micro_batch: int) -> tuple[int, int]:
+        """Each half holds every micro-batch of its ranks: n1·A·m and (N − n1)·A·m
+        samples (m per micro-batch)."""
+        if not 0 < first_ranks < world:
+            raise ValueError(f"ranks split needs 0 < n1 < N, got n1={first_ranks}, N={world}")
+        return first_ranks * accumulation * micro_batch, (world - first_ranks) * accumulation * micro_batch
 
     def wants_forward_hook(self, adapter) -> bool:
         return adapter.reduces_every_micro_step

@@ -3,8 +3,9 @@
 Two towers of 3x3 convs shared across pyramid levels; sigmoid classifiers trained with
 focal loss, whose bias starts at ``-log((1 - p) / p)`` so every anchor initially predicts
 background with probability ``1 - p`` (otherwise the ~10^4 background anchors swamp the
-first iterations). Matching and loss are vectorized over anchors; the only Python loops
-are over images and pyramid levels.
+first iterations). Matching and loss are vectorized over anchors and over the images of
+a batch (ground truth padded to the largest count); the only Python loops in training are
+over pyramid levels.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from torch import Tensor, nn
 
 from agvm_ds.models.heads.anchors import anchor_generator
 from agvm_ds.models.layers import make_norm
-from agvm_ds.ops import (BoxCoder, Matcher, batched_nms, box_iou, giou_loss,
-                         sigmoid_focal_loss, smooth_l1_loss)
+from agvm_ds.ops import BoxCoder, Matcher, batched_nms, box_iou, giou_loss, smooth_l1_loss
+from agvm_ds.ops.losses import focal_loss_from_labels
 
 __all__ = ["RetinaHead"]
 
@@ -25,7 +26,11 @@ __all__ = ["RetinaHead"]
 def _tower(channels: int, num_convs: int, norm: str) -> nn.Sequential:
     layers: list[nn.Module] = []
     for _ in range(num_convs):
-        layers += [nn.Conv2d(channels, channels, 3, padding=1), make_norm(norm, channels), nn.ReLU()]
+        # in place: neither a conv (without norm) nor a norm needs its output for backward,
+        # and ReLU's backward reads its own result, so autograd allows it; one tensor fewer
+        # per layer and level, as in torchvision's head
+        layers += [nn.Conv2d(channels, channels, 3, padding=1), make_norm(norm, channels),
+                   nn.ReLU(inplace=True)]
     return nn.Sequential(*layers)
 
 
@@ -72,35 +77,27 @@ class RetinaHead(nn.Module):
         logits, deltas = self(feats)
         anchors = torch.cat(self.anchors(feats))
         logits, deltas = torch.cat(logits, dim=1), torch.cat(deltas, dim=1)
-        labels, boxes = [], []
-        for t in targets:
-            gt = t["boxes"].to(anchors.dtype)
-            idx, lab = self.matcher(box_iou(gt, anchors))
-            cls = torch.full_like(idx, -1)  # -1 ignored, num_classes background
-            cls[lab == 0] = self.num_classes
-            if len(gt):
-                cls[lab == 1] = t["labels"][idx[lab == 1]]
-                boxes.append(gt[idx])
-            else:
-                boxes.append(anchors)
-            labels.append(cls)
-        labels, boxes = torch.stack(labels), torch.stack(boxes)
-        valid, fg = labels >= 0, (labels >= 0) & (labels < self.num_classes)
+        gt, gt_labels, gt_valid = _pad_targets(targets, anchors.dtype)
+        # one matching for the whole batch: [B, G, P] IoU, padding rows masked out
+        idx, lab = self.matcher(box_iou(gt, anchors), gt_valid)
+        # per anchor: its gt's class (foreground), num_classes (background), -1 (ignored)
+        labels = torch.where(lab == 1, gt_labels.gather(1, idx),
+                             torch.where(lab == 0, self.num_classes, -1))
+        fg = lab == 1
         # On the device, without a host sync: one small all-reduce per micro-batch.
         n = _mean_over_ranks(fg.sum().to(torch.float32)).clamp(min=1.0)
         prev = self.loss_normalizer.to(torch.float32)
         normalizer = torch.where(prev < 0, n, 0.9 * prev + 0.1 * n)
         self.loss_normalizer.copy_(normalizer)
-        onehot = torch.zeros_like(logits[valid])
-        onehot[torch.arange(len(onehot)), labels[valid].clamp(max=self.num_classes - 1)] = 1.0
-        onehot[labels[valid] == self.num_classes] = 0.0
         s = self.spec
-        loss_cls = sigmoid_focal_loss(logits[valid], onehot, s.focal_alpha, s.focal_gamma)
-        anc = anchors[None].expand_as(boxes)[fg]
+        loss_cls = focal_loss_from_labels(logits, labels, s.focal_alpha, s.focal_gamma)
+        # the foreground anchors once, as (image, anchor) index pairs shared by every gather
+        img, anc = fg.nonzero(as_tuple=True)
+        pred, anc_boxes, gt_boxes = deltas[img, anc], anchors[anc], gt[img, idx[img, anc]]
         if s.box_loss == "giou":
-            loss_box = giou_loss(self.coder.decode(deltas[fg], anc), boxes[fg])
+            loss_box = giou_loss(self.coder.decode(pred, anc_boxes), gt_boxes)
         else:
-            loss_box = smooth_l1_loss(deltas[fg], self.coder.encode(anc, boxes[fg]), s.smooth_l1_beta)
+            loss_box = smooth_l1_loss(pred, self.coder.encode(anc_boxes, gt_boxes), s.smooth_l1_beta)
         return {"loss_cls": loss_cls / normalizer, "loss_box": loss_box / normalizer}
 
     def inference(self, feats: list[Tensor], sizes: list[tuple[int, int]]) -> list[dict]:
@@ -123,6 +120,23 @@ class RetinaHead(nn.Module):
             keep = batched_nms(boxes, scores, cls, s.nms_thresh)[: s.max_detections]
             results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": cls[keep]})
         return results
+
+
+def _pad_targets(targets: list[dict], dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """The batch's ground truth padded to its largest count: boxes ``[B, G, 4]``, labels
+    ``[B, G]``, and which rows are real ``[B, G]``; ``G >= 1`` so every gather has a row
+    to read (an image, or a batch, without objects has only padding)."""
+    boxes = [t["boxes"].to(dtype).reshape(-1, 4) for t in targets]
+    counts = [len(b) for b in boxes]
+    g = max(1, max(counts, default=0))
+    device = boxes[0].device
+    gt = boxes[0].new_zeros(len(boxes), g, 4)
+    labels = torch.zeros(len(boxes), g, dtype=torch.int64, device=device)
+    for i, (b, t) in enumerate(zip(boxes, targets)):
+        gt[i, : counts[i]] = b
+        labels[i, : counts[i]] = t["labels"]
+    valid = torch.arange(g, device=device) < torch.tensor(counts, device=device).unsqueeze(1)
+    return gt, labels, valid
 
 
 def _mean_over_ranks(value: Tensor) -> Tensor:

@@ -44,8 +44,10 @@ class FPN(nn.Module):
     def forward(self, feats: list[Tensor]) -> list[Tensor]:
         laterals = [lat(f) for lat, f in zip(self.lateral, feats)]
         for i in range(len(laterals) - 1, 0, -1):
-            laterals[i - 1] = laterals[i - 1] + F.interpolate(
-                laterals[i], size=laterals[i - 1].shape[-2:], mode="nearest")
+            # in place: a lateral's own output is read by no backward (a conv's backward
+            # needs its input, a norm's its input), so the sum can take over its buffer
+            laterals[i - 1].add_(F.interpolate(laterals[i], size=laterals[i - 1].shape[-2:],
+                                               mode="nearest"))
         outs = [conv(x) for conv, x in zip(self.output, laterals)]
         for i in range(self.num_extra):
             if self.extra_mode == "pool":
