@@ -16,7 +16,7 @@ export PYTHONWARNINGS ?= ignore::DeprecationWarning,ignore::FutureWarning
 # compiles torch and DeepSpeed again (~8 s per rank start, ~100 process starts in make test)
 export PYTHONDONTWRITEBYTECODE :=
 
-.PHONY: install test train bench clean
+.PHONY: install test train bench study clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,6 +37,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/overhead.py --optimizer sgd --out docs/benchmarks.md
 	$(BIN)/python bench/overhead.py --optimizer adamw --out docs/benchmarks.md
 	$(BIN)/python bench/plot_overhead.py
+
+# issue 14's large-batch study: ~1.5 h on the 2-core machine; finished cells are reused
+study: $(STAMP)
+	$(BIN)/python launch/study.py
 
 clean:
 	rm -rf $(VENV) .cache runs

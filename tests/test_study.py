@@ -117,3 +117,17 @@ def study_begin() -> str:
     from launch.study_report import BEGIN
 
     return BEGIN
+
+
+def test_full_grid_configs_validate(tmp_path):
+    """--full (for a GPU) is never trained here: at least every one of its run files must
+    pass the launcher's validation, LAMB and LARS included."""
+    from agvm_ds.config.run import load_run_config
+
+    cells = study.grid(full=True)
+    assert {c.optimizer for c in cells} == {"sgd", "adamw", "lamb", "lars"}
+    assert {c.batch for c in cells} == {16, 128, 512, 1024}
+    for cell in {(c.optimizer, c.agvm, c.batch): c for c in cells}.values():
+        path = tmp_path / f"{cell.name}.json"
+        path.write_text(json.dumps(study.cell_config(cell, _base(), [])))
+        load_run_config(path, world_size=1)
