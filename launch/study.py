@@ -122,6 +122,7 @@ def cell_config(cell: Cell, base: dict, assignments: list[tuple[str, object]]) -
     """The run file of one cell: the base study config with this cell's choices."""
     cfg = copy.deepcopy(base)
     cfg.pop("_comment", None)
+    cfg.pop("train_batch_size", None)  # the base file's 16 pins one rank; the layout below decides
     block, base_lr = OPTIMIZERS[cell.optimizer]
     cfg["optimizer"] = copy.deepcopy(block)
     cfg["optimizer"]["params"]["lr"] = base_lr
