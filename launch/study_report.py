@@ -132,6 +132,15 @@ def gap_lines(groups: dict) -> list[str]:
     return lines
 
 
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_phi(groups: dict, path: Path) -> Path | None:
     """Fig. 1 style: Φ per module over training, plain cells (seed 0), smallest and largest batch."""
     batches = sorted({k[2] for k in groups})
@@ -162,10 +171,7 @@ def plot_phi(groups: dict, path: Path) -> Path | None:
             ax.set_ylabel("Φ = 1 − cos(G1, G2)")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_ap(groups: dict, path: Path) -> Path | None:
@@ -196,10 +202,7 @@ def plot_ap(groups: dict, path: Path) -> Path | None:
     ax.set_title("AP against batch (same epochs; dots: seeds)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def write_report(out: Path, doc: Path, cells, command: str) -> Path:

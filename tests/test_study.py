@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from launch import study  # noqa: E402
-from launch.study_report import gap_lines, phi_ratios  # noqa: E402
+from launch.study_report import BEGIN, gap_lines, phi_ratios  # noqa: E402
 
 
 def _base() -> dict:
@@ -110,13 +110,7 @@ def test_smallest_cell_end_to_end(tmp_path, capsys):
     assert study.main(args) == 0
     assert "sgd-agvm-b16-s0: reused" in capsys.readouterr().out
     assert (cell / "metrics.jsonl").stat().st_mtime_ns == mtime
-    assert "reading kept" in doc.read_text() and doc.read_text().count(study_begin()) == 1
-
-
-def study_begin() -> str:
-    from launch.study_report import BEGIN
-
-    return BEGIN
+    assert "reading kept" in doc.read_text() and doc.read_text().count(BEGIN) == 1
 
 
 def test_full_grid_configs_validate(tmp_path):
