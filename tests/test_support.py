@@ -157,8 +157,9 @@ def test_torch_autocast_fp16_preconditioned_statistics_match_bruteforce(fp16_run
     ranks = [per_rank[i] for per_rank in fp16_runs]
     cos_ref = cos_from_run([_unscaled(r) for r in ranks], 2, GAS, "micro", ranks[0]["owner"], adam=(0.99, 1e-8))
     cos_upd = {t: c for t, c in cos_ref.items() if t >= 1}
-    # stage 2 reduces Linear gradients in fp16 under autocast: 2^-11 per rounding, bounded loosely
-    tol = 1e-4 if FP16_CASES[i]["stage"] < 2 else 2e-3
+    # ZeRO-1/2 reduce Linear gradients in fp16 under autocast (their comm_dtype): 2^-11 per
+    # rounding, a few roundings per element; the unfixed scale is off by ~10 % (issue 23)
+    tol = 1e-4 if FP16_CASES[i]["stage"] == 0 else 2e-3
     for res in ranks:
         for t, cs in cos_upd.items():
             rep = res["reports"][t]
