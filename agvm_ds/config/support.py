@@ -25,24 +25,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from agvm_ds.config.base import ConfigError
-
-#: estimator names as ``agvm.estimator`` spells them
-MICRO, RANKS = "micro", "ranks"
-
+from agvm_ds.errors import ConfigError
 
 def resolve_estimator(configured: str, grad_accum: Optional[int], world: Optional[int]) -> str:
     """The split a run with ``grad_accum`` micro-batches per step on ``world`` ranks measures
     with (``None``: not known yet; the answer is then the configured name unless the known
     part already decides). Raises :class:`ConfigError` (``agvm.estimator: …``) when no split exists."""
     name = configured
-    if name == MICRO and grad_accum is not None and grad_accum < 2:
+    if name == "micro" and grad_accum is not None and grad_accum < 2:
         if world is not None and world < 2:
             raise ConfigError("agvm.estimator: 'micro' needs gradient_accumulation_steps >= 2 on a single "
                               "rank (there is only one micro-batch to compare); raise "
                               "gradient_accumulation_steps or run on >= 2 ranks")
-        name = RANKS
-    if name == RANKS and world is not None and world < 2:
+        name = "ranks"
+    if name == "ranks" and world is not None and world < 2:
         raise ConfigError("agvm.estimator: 'ranks' needs at least 2 data-parallel ranks; use 'micro' with "
                           "gradient_accumulation_steps >= 2")
     return name
@@ -144,7 +140,7 @@ SUPPORT: tuple[Row, ...] = (
         "parameter offload is not covered by AGVM's exactness tests",
         "remove offload_param, or set agvm.enabled false"),
     Row("zero_optimization.overlap_comm", "ZeRO-1, overlap_comm true, ranks split (also micro at GAS 1)",
-        lambda s: s.stage == 1 and s.overlap_comm and s.estimator == RANKS, "refused",
+        lambda s: s.stage == 1 and s.overlap_comm and s.estimator == "ranks", "refused",
         "ZeRO-1 with overlap_comm reduces inside backward on the boundary micro-step, before AGVM can "
         "read this rank's own gradient, so the 'ranks' halves would be identical",
         "set overlap_comm false, or use ZeRO-2, or agvm.estimator 'micro' with gradient_accumulation_steps >= 2"),
