@@ -14,9 +14,9 @@ from agvm_ds.core.adapters.base import Piece, StageAdapter, set_engine_gradient_
 from agvm_ds.core.adapters.bf16_optimizer import BF16OptimizerAdapter
 from agvm_ds.core.adapters.stage0 import Stage0Adapter
 from agvm_ds.core.adapters.stage3 import Stage3Adapter
-from agvm_ds.core.adapters.zero12 import Stage12Adapter, Stage12CompactAdapter
+from agvm_ds.core.adapters.zero12 import Stage12Adapter, Stage12CompactAdapter, Stage12OffloadAdapter
 
-__all__ = ["BF16OptimizerAdapter", "Piece", "Stage0Adapter", "Stage12Adapter", "Stage12CompactAdapter",
+__all__ = ["BF16OptimizerAdapter", "Piece", "Stage0Adapter", "Stage12Adapter", "Stage12CompactAdapter", "Stage12OffloadAdapter",
            "Stage3Adapter", "StageAdapter", "attach_controller", "build_adapter", "set_engine_gradient_clipping"]
 
 
@@ -30,6 +30,8 @@ def build_adapter(engine, groups, group_modules) -> StageAdapter:
             and not getattr(engine.optimizer, "cpu_offload", False) and any(engine.optimizer._use_compact_grad_partition_buffer(i)
                     for i in range(len(engine.optimizer.round_robin_bit16_groups))):
         return Stage12CompactAdapter(engine, groups, group_modules)
+    if stage in (1, 2) and getattr(engine.optimizer, "cpu_offload", False):
+        return Stage12OffloadAdapter(engine, groups, group_modules)
     if stage == 0:
         return Stage0Adapter(engine, groups, group_modules)
     if stage in (1, 2):

@@ -72,6 +72,10 @@ class StageAdapter:
     stage: int = -1
     #: DeepSpeed reduces (and partitions) gradients on every micro-step (ZeRO-2/3).
     reduces_every_micro_step: bool = False
+    #: This rank's own, unreduced running sum is still there just before DeepSpeed's
+    #: boundary reduction (stage 0, ZeRO-1 without overlap_comm); where it is not, a split
+    #: that needs it streams each micro-step's gradient from tensor hooks instead.
+    local_grad_at_boundary: bool = True
 
     def __init__(self, engine, groups: list[list[torch.nn.Parameter]], group_modules: list[int]):
         self.engine = engine

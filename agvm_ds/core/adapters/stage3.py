@@ -11,6 +11,7 @@ from agvm_ds.core.chunks import Chunk
 class Stage3Adapter(StageAdapter):
     stage = 3
     reduces_every_micro_step = True
+    local_grad_at_boundary = False
 
     def __init__(self, engine, groups, group_modules):
         super().__init__(engine, groups, group_modules)
@@ -38,3 +39,25 @@ class Stage3Adapter(StageAdapter):
         # every precision before any sub-group's step; the test below is a second line.
         zo = self.zero
         return lambda: _invalid_norm(zo._global_grad_norm)
+
+    def copy_owned_grad(self, out):
+        """The reduced running sum between boundaries. Without offload ``safe_get_local_grad``
+        returns it; with ``offload_optimizer`` that helper reads the host fp32 gradient, which
+        DeepSpeed fills only at the boundary, while the running sum stays in the device-side
+        partition buffer (``__param_id_to_grad_partition[ds_id]``, read here by its mangled name)."""
+        zo = self.zero
+        if not getattr(zo, "offload_optimizer", False):
+            return super().copy_owned_grad(out)
+        from deepspeed.accelerator import get_accelerator
+
+        if not get_accelerator().resolves_data_dependency():
+            zo.reduce_and_partition_stream.synchronize()
+        held = getattr(zo, "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition")
+        for _, _, p, lo, hi, acc in self._own:
+            dst = out[acc:acc + hi - lo]
+            buf = held.get(p.ds_id)
+            if buf is None:
+                dst.zero_()
+            else:
+                dst.copy_(buf.reshape(-1)[:hi - lo])
+

@@ -16,6 +16,9 @@ class Stage12Adapter(StageAdapter):
         zo = self.zero
         self.stage = int(engine.zero_optimization_stage())
         self.reduces_every_micro_step = self.stage == 2
+        # ZeRO-1 with overlap_comm reduces inside its gradient hooks on the boundary
+        # micro-step, before allreduce_gradients: the local sum is gone by then
+        self.local_grad_at_boundary = self.stage == 1 and not bool(getattr(zo, "overlap_comm", False))
         self._base = []
         base = 0
         for gi in range(len(zo.round_robin_bit16_groups)):
@@ -111,3 +114,54 @@ class Stage12CompactAdapter(Stage12Adapter):
                 dst.zero_()
             else:
                 dst.copy_(flat.reshape(-1))
+
+
+class Stage12OffloadAdapter(Stage12Adapter):
+    """ZeRO-1/2 with ``offload_optimizer``: DeepSpeed never fills ``averaged_gradients``;
+    at the boundary it copies this rank's reduced partition of group ``i`` into
+    ``single_partition_of_fp32_groups[i].grad`` (host memory, the tensor the CPU optimizer
+    steps), in the same partition layout, padding zero. Between boundaries ZeRO-2 keeps each
+    parameter's reduced running sum in ``accumulated_grads_in_cpu[param_id]``, of which
+    ``grad_position[param_id] = (group, source offset, partition offset, length)`` is owned.
+
+    Update steps copy the P/N owned elements (and Adam's second moment) to the accelerator
+    for the statistics pass: the statistics all-reduce and AGVM's stream stay on device."""
+
+    def _settle(self):
+        wait = getattr(self.zero, "_wait_for_offload_copies", None)
+        if wait is not None:  # the boundary's non-blocking device-to-host copies
+            wait()
+
+    def _raw_chunks(self, second_moment=None):
+        self._settle()
+        zo = self.zero
+        for gi, (base, ps) in enumerate(self._base):
+            held = zo.single_partition_of_fp32_groups[gi].grad
+            grad = torch.zeros(ps, device=self.device) if held is None else \
+                held.reshape(-1).to(self.device, torch.float32, non_blocking=False)
+            v = None
+            if second_moment:
+                st = zo.optimizer.state.get(zo.single_partition_of_fp32_groups[gi])
+                if st and second_moment in st:
+                    v = st[second_moment].reshape(-1).to(self.device, torch.float32)
+            yield Chunk(self.group_modules[gi], gi, base, base + ps, grad, v)
+
+    def grad_views(self):
+        for g in self.zero.single_partition_of_fp32_groups:
+            if g.grad is not None:
+                yield g.grad
+
+    def copy_owned_grad(self, out):
+        self._settle()
+        zo = self.zero
+        out.zero_()
+        held = getattr(zo, "accumulated_grads_in_cpu", {})
+        for gi, (base, _) in enumerate(self._base):
+            for p in zo.params_in_partition[gi]:
+                pid = zo.get_param_id(p)
+                if pid not in held:
+                    continue
+                _, src, dst, n = zo.grad_position[pid]
+                buf = held[pid].reshape(-1)
+                piece = buf[src:src + n] if buf.numel() != n else buf
+                out[base + dst:base + dst + n].copy_(piece)
