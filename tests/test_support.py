@@ -229,3 +229,11 @@ def test_torch_autocast_fp16_preconditioned_statistics_match_bruteforce(fp16_run
         for m, v in mu_ref[t].items():
             assert abs(ranks[0]["reports"][t]["mu"][m] - v) <= 10 * tol * v, (t, m)
     assert any(abs(v - 1) > 1e-2 for v in ranks[0]["reports"][-1]["mu"].values()), "μ never moved: vacuous"
+
+
+def test_docs_copy_of_the_table_is_the_table():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "agvm.md").read_text()
+    block = text.split("<!-- support-table:begin -->\n", 1)[1].split("\n<!-- support-table:end -->", 1)[0]
+    assert block.strip() == markdown().strip()
