@@ -104,7 +104,6 @@ def evaluation_settings(run: dict, overrides: list[str]):
     import copy
 
     from agvm_ds.config.base import ConfigError
-    from agvm_ds.data.errors import DatasetError
     from agvm_ds.config.data import DataConfig
     from agvm_ds.config.files import apply_override
 
@@ -178,6 +177,7 @@ def main(argv=None) -> int:
     if args.model is None:
         return score_file(args)
     from agvm_ds.config.base import ConfigError
+    from agvm_ds.data.errors import DatasetError
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     ok = False
