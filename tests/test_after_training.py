@@ -1,0 +1,154 @@
+"""Life after training (issue 25): evaluate a checkpoint, export it, load it, predict on images.
+
+One tiny 2-rank ZeRO-3 run per model family (a Mask R-CNN for boxes and masks, a Semantic
+FPN for label maps), shared by the checks through a module-scoped fixture. The references
+are independent of the code under test: the AP / mIoU the training job itself wrote
+(``eval.json``, from the DeepSpeed engine's ZeRO-3 module), and DeepSpeed's own
+``zero_to_fp32`` reader for the gathered weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from train_helpers import TINY, run_train, tail, write_config
+
+pytestmark = pytest.mark.slow
+
+STEPS = 6
+FAMILIES = {
+    # lowest score threshold: the 6-step model's boxes are weak, and every one should count
+    "mask_rcnn": ({"spec": "models/mask_rcnn_uninet_tiny.json", "num_classes": 6,
+                   "overrides": {"roi_box.score_thresh": 0.0, "roi_box.max_detections": 20}},
+                  "instance", 0.04, ("bbox_AP", "segm_AP")),
+    "semantic_fpn": ({"spec": "models/semantic_fpn_uninet_tiny.json", "num_classes": 7},
+                     "semantic", 0.2, ("mIoU",)),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def trained(request, tmp_path_factory):
+    """(family, run dir, checkpoint dir) of a 2-rank ZeRO-3 run that evaluated at its end."""
+    family = request.param
+    model, task, lr, _ = FAMILIES[family]
+    tmp = tmp_path_factory.mktemp(family)
+    cfg = copy.deepcopy(TINY)
+    cfg["zero_optimization"] = {"stage": 3}
+    cfg["optimizer"]["params"]["lr"] = lr
+    cfg["model"], cfg["data"]["task"] = model, task
+    cfg["data"]["synthetic"]["train"] = 16
+    cfg["train"].update(max_steps=STEPS, warmup_steps=1, milestones=[0.9], checkpoint_every=0,
+                        eval_at_end=True)
+    cfg["train"]["grad_clip"] = {"max_norm": 1.0, "start_step": 0, "end_step": 1}
+    proc = run_train(write_config(tmp / "tiny.json", cfg), tmp / "run")
+    assert proc.returncode == 0, tail(proc)
+    return family, tmp / "run", tmp / "run" / "checkpoints" / f"step_{STEPS:07d}"
+
+
+def _scalars(path) -> dict:
+    return {k: v for k, v in json.loads(path.read_text()).items()
+            if isinstance(v, float) and k != "eval_time_s"}
+
+
+def test_evaluate_export_predict_agree_with_training(trained, tmp_path, capsys):
+    import agvm_ds
+    from agvm_ds.data import build_dataset
+    from agvm_ds.config.data import DataConfig
+    from agvm_ds.evaluation.results import to_coco_results
+    from agvm_ds.inference.model_dir import build_network
+    from launch import evaluate, export, predict
+
+    family, run_dir, ckpt = trained
+    metrics = FAMILIES[family][3]
+
+    # 1. one process evaluates the 2-rank ZeRO-3 checkpoint: training's own numbers
+    assert evaluate.main(["--model", str(ckpt), "--output_dir", str(tmp_path / "eval")]) == 0
+    ours, ref = _scalars(tmp_path / "eval" / "eval.json"), _scalars(run_dir / "eval.json")
+    assert ours.keys() == ref.keys() and set(metrics) <= ref.keys()
+    for key in ref:
+        assert abs(ours[key] - ref[key]) <= 1e-3, (key, ours[key], ref[key])
+    assert all(ref[m] > 0 for m in metrics), ref  # the model found something to compare
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["step"] == STEPS
+
+    # 2. export -> load_model -> predict on the val images: what the evaluation scored
+    assert export.main(["--checkpoint", str(ckpt), "--output_dir", str(tmp_path / "export")]) == 0
+    model = agvm_ds.load_model(tmp_path / "export")
+    assert not model.training and model.info["source"]["zero_stage"] == 3
+    val = build_dataset(DataConfig.model_validate(model.info["run"]["data"]), "val", train=False)
+    if family == "semantic_fpn":
+        paths = [val.image_path(i) for i in val.ids]
+    else:
+        paths = [val.image_root / val.coco.imgs[i]["file_name"] for i in val.ids]
+    preds = model.predict(paths)
+    assert len(preds) == len(paths)
+    if family == "semantic_fpn":
+        for path, pred in zip(paths, preds):
+            scored = np.array(Image.open(tmp_path / "eval" / "labels" / f"{path.stem}.png"))
+            assert np.array_equal(pred["sem_seg"].numpy(), scored), path
+        assert any(int(p["sem_seg"].max()) > 0 for p in preds)  # not all background
+    else:
+        scored = json.loads((tmp_path / "eval" / "predictions.json").read_text())
+        mine = to_coco_results(preds, list(val.ids), model.info["category_ids"])
+        assert len(mine) == len(scored) > 0
+        key = lambda r: (r["image_id"], -r["score"], r["category_id"])  # noqa: E731
+        for a, b in zip(sorted(mine, key=key), sorted(scored, key=key)):
+            assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
+            assert a["score"] == pytest.approx(b["score"], abs=1e-5)
+            assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-3)
+            assert a["segmentation"] == b["segmentation"]
+
+    # 3. the export holds DeepSpeed's own reconstruction of the ZeRO-3 weights; the backbone
+    # file loads into a freshly built backbone on its own
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    exported = load_file(str(tmp_path / "export" / "model.safetensors"))
+    with capsys.disabled():  # zero_to_fp32 prints progress
+        ds = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    for name, value in ds.items():
+        assert torch.equal(exported[name], torch.as_tensor(value.contiguous())), name
+    backbone = build_network(model.info).backbone
+    backbone.load_state_dict(load_file(str(tmp_path / "export" / "backbone.safetensors")), strict=True)
+    for name, value in backbone.state_dict().items():
+        assert torch.equal(value, exported["backbone." + name]), name
+
+    # 4. launch/predict.py on a folder: JSON keyed by file name, one PNG each, a non-image skipped
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for p in paths[:3]:
+        shutil.copy(p, folder / p.name)
+    (folder / "notes.txt").write_text("not an image")
+    capsys.readouterr()
+    assert predict.main(["--model", str(tmp_path / "export"), "--images", str(folder),
+                         "--output_dir", str(tmp_path / "pred"), "--score_threshold", "0"]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {folder / 'notes.txt'}: not an image, skipped" in err
+    records = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    assert sorted(records) == sorted(p.name for p in paths[:3])
+    for p in paths[:3]:
+        drawn = Image.open(tmp_path / "pred" / f"{p.stem}.png")
+        original = Image.open(p).convert("RGB")
+        assert drawn.size == original.size
+        assert not np.array_equal(np.array(drawn), np.array(original))  # something was drawn
+    if family == "semantic_fpn":
+        first = records[paths[0].name]
+        first_size = Image.open(paths[0]).size
+        assert sum(first["pixels"].values()) == first_size[0] * first_size[1]
+        assert set(first["pixels"]) <= set(model.class_names)
+    else:
+        assert all(r["category_name"] in model.class_names for rs in records.values() for r in rs)
+        assert sum(len(rs) for rs in records.values()) > 0
+
+    # 5. the run's config.json reloads on another number of ranks (item 4)
+    from agvm_ds.config.run import load_run_config
+
+    for world in (1, 2, 4):
+        run = load_run_config(run_dir / "config.json", world_size=world)
+        assert run.global_batch == 8 and run.grad_accum * world * run.micro_batch == 8
