@@ -22,14 +22,15 @@ from train_helpers import TINY, run_train, tail, write_config
 
 pytestmark = pytest.mark.slow
 
-STEPS = 6
-FAMILIES = {
-    # lowest score threshold: the 6-step model's boxes are weak, and every one should count
+FAMILIES = {  # model section, task, lr, steps
+    # After 4 steps the boxes score low and the mask logits are low: keep every box (up to 100,
+    # as COCO does) and a low mask threshold, so both evaluations have matches to agree on
     "mask_rcnn": ({"spec": "models/mask_rcnn_uninet_tiny.json", "num_classes": 6,
-                   "overrides": {"roi_box.score_thresh": 0.0, "roi_box.max_detections": 20}},
-                  "instance", 0.04, ("bbox_AP", "segm_AP")),
+                   "overrides": {"roi_box.score_thresh": 0.0, "roi_mask.mask_threshold": 0.02}},
+                  "instance", 0.02, 4),
+    # 10 steps at lr 0.1: the first model that labels some pixels other than background
     "semantic_fpn": ({"spec": "models/semantic_fpn_uninet_tiny.json", "num_classes": 7},
-                     "semantic", 0.2, ("mIoU",)),
+                     "semantic", 0.1, 10),
 }
 
 
@@ -37,19 +38,19 @@ FAMILIES = {
 def trained(request, tmp_path_factory):
     """(family, run dir, checkpoint dir) of a 2-rank ZeRO-3 run that evaluated at its end."""
     family = request.param
-    model, task, lr, _ = FAMILIES[family]
+    model, task, lr, steps = FAMILIES[family]
     tmp = tmp_path_factory.mktemp(family)
     cfg = copy.deepcopy(TINY)
     cfg["zero_optimization"] = {"stage": 3}
     cfg["optimizer"]["params"]["lr"] = lr
     cfg["model"], cfg["data"]["task"] = model, task
-    cfg["data"]["synthetic"]["train"] = 16
-    cfg["train"].update(max_steps=STEPS, warmup_steps=1, milestones=[0.9], checkpoint_every=0,
+    cfg["data"]["synthetic"]["train"] = 16  # and 8 val images
+    cfg["train"].update(max_steps=steps, warmup_steps=1, milestones=[0.9], checkpoint_every=0,
                         eval_at_end=True)
     cfg["train"]["grad_clip"] = {"max_norm": 1.0, "start_step": 0, "end_step": 1}
     proc = run_train(write_config(tmp / "tiny.json", cfg), tmp / "run")
     assert proc.returncode == 0, tail(proc)
-    return family, tmp / "run", tmp / "run" / "checkpoints" / f"step_{STEPS:07d}"
+    return family, tmp / "run", tmp / "run" / "checkpoints" / f"step_{steps:07d}"
 
 
 def _scalars(path) -> dict:
@@ -66,16 +67,22 @@ def test_evaluate_export_predict_agree_with_training(trained, tmp_path, capsys):
     from launch import evaluate, export, predict
 
     family, run_dir, ckpt = trained
-    metrics = FAMILIES[family][3]
+    steps = FAMILIES[family][3]
 
     # 1. one process evaluates the 2-rank ZeRO-3 checkpoint: training's own numbers
     assert evaluate.main(["--model", str(ckpt), "--output_dir", str(tmp_path / "eval")]) == 0
     ours, ref = _scalars(tmp_path / "eval" / "eval.json"), _scalars(run_dir / "eval.json")
-    assert ours.keys() == ref.keys() and set(metrics) <= ref.keys()
+    assert ours.keys() == ref.keys() and len(ref) >= 3
     for key in ref:
         assert abs(ours[key] - ref[key]) <= 1e-3, (key, ours[key], ref[key])
-    assert all(ref[m] > 0 for m in metrics), ref  # the model found something to compare
-    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["step"] == STEPS
+    # something was found, so the equality above compares matches, not two empty sets
+    if family == "semantic_fpn":
+        iou = json.loads((run_dir / "eval.json").read_text())["IoU"]
+        assert any(v for name, v in iou.items() if name != "background"), iou
+    else:
+        for prefix in ("bbox_", "segm_"):
+            assert any(v > 0 for k, v in ref.items() if k.startswith(prefix)), (prefix, ref)
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["step"] == steps
 
     # 2. export -> load_model -> predict on the val images: what the evaluation scored
     assert export.main(["--checkpoint", str(ckpt), "--output_dir", str(tmp_path / "export")]) == 0
@@ -122,7 +129,7 @@ def test_evaluate_export_predict_agree_with_training(trained, tmp_path, capsys):
     # 4. launch/predict.py on a folder: JSON keyed by file name, one PNG each, a non-image skipped
     folder = tmp_path / "images"
     folder.mkdir()
-    for p in paths[:3]:
+    for p in paths[:2]:
         shutil.copy(p, folder / p.name)
     (folder / "notes.txt").write_text("not an image")
     capsys.readouterr()
@@ -131,8 +138,8 @@ def test_evaluate_export_predict_agree_with_training(trained, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"warning: {folder / 'notes.txt'}: not an image, skipped" in err
     records = json.loads((tmp_path / "pred" / "predictions.json").read_text())
-    assert sorted(records) == sorted(p.name for p in paths[:3])
-    for p in paths[:3]:
+    assert sorted(records) == sorted(p.name for p in paths[:2])
+    for p in paths[:2]:
         drawn = Image.open(tmp_path / "pred" / f"{p.stem}.png")
         original = Image.open(p).convert("RGB")
         assert drawn.size == original.size
