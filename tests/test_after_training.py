@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 FAMILIES = {  # model section, task, lr, steps
     # After 4 steps the boxes score low and the mask logits are low: keep every box (up to 100,
-    # as COCO does) and a low mask threshold, so both evaluations have matches to agree on
+    # as COCO does) and a low mask threshold, so there are boxes and masks to agree on
     "mask_rcnn": ({"spec": "models/mask_rcnn_uninet_tiny.json", "num_classes": 6,
                    "overrides": {"roi_box.score_thresh": 0.0, "roi_mask.mask_threshold": 0.02}},
                   "instance", 0.02, 4),
@@ -80,8 +80,9 @@ def test_evaluate_export_predict_agree_with_training(trained, tmp_path, capsys):
         iou = json.loads((run_dir / "eval.json").read_text())["IoU"]
         assert any(v for name, v in iou.items() if name != "background"), iou
     else:
-        for prefix in ("bbox_", "segm_"):
-            assert any(v > 0 for k, v in ref.items() if k.startswith(prefix)), (prefix, ref)
+        # (the 4-step masks are never good enough for a segm match: segm stats are 0 on both
+        # sides; the mask comparison is the RLE-for-RLE check of step 2)
+        assert any(v > 0 for k, v in ref.items() if k.startswith("bbox_")), ref
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["step"] == steps
 
     # 2. export -> load_model -> predict on the val images: what the evaluation scored
@@ -93,6 +94,7 @@ def test_evaluate_export_predict_agree_with_training(trained, tmp_path, capsys):
         paths = [val.image_path(i) for i in val.ids]
     else:
         paths = [val.image_root / val.coco.imgs[i]["file_name"] for i in val.ids]
+    paths = paths[:4]  # half the val split is enough, and half the cost
     preds = model.predict(paths)
     assert len(preds) == len(paths)
     if family == "semantic_fpn":
@@ -101,9 +103,12 @@ def test_evaluate_export_predict_agree_with_training(trained, tmp_path, capsys):
             assert np.array_equal(pred["sem_seg"].numpy(), scored), path
         assert any(int(p["sem_seg"].max()) > 0 for p in preds)  # not all background
     else:
-        scored = json.loads((tmp_path / "eval" / "predictions.json").read_text())
-        mine = to_coco_results(preds, list(val.ids), model.info["category_ids"])
+        ids = list(val.ids)[:len(paths)]
+        scored = [r for r in json.loads((tmp_path / "eval" / "predictions.json").read_text())
+                  if r["image_id"] in ids]
+        mine = to_coco_results(preds, ids, model.info["category_ids"])
         assert len(mine) == len(scored) > 0
+        assert any(p["masks"].any() for p in preds)  # masks to compare, not empty ones
         key = lambda r: (r["image_id"], -r["score"], r["category_id"])  # noqa: E731
         for a, b in zip(sorted(mine, key=key), sorted(scored, key=key)):
             assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])

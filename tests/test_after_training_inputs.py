@@ -99,6 +99,21 @@ def test_export_round_trip_and_predict_from_a_checkpoint_or_an_export(tmp_path):
     assert half[name].dtype == torch.bfloat16 and torch.equal(half[name], reference[name].bfloat16())
 
 
+def test_a_timm_backbone_exports_timm_key_names():
+    import timm
+
+    from agvm_ds.inference.model_dir import backbone_state
+    from agvm_ds.models import build_model
+
+    model = build_model("models/retinanet_resnet18.json", num_classes=3)
+    own = backbone_state(model, model.state_dict())
+    features = timm.create_model("resnet18", features_only=True, out_indices=(2, 3, 4))
+    features.load_state_dict(own, strict=True)
+    classifier = timm.create_model("resnet18")  # the full model: only its classifier is missing
+    missing, unexpected = classifier.load_state_dict(own, strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+
+
 def test_mismatched_tensors_name_the_first_tensor_and_both_shapes(tmp_path, capsys):
     from agvm_ds.models import build_model
     from safetensors.torch import save_file

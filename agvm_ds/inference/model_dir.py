@@ -154,6 +154,13 @@ def backbone_prefix(model: nn.Module) -> str:
     return "backbone.body." if isinstance(model.backbone, TimmBackbone) else "backbone."
 
 
+def backbone_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The backbone's tensors of a whole-network ``state``, keyed as the backbone (for a timm
+    backbone: timm's ``features_only`` model) names them."""
+    prefix = backbone_prefix(model)
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, dtype: str = "fp32") -> Path:
     """Write ``model.safetensors``, ``backbone.safetensors`` and ``config.json`` of a training
     checkpoint into ``output_dir``; return ``output_dir``."""
@@ -176,12 +183,10 @@ def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, dtype: str
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / WEIGHTS), metadata={"format": "pt"})
-    prefix = backbone_prefix(model)
-    save_file({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
-              str(out / BACKBONE_WEIGHTS), metadata={"format": "pt"})
+    save_file(backbone_state(model, state), str(out / BACKBONE_WEIGHTS), metadata={"format": "pt"})
     record = {"format": FORMAT, "format_version": FORMAT_VERSION, **info, "dtype": dtype,
               "weights": WEIGHTS, "backbone_weights": BACKBONE_WEIGHTS,
-              "backbone_key_prefix": prefix, "source": source, "run": run}
+              "backbone_key_prefix": backbone_prefix(model), "source": source, "run": run}
     (out / CONFIG).write_text(json.dumps(record, indent=1))
     return out
 
