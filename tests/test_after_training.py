@@ -12,13 +12,16 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from train_helpers import TINY, run_train, tail, write_config
+from train_helpers import REPO, TINY, run_train, tail, write_config
+
+sys.path.insert(0, str(REPO))  # the launch/ scripts, imported as modules
 
 pytestmark = pytest.mark.slow
 

@@ -12,11 +12,14 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import sys
 
-import pytest
 import torch
 
-from launch import evaluate, export, predict
+from train_helpers import REPO
+
+sys.path.insert(0, str(REPO))  # the launch/ scripts, imported as modules
+from launch import evaluate, export, predict  # noqa: E402
 
 SPEC = "models/retinanet_uninet_tiny.json"
 #: random weights score below the default 0.05: keep a few boxes anyway, cheaply
