@@ -215,10 +215,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     path = Path(path)
     if not path.exists():
         raise ModelFileError(f"{path}: no such model folder (an export or a checkpoint)")
-    if (path / CONFIG).is_file() and _read_json(path / CONFIG, "export config").get("format") == FORMAT:
-        info = _read_json(path / CONFIG, "export config")
-        state = read_safetensors(path / info.get("weights", WEIGHTS))
+    exported = _read_json(path / CONFIG, "export config") if (path / CONFIG).is_file() else {}
+    if exported.get("format") == FORMAT:
+        info, where = exported, path / CONFIG
         source = str(path / info.get("weights", WEIGHTS))
+        state = read_safetensors(Path(source))
     else:
         from agvm_ds.inference.deepspeed_files import find_checkpoint, read_weights
 
@@ -228,11 +229,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         info = model_info(run, str(run_file))
         state, source_info = read_weights(tag_dir)
         info.update(dtype="checkpoint", source=source_info, run=copy.deepcopy(run))
-        source = str(tag_dir)
+        source, where = str(tag_dir), run_file
     try:
         model = build_network(info)
     except (KeyError, TypeError, ConfigError) as err:
-        raise ModelFileError(f"{path / CONFIG}: invalid model_spec ({err})") from None
+        raise ModelFileError(f"{where}: invalid model spec ({err})") from None
     check_state(model, state, source)
     model.load_state_dict(state, strict=True)
     model.to(device=device, dtype=dtype or torch.float32)
