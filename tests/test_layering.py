@@ -27,6 +27,8 @@ FORBIDDEN = {
     "partition": ("models", "core", "train", "data", "evaluation", "api", "optim"),
     "core": ("train", "models", "data", "evaluation", "api"),
     "models": ("train", "core", "data", "evaluation", "api"),
+    # after training (issue 25): reads checkpoints and runs networks, never the training job
+    "inference": ("train", "core", "api"),
 }
 
 
