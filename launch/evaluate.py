@@ -4,8 +4,8 @@
     torchrun --nproc_per_node N launch/evaluate.py --model PATH ...      # or: deepspeed --num_gpus N
     python launch/evaluate.py --gt GT.json --detections DT.json [--iou_type bbox|segm]
 
-``--model``: a checkpoint folder (``runs/X/checkpoints/step_N``, or ``runs/X/checkpoints`` for
-the newest complete one; the run's ``config.json`` two levels up says what the network and
+``--model``: a checkpoint folder (``runs/X/checkpoints/step_N``, or ``runs/X/checkpoints`` or
+``runs/X`` for the newest complete one; the run's ``config.json`` two levels up says what the network and
 the dataset are) or an export (``launch/export.py``). It runs on one process or on any number
 of ranks, whatever the training world size and ZeRO stage were: every rank loads the whole
 network and scores its shard of the val split through the same code as the in-training

@@ -2,7 +2,7 @@
 
     python launch/export.py --checkpoint runs/X/checkpoints/step_N --output_dir DIR [--dtype fp32|bf16]
 
-``--checkpoint`` may also be a ``checkpoints/`` folder (its newest complete checkpoint). Any
+``--checkpoint`` may also be a ``checkpoints/`` or run folder (its newest complete checkpoint). Any
 ZeRO stage and any number of training ranks: ZeRO-3's per-rank partitions are gathered in
 this one process. The run's ``config.json`` (two levels above the checkpoint) says what the
 network is. ``DIR`` then holds ``model.safetensors`` (all weights), ``backbone.safetensors``

@@ -95,8 +95,9 @@ def test_export_round_trip_and_predict_from_a_checkpoint_or_an_export(tmp_path):
     boxes = from_export[0]["boxes"]  # in the 40 x 48 image's own pixels
     assert len(boxes) and float(boxes[:, 2].max()) <= 40 and float(boxes[:, 3].max()) <= 48
 
-    bf16 = tmp_path / "x16"
-    assert export.main(["--checkpoint", str(tag), "--output_dir", str(bf16), "--dtype", "bf16"]) == 0
+    bf16 = tmp_path / "x16"  # from the run folder itself, this time
+    assert export.main(["--checkpoint", str(tmp_path / "run"), "--output_dir", str(bf16),
+                        "--dtype", "bf16"]) == 0
     half = load_file(str(bf16 / "model.safetensors"))
     name = "backbone.stem.0.weight"
     assert half[name].dtype == torch.bfloat16 and torch.equal(half[name], reference[name].bfloat16())

@@ -39,8 +39,8 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """The checkpoint folder ``path`` names: a ``step_<N>`` folder itself, or a
-    ``checkpoints/`` folder (its newest ``step_<N>`` with a completion marker).
+    """The checkpoint folder ``path`` names: a ``step_<N>`` folder itself, a ``checkpoints/``
+    folder (its newest ``step_<N>`` with a completion marker), or a run folder holding one.
 
     Raises:
         CheckpointError: ``path`` does not exist or holds no DeepSpeed checkpoint.
@@ -53,6 +53,8 @@ def find_checkpoint(path: str | Path) -> Path:
                               "step_<N>)")
     if _model_files(path):
         return path
+    if (path / "checkpoints").is_dir():  # runs/<run>
+        path = path / "checkpoints"
     steps = sorted((int(m.group(1)), p) for p in path.iterdir()
                    if (m := _STEP_DIR.match(p.name)) and (p / MARKER).is_file())
     if steps:
