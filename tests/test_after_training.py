@@ -85,7 +85,13 @@ def test_evaluate_export_predict_agree_with_training(trained, tmp_path, capsys):
         assert any(v for name, v in iou.items() if name != "background"), iou
     else:
         assert ref["bbox_AP"] > 0 and ref["segm_AP"] > 0, ref
-    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["step"] == steps
+    whole = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    training = json.loads((run_dir / "eval.json").read_text())
+    assert whole.keys() == training.keys() and whole["step"] == training["step"] == steps
+    if family == "semantic_fpn":  # per-class IoU too
+        assert whole["IoU"].keys() == training["IoU"].keys()
+        for name, v in training["IoU"].items():
+            assert (v is None and whole["IoU"][name] is None) or abs(whole["IoU"][name] - v) <= 1e-3
 
     # 2. export -> load_model -> predict on the val images: what the evaluation scored
     assert export.main(["--checkpoint", str(ckpt), "--output_dir", str(tmp_path / "export")]) == 0
