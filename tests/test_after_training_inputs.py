@@ -14,6 +14,7 @@ import os
 import pickle
 import sys
 
+import pytest
 import torch
 
 from train_helpers import REPO
@@ -186,3 +187,43 @@ def test_pickled_weights_are_refused_without_running(tmp_path, capsys):
     assert export.main(["--checkpoint", str(tag), "--output_dir", str(tmp_path / "y")]) == 2
     line = _one_error_line(capsys)
     assert f"{states}: refused to load" in line and not ran.exists()
+
+
+def test_zero3_partitions_are_gathered_whole_from_any_rank_count(tmp_path):
+    """A hand-made ZeRO-3 folder of 3 ranks (bf16 file names, padded last pieces, two param
+    groups): every parameter comes back whole, the buffers from rank 0's file."""
+    import math
+    from collections import OrderedDict
+
+    from agvm_ds.checkpoint_engine import CheckpointError
+    from agvm_ds.inference.deepspeed_files import read_weights
+
+    torch.manual_seed(0)
+    full = {"a.weight": torch.randn(5, 3), "a.bias": torch.randn(5), "b.weight": torch.randn(7)}
+    groups, world = [["a.weight", "a.bias"], ["b.weight"]], 3
+    tag = tmp_path / "step_0000007"
+    tag.mkdir()
+    for r in range(world):
+        flats = []
+        for group in groups:
+            pieces = []
+            for name in group:
+                flat, part = full[name].reshape(-1), math.ceil(full[name].numel() / world)
+                padded = torch.cat([flat, torch.zeros(part * world - flat.numel())])
+                pieces.append(padded[r * part:(r + 1) * part])
+            flats.append(torch.cat(pieces))
+        module = {name: torch.empty(0) for name in full} | {"bn.running_mean": torch.arange(3.0)}
+        torch.save({"module": module, "buffer_names": ["bn.running_mean"], "global_steps": 7,
+                    "param_shapes": [OrderedDict((n, full[n].shape) for n in g) for g in groups]},
+                   tag / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
+        torch.save({"optimizer_state_dict": {"partition_count": world, "fp32_flat_groups": flats}},
+                   tag / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+    state, info = read_weights(tag)
+    assert info["zero_stage"] == 3 and info["world_size"] == world and info["step"] == 7
+    assert state.keys() == full.keys() | {"bn.running_mean"}
+    assert all(torch.equal(state[k], v) for k, v in full.items())
+    assert torch.equal(state["bn.running_mean"], torch.arange(3.0))
+
+    (tag / "bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt").unlink()
+    with pytest.raises(CheckpointError, match="zero_pp_rank_2_mp_rank_00_optim_states.pt: missing"):
+        read_weights(tag)

@@ -6,7 +6,8 @@ Training saves ``checkpoints/step_<N>/`` with DeepSpeed's own files. Where the w
   parameter at its training dtype, and the buffers), written by data-parallel rank 0.
 * ZeRO-3: every rank ``R`` wrote ``zero_pp_rank_R_mp_rank_00_model_states.pt`` (buffers,
   ``param_shapes`` — one ordered ``{name: shape}`` per param group — and empty placeholders
-  for the partitioned parameters) and ``zero_pp_rank_R_mp_rank_00_optim_states.pt``, whose
+  for the partitioned parameters) and ``zero_pp_rank_R_mp_rank_00_optim_states.pt`` (with a
+  ``bf16_`` prefix in bf16 runs), whose
   ``fp32_flat_groups`` are that rank's fp32 master partitions. Walking the parameters in
   ``param_shapes`` order over the concatenated flat groups, each parameter of ``n`` elements
   takes ``ceil(n / W)`` elements from every one of the ``W`` ranks (the last one padded);
@@ -111,10 +112,12 @@ def _read_stage3(tag_dir: Path, files: list[Path]) -> tuple[dict[str, torch.Tens
             raise CheckpointError(f"{files[0]}: has no {key!r} (not a ZeRO-3 model-states file)")
     flats = []
     for rank in range(world):
-        path = tag_dir / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
-        if not path.is_file():
-            raise CheckpointError(f"{path}: missing (ZeRO-3 keeps each rank's weights in its "
-                                  "optimizer-states file)")
+        name = f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+        found = [tag_dir / p for p in (name, "bf16_" + name) if (tag_dir / p).is_file()]
+        if not found:  # bf16 runs prefix the name with "bf16_"
+            raise CheckpointError(f"{tag_dir / name}: missing (ZeRO-3 keeps each rank's weights "
+                                  "in its optimizer-states file)")
+        path = found[0]
         optim = safe_load(path, map_location="cpu", mmap=True).get("optimizer_state_dict", {})
         count = optim.get("partition_count")
         saved_by = max(count) if isinstance(count, list) else count
