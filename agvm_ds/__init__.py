@@ -2,7 +2,8 @@
 
 ``agvm_ds.initialize`` (same return as ``deepspeed.initialize``) and
 ``agvm_ds.modulation(engine)`` are the API for your own DeepSpeed loop; ``launch/train.py``
-is the ready-made job.
+is the ready-made job; ``agvm_ds.load_model(path)`` returns a trained network (export or
+checkpoint) with ``predict(images)``.
 """
 
 from agvm_ds import _compat  # noqa: F401  (must run before anything imports torchvision)
@@ -14,4 +15,7 @@ __version__ = "0.1.0"
 # imported only inside ``initialize`` (it costs seconds and config/data/model work needs none).
 from agvm_ds.api import initialize, modulation, set_gradient_clipping  # noqa: E402
 
-__all__ = ["initialize", "modulation", "set_gradient_clipping", "__version__"]
+# After training (issue 25): a trained network from an export or a checkpoint of any ZeRO stage.
+from agvm_ds.inference import load_model  # noqa: E402
+
+__all__ = ["initialize", "modulation", "set_gradient_clipping", "load_model", "__version__"]

@@ -1,10 +1,27 @@
-"""Score a COCO results file against COCO ground truth; print the stats as one JSON object.
+"""Evaluate a trained model, or score an existing COCO results file.
 
+    python launch/evaluate.py --model PATH [--output_dir DIR] [--override key.path=value ...]
+    torchrun --nproc_per_node N launch/evaluate.py --model PATH ...      # or: deepspeed --num_gpus N
     python launch/evaluate.py --gt GT.json --detections DT.json [--iou_type bbox|segm]
 
-``--iou_type`` may be repeated or comma-separated (``bbox,segm``) to get both sets of 12
-stats in one object. Missing or malformed files exit with status 2 and a one-line message
-naming the file (no traceback).
+``--model``: a checkpoint folder (``runs/X/checkpoints/step_N``, or ``runs/X/checkpoints`` or
+``runs/X`` for the newest complete one; the run's ``config.json`` two levels up says what the network and
+the dataset are) or an export (``launch/export.py``). It runs on one process or on any number
+of ranks, whatever the training world size and ZeRO stage were: every rank loads the whole
+network and scores its shard of the val split through the same code as the in-training
+evaluation (:func:`agvm_ds.evaluation.distributed.evaluate_dataset`), so the numbers equal
+it. ``--override`` changes the run's ``data`` / ``train`` values (e.g. ``data.root=/coco``,
+``train.eval_batch_size=4``). Writes into ``DIR`` (default ``runs/X/evaluate/step_N`` for a
+checkpoint, ``<export>/evaluate`` for an export): ``eval.json`` (training's keys: ``step``, the
+COCO stats or ``mIoU``/``mAcc``/``aAcc``/``IoU``, ``eval_time_s``), and the predictions it
+scored: ``predictions.json`` (COCO results of boxes / masks) or, for semantic segmentation,
+``labels/<image>.png`` (the predicted class index per pixel).
+
+``--gt`` / ``--detections``: score a COCO results file; ``--iou_type`` may be repeated or
+comma-separated (``bbox,segm``); prints the stats as one JSON object.
+
+Exit codes: 0 done; 2 a missing or malformed file, a bad ``--override`` or an unusable model
+(one ``error:`` line naming it, no traceback); 1 anything else.
 """
 
 from __future__ import annotations
@@ -13,7 +30,9 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
@@ -22,12 +41,23 @@ IOU_TYPES = ("bbox", "segm")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="COCO bbox/segm AP of a detections file.")
-    parser.add_argument("--gt", required=True, help="COCO ground-truth instances JSON")
-    parser.add_argument("--detections", required=True, help="COCO results JSON (a list)")
+    parser = argparse.ArgumentParser(description="Evaluate a checkpoint or an export, or score "
+                                                 "a COCO results file.")
+    parser.add_argument("--model", help="runs/X/checkpoints/step_N or an export folder")
+    parser.add_argument("--output_dir", help="--model: where eval.json and the predictions go")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="--model: change a data/train value of the run (repeatable)")
+    parser.add_argument("--gt", help="COCO ground-truth instances JSON")
+    parser.add_argument("--detections", help="COCO results JSON (a list)")
     parser.add_argument("--iou_type", action="append", default=None,
                         help="bbox (default) or segm; repeat or comma-separate for both")
+    parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.model is None and (args.gt is None or args.detections is None):
+        parser.error("give --model PATH, or --gt and --detections")
+    if args.model is not None and (args.gt or args.detections):
+        parser.error("--model evaluates on the run's dataset; --gt/--detections score a file: "
+                     "give one or the other")
     types = [t.strip() for v in (args.iou_type or ["bbox"]) for t in v.split(",") if t.strip()]
     bad = [t for t in types if t not in IOU_TYPES]
     if bad:
@@ -36,8 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def score_file(args) -> int:
     # Imported after argument parsing: importing agvm_ds loads torch (~2 s), which a
     # usage error should not have to wait for.
     from agvm_ds.data.coco import coco_from_dict, load_coco_json, read_json
@@ -60,6 +89,115 @@ def main(argv=None) -> int:
         return 2
     print(json.dumps(stats))
     return 0
+
+
+def default_output_dir(model_path: Path, info: dict) -> Path:
+    checkpoint = info.get("source", {}).get("checkpoint")
+    if info.get("dtype") == "checkpoint" and checkpoint:  # runs/X/checkpoints/step_N
+        tag = Path(checkpoint)
+        return tag.parent.parent / "evaluate" / tag.name
+    return model_path / "evaluate"
+
+
+def evaluation_settings(run: dict, overrides: list[str]):
+    """(DataConfig, eval batch size) of a run's ``config.json`` after ``--override``s."""
+    import copy
+
+    from agvm_ds.config.base import ConfigError
+    from agvm_ds.config.data import DataConfig
+    from agvm_ds.config.files import apply_override
+
+    run = copy.deepcopy(run)
+    for text in overrides:
+        if not text.split("=", 1)[0].startswith(("data.", "train.")):
+            raise ConfigError(f"--override {text}: only data.* and train.* values can change "
+                              "for an evaluation (the network is fixed by the checkpoint)")
+        apply_override(run, text)
+    try:
+        data = DataConfig.model_validate(run.get("data") or {})
+    except ValueError as err:
+        raise ConfigError(f"data: {err}") from None
+    batch = (run.get("train") or {}).get("eval_batch_size") or run.get("train_micro_batch_size_per_gpu") or 1
+    if not isinstance(batch, int) or batch < 1:
+        raise ConfigError(f"train.eval_batch_size: must be a positive integer, got {batch!r}")
+    return data, batch
+
+
+def evaluate_model(args) -> int:
+    import torch
+
+    import agvm_ds
+    from agvm_ds import collectives
+    from agvm_ds.data import build_dataset
+    from agvm_ds.evaluation.distributed import evaluate_dataset, infer_task
+
+    rank = collectives.rank()
+    device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+              if torch.cuda.is_available() else torch.device("cpu"))
+    model = agvm_ds.load_model(args.model, device=device)
+    data, batch = evaluation_settings(model.info["run"], args.override)
+    out = Path(args.output_dir) if args.output_dir else default_output_dir(Path(args.model), model.info)
+    val = build_dataset(data, "val", train=False)
+    semantic = infer_task(val) == "semantic"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    if semantic:
+        (out / "labels").mkdir(parents=True, exist_ok=True)
+    collectives.barrier()
+
+    def predict(images, targets):
+        preds = model.predict(images, targets)
+        if semantic:  # every rank writes the label maps of its own shard
+            from PIL import Image
+
+            for pred, target in zip(preds, targets):
+                name = Path(val.image_path(target["image_id"])).stem
+                labels = pred["sem_seg"].to("cpu", torch.uint8).numpy()
+                Image.fromarray(labels, mode="L").save(out / "labels" / f"{name}.png")
+        return preds
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        stats = evaluate_dataset(predict, val, batch_size=batch, device=device,
+                                 num_workers=data.num_workers,
+                                 results_file=None if semantic else str(out / "predictions.json"))
+    stats = {"step": model.info["source"].get("step"),
+             **{k: (float(v) if isinstance(v, (int, float)) else v) for k, v in stats.items()},
+             "eval_time_s": round(time.perf_counter() - t0, 2)}
+    if rank == 0:
+        (out / "eval.json").write_text(json.dumps(stats, indent=2))
+        print(f"[agvm-ds] {args.model}: " + ", ".join(
+            f"{k}={v:.4f}" for k, v in stats.items() if k.endswith(("AP", "mIoU")))
+            + f"; {out / 'eval.json'}", flush=True)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.model is None:
+        return score_file(args)
+    from agvm_ds.config.base import ConfigError
+    from agvm_ds.data.errors import DatasetError
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    ok = False
+    try:
+        if distributed:
+            from agvm_ds.train.distributed import init_distributed
+
+            init_distributed()
+        code = evaluate_model(args)
+        ok = code == 0
+        return code
+    except (ConfigError, DatasetError) as err:  # the same file on every rank: one line is enough
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if distributed:
+            from agvm_ds.train.distributed import teardown
+
+            teardown(ok)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ FORBIDDEN = {
     # the ground floor: DeepSpeed's flat partitions and the user-error type
     "zero_layout": ("config", "core", "optim", "train", "models", "data", "evaluation", "api", "partition"),
     "errors": ("config", "core", "optim", "train", "models", "data", "evaluation", "api", "partition"),
+    # after training (issue 25): reads checkpoints and runs networks, never the training job
+    "inference": ("train", "core", "api"),
 }
 
 

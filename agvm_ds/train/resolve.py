@@ -49,7 +49,11 @@ class ResolvedRun:
     def record(self) -> dict[str, Any]:
         """The resolved run as JSON-able data (``config.json`` in the output dir)."""
         run = self.run
-        return {**copy.deepcopy(self.deepspeed), "agvm": self.agvm.model_dump(mode="json"),
+        # The global and micro batch only: the accumulation count is derived again from the
+        # world size that reloads the file (issue 25), as the elastic resume recommends.
+        deepspeed = copy.deepcopy(self.deepspeed)
+        deepspeed.pop("gradient_accumulation_steps", None)
+        return {**deepspeed, "agvm": self.agvm.model_dump(mode="json"),
                 "model": run.model.model_dump(mode="json"), "data": run.data.model_dump(mode="json"),
                 "train": run.train.model_dump(mode="json"),
                 "_resolved": {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps,

@@ -1,0 +1,244 @@
+"""Exported models: write one from a training checkpoint, and load a model from either.
+
+An export folder (``launch/export.py``) holds
+
+* ``model.safetensors``: every parameter and buffer of the network (safetensors: no pickle);
+* ``backbone.safetensors``: the backbone alone, keys as the backbone module itself names them
+  (for a timm backbone: the state dict of timm's ``features_only`` model, loadable with
+  ``timm.create_model(name, features_only=True).load_state_dict``);
+* ``config.json``: ``model_spec`` (the full network description, no file of ``models/``
+  needed), ``task``, ``num_classes``, ``class_names`` and ``category_ids`` (contiguous label
+  ``c`` is COCO category ``category_ids[c]``), ``transform`` (the test-time resize and
+  normalization), ``dtype``, ``source`` (checkpoint, step, ZeRO stage, training ranks) and
+  ``run`` (the training run's resolved ``config.json``, which evaluation reads its dataset
+  and batch size from).
+
+:func:`load_model` takes such a folder or a training checkpoint folder
+(``runs/<run>/checkpoints/step_<N>``, whose run ``config.json`` two levels up says what
+the network is) and returns the network in eval mode, on the CPU, with ``predict``
+accepting images (:mod:`agvm_ds.inference.predictor`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import struct
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from agvm_ds.config.base import ConfigError
+
+FORMAT = "agvm-ds-export"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+BACKBONE_WEIGHTS = "backbone.safetensors"
+CONFIG = "config.json"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SIZE_DIVISIBILITY = 32  # agvm_ds.data.transforms.collate's default, which evaluation uses
+
+
+class ModelFileError(ConfigError):
+    """A model folder, weights file or image that cannot be used; the message names it."""
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise ModelFileError(f"{path}: not found ({what})")
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ModelFileError(f"{path}: cannot read {what} ({err})") from None
+    if not isinstance(value, dict):
+        raise ModelFileError(f"{path}: expected a JSON object ({what})")
+    return value
+
+
+def run_config_of(checkpoint: Path) -> Path:
+    """The run's ``config.json`` of a ``runs/<run>/checkpoints/step_<N>`` folder."""
+    return checkpoint.parent.parent / CONFIG
+
+
+def model_info(run: dict, run_file: str) -> dict[str, Any]:
+    """What an export's ``config.json`` says about the network, from a run's ``config.json``:
+    the spec (with ``backbone.checkpoint`` dropped: the weights are in the export), the
+    task, class names and ids (from the dataset's val split when it is readable, else
+    ``class_<k>``), and the test-time transform."""
+    from agvm_ds.config.data import DataConfig
+    from agvm_ds.config.model import ModelConfig
+
+    try:
+        model_cfg = ModelConfig.model_validate(run.get("model") or {})
+        data = DataConfig.model_validate(run.get("data") or {})
+        spec = model_cfg.model_spec().model_dump(mode="json")
+    except ValueError as err:
+        raise ModelFileError(f"{run_file}: invalid model/data section ({err})") from None
+    spec["backbone"]["checkpoint"] = None
+    names, ids = _classes(data, spec["num_classes"])
+    return {"model_spec": spec, "task": data.task, "num_classes": spec["num_classes"],
+            "class_names": names, "category_ids": ids,
+            "transform": {"min_size": data.eval_min_size, "max_size": data.max_size,
+                          "mean": list(data.mean), "std": list(data.std),
+                          "size_divisibility": SIZE_DIVISIBILITY}}
+
+
+def _classes(data, num_classes: int) -> tuple[list[str], list[int]]:
+    from agvm_ds.data import build_dataset
+    from agvm_ds.data.errors import DatasetError
+
+    try:
+        val = build_dataset(data, "val", train=False)
+        names, ids = list(val.class_names), [int(c) for c in val.cat_ids]
+    except (DatasetError, OSError):
+        names, ids = [], []
+    if len(names) != num_classes:  # dataset unreadable here, or it counts differently
+        names, ids = [f"class_{k}" for k in range(num_classes)], list(range(num_classes))
+    return names, ids
+
+
+def check_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise naming the first tensor (in the network's order) whose name or shape differs."""
+    expected = model.state_dict()
+    for name, tensor in expected.items():
+        if name not in state:
+            raise ModelFileError(f"{source}: has no tensor {name!r}, which the model spec needs "
+                                 f"(shape {list(tensor.shape)})")
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise ModelFileError(f"{source}: tensor {name!r} has shape {list(state[name].shape)} "
+                                 f"but the model spec needs {list(tensor.shape)}")
+    extra = [name for name in state if name not in expected]
+    if extra:
+        raise ModelFileError(f"{source}: tensor {extra[0]!r} (shape {list(state[extra[0]].shape)}) "
+                             f"is not in the model spec ({len(extra)} such tensor(s))")
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; anything else (a pickle, a zip of one) is refused
+    from its first bytes, without loading it."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ModelFileError(f"{path}: not found")
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        ok = 2 <= n <= size - 8
+        if ok:
+            try:
+                ok = isinstance(json.loads(fh.read(n)), dict)
+            except ValueError:
+                ok = False
+    if not ok:
+        raise ModelFileError(f"{path}: not a safetensors file (refused without loading it; "
+                             "pickled weights are never read)")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - a damaged file; nothing in it can run
+        raise ModelFileError(f"{path}: damaged safetensors file ({err})") from None
+
+
+def build_network(info: dict) -> nn.Module:
+    from agvm_ds.models import build_model
+
+    return build_model(info["model_spec"])
+
+
+def backbone_prefix(model: nn.Module) -> str:
+    """Key prefix of the backbone's own state dict: timm's model sits in ``backbone.body``."""
+    from agvm_ds.models.backbones.timm_backbone import TimmBackbone
+
+    return "backbone.body." if isinstance(model.backbone, TimmBackbone) else "backbone."
+
+
+def backbone_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The backbone's tensors of a whole-network ``state``, keyed as the backbone (for a timm
+    backbone: timm's ``features_only`` model) names them."""
+    prefix = backbone_prefix(model)
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, dtype: str = "fp32") -> Path:
+    """Write ``model.safetensors``, ``backbone.safetensors`` and ``config.json`` of a training
+    checkpoint into ``output_dir``; return ``output_dir``."""
+    from safetensors.torch import save_file
+
+    from agvm_ds.inference.deepspeed_files import find_checkpoint, read_weights
+
+    if dtype not in DTYPES:
+        raise ModelFileError(f"--dtype: {dtype!r}; choose from {sorted(DTYPES)}")
+    tag_dir = find_checkpoint(checkpoint)
+    run_file = run_config_of(tag_dir)
+    run = _read_json(run_file, "the run's config.json beside the checkpoints")
+    info = model_info(run, str(run_file))
+    state, source = read_weights(tag_dir)
+    model = build_network(info)
+    check_state(model, state, str(tag_dir))
+    target = DTYPES[dtype]
+    state = {k: (v.to(target) if v.is_floating_point() else v).contiguous().clone()
+             for k, v in state.items()}
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / WEIGHTS), metadata={"format": "pt"})
+    save_file(backbone_state(model, state), str(out / BACKBONE_WEIGHTS), metadata={"format": "pt"})
+    record = {"format": FORMAT, "format_version": FORMAT_VERSION, **info, "dtype": dtype,
+              "weights": WEIGHTS, "backbone_weights": BACKBONE_WEIGHTS,
+              "backbone_key_prefix": backbone_prefix(model), "source": source, "run": run}
+    (out / CONFIG).write_text(json.dumps(record, indent=1))
+    return out
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """The network of an export folder or of a training checkpoint folder, in eval mode.
+
+    Args:
+        path: an export (``launch/export.py``) or ``runs/<run>/checkpoints/step_<N>`` (or its
+            ``checkpoints/`` folder: the newest complete checkpoint).
+        device: where the network goes.
+        dtype: parameter dtype (default float32, whatever the file stores).
+
+    Returns the ``nn.Module`` with ``model.info`` (the export's ``config.json`` content),
+    ``model.class_names`` and ``model.predict(images, score_threshold=0.0)`` for images
+    (file paths, PIL images, ``H x W x 3`` uint8 arrays); a padded batch tensor with
+    targets still goes to the network's own ``predict(images, targets)``.
+
+    Raises:
+        ModelFileError / CheckpointError (both ``ConfigError``): a missing path, a file that is
+            not safetensors or not a safe checkpoint, or tensors that do not fit the spec.
+    """
+    from agvm_ds.inference.predictor import attach_predict
+
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileError(f"{path}: no such model folder (an export or a checkpoint)")
+    exported = _read_json(path / CONFIG, "export config") if (path / CONFIG).is_file() else {}
+    if exported.get("format") == FORMAT:
+        info, where = exported, path / CONFIG
+        source = str(path / info.get("weights", WEIGHTS))
+        state = read_safetensors(Path(source))
+    else:
+        from agvm_ds.inference.deepspeed_files import find_checkpoint, read_weights
+
+        tag_dir = find_checkpoint(path)
+        run_file = run_config_of(tag_dir)
+        run = _read_json(run_file, "the run's config.json beside the checkpoints")
+        info = model_info(run, str(run_file))
+        state, source_info = read_weights(tag_dir)
+        info.update(dtype="checkpoint", source=source_info, run=copy.deepcopy(run))
+        source, where = str(tag_dir), run_file
+    try:
+        model = build_network(info)
+    except (KeyError, TypeError, ConfigError) as err:
+        raise ModelFileError(f"{where}: invalid model spec ({err})") from None
+    check_state(model, state, source)
+    model.load_state_dict(state, strict=True)
+    model.to(device=device, dtype=dtype or torch.float32)
+    model.eval()
+    model.info = info
+    model.class_names = list(info["class_names"])
+    attach_predict(model)
+    return model

@@ -1,0 +1,99 @@
+"""``model.predict(images)`` for a loaded model: images in, detections in image pixels out.
+
+The images go through the test-time transform the model was evaluated with (the export's
+``transform``: shortest-edge resize, normalization, batch padding to a multiple of 32 — the
+same :class:`~agvm_ds.data.transforms.Transform` and :func:`~agvm_ds.data.transforms.collate`
+evaluation uses), then the network's own ``predict(batch, targets)``. Each result is a dict
+in the original image's pixels, on the CPU: ``boxes`` (xyxy float ``[k, 4]``), ``scores``,
+``labels`` (contiguous class indices; ``model.class_names[label]``), plus ``masks`` (bool
+``[k, H, W]``) for Mask R-CNN, or only ``sem_seg`` (``[H, W]`` class indices) for semantic
+segmentation.
+"""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from agvm_ds.inference.model_dir import ModelFileError
+
+
+def open_image(image: Any) -> Image.Image:
+    """An RGB PIL image from a path, a PIL image or an ``H x W x 3`` uint8 array."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"predict: an array image must be H x W x 3 uint8, got "
+                             f"{image.dtype} {list(image.shape)}")
+        return Image.fromarray(image)
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise ModelFileError(f"{path}: image not found")
+        try:
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        except OSError as err:
+            raise ModelFileError(f"{path}: not a readable image ({err})") from None
+    raise TypeError(f"predict: an image must be a path, a PIL image or an array, got "
+                    f"{type(image).__name__}")
+
+
+def test_transform(info: dict):
+    from agvm_ds.data.transforms import Transform
+
+    t = info["transform"]
+    return Transform(t["min_size"], t["max_size"], 0.0, t["mean"], t["std"])
+
+
+def _keep(pred: dict, threshold: float) -> dict:
+    out = {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in pred.items()}
+    if threshold > 0 and "scores" in out:
+        keep = out["scores"] >= threshold
+        for key in ("boxes", "scores", "labels", "masks"):
+            if key in out:
+                out[key] = out[key][keep]
+    return out
+
+
+@torch.no_grad()
+def predict_images(model: torch.nn.Module, images: Any, score_threshold: float = 0.0,
+                   batch_size: int = 4) -> list[dict]:
+    """Predictions of ``model`` (from :func:`~agvm_ds.inference.model_dir.load_model`) for one
+    image or a list of them, in order; see the module docstring for the result format."""
+    from agvm_ds.data.transforms import collate
+
+    if isinstance(images, (str, Path, Image.Image, np.ndarray)):
+        images = [images]
+    transform = test_transform(model.info)
+    divisor = int(model.info["transform"].get("size_divisibility", 32))
+    param = next(model.parameters())
+    results: list[dict] = []
+    images = list(images)
+    for start in range(0, len(images), max(1, batch_size)):
+        batch = [transform(open_image(im), {"image_id": start + k})
+                 for k, im in enumerate(images[start:start + batch_size])]
+        pixels, targets = collate(batch, divisor)
+        preds = type(model).predict(model, pixels.to(device=param.device, dtype=param.dtype), targets)
+        results += [_keep(p, score_threshold) for p in preds]
+    return results
+
+
+def _predict(self, images: Any, targets: Sequence[dict] | None = None, score_threshold: float = 0.0,
+             batch_size: int = 4) -> list[dict]:
+    """Images (paths, PIL images, arrays) → predictions; a padded batch tensor with targets →
+    the network's own ``predict(images, targets)`` (what evaluation calls)."""
+    if torch.is_tensor(images):
+        return type(self).predict(self, images, targets)
+    return predict_images(self, images, score_threshold, batch_size)
+
+
+def attach_predict(model: torch.nn.Module) -> None:
+    """Give ``model`` (with ``model.info``) the image-taking ``predict`` of this module."""
+    model.predict = types.MethodType(_predict, model)
