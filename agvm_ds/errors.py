@@ -11,3 +11,8 @@ from __future__ import annotations
 class ConfigError(ValueError):
     """A user mistake in a config file, an override or an API argument; the message names
     the key as a dotted path and is printed as one ``error:`` line."""
+
+
+class ModelFileError(ConfigError):
+    """A model folder, weights file or image that cannot be used; the message names it
+    (:mod:`agvm_ds.inference`)."""

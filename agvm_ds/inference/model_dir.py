@@ -30,7 +30,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from agvm_ds.config.base import ConfigError
+from agvm_ds.errors import ConfigError, ModelFileError
 
 FORMAT = "agvm-ds-export"
 FORMAT_VERSION = 1
@@ -39,10 +39,6 @@ BACKBONE_WEIGHTS = "backbone.safetensors"
 CONFIG = "config.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SIZE_DIVISIBILITY = 32  # agvm_ds.data.transforms.collate's default, which evaluation uses
-
-
-class ModelFileError(ConfigError):
-    """A model folder, weights file or image that cannot be used; the message names it."""
 
 
 def _read_json(path: Path, what: str) -> dict:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from agvm_ds.inference.model_dir import ModelFileError
+from agvm_ds.errors import ModelFileError
 
 
 def open_image(image: Any) -> Image.Image:
