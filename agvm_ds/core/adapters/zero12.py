@@ -122,7 +122,9 @@ class Stage12OffloadAdapter(Stage12Adapter):
     ``single_partition_of_fp32_groups[i].grad`` (host memory, the tensor the CPU optimizer
     steps), in the same partition layout, padding zero. Between boundaries ZeRO-2 keeps each
     parameter's reduced running sum in ``accumulated_grads_in_cpu[param_id]``, of which
-    ``grad_position[param_id] = (group, source offset, partition offset, length)`` is owned.
+    ``grad_position[param_id] = (group, source offset, partition offset, length)`` is owned —
+    or, for a bf16 model with fp32 accumulation, in the group's compact device partition
+    (``averaged_gradients[i].flat_partition``).
 
     Update steps copy the P/N owned elements (and Adam's second moment) to the accelerator
     for the statistics pass: the statistics all-reduce and AGVM's stream stay on device."""
@@ -156,7 +158,15 @@ class Stage12OffloadAdapter(Stage12Adapter):
         zo = self.zero
         out.zero_()
         held = getattr(zo, "accumulated_grads_in_cpu", {})
-        for gi, (base, _) in enumerate(self._base):
+        compact = getattr(zo, "_use_compact_grad_partition_buffer", lambda gi: False)
+        for gi, (base, ps) in enumerate(self._base):
+            if compact(gi):
+                # bf16 weights, fp32 accumulation: the running sum is the device-side compact
+                # partition, copied to the host buffer only at the boundary
+                flat = getattr(zo.averaged_gradients.get(gi), "flat_partition", None)
+                if flat is not None:
+                    out[base:base + ps].copy_(flat.reshape(-1))
+                continue
             for p in zo.params_in_partition[gi]:
                 pid = zo.get_param_id(p)
                 if pid not in held:
