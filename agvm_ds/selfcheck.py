@@ -323,6 +323,25 @@ def selfcheck(run_dict: dict, rank: int, world: int, steps: int = 4, say=print) 
     return code
 
 
+class SelfCheckFailed(RuntimeError):
+    """``agvm.selfcheck: true`` and a check failed: the job does not train."""
+
+
+def startup_check(run_dict: dict, rank: int, world: int) -> None:
+    """The launcher's hook (``agvm.selfcheck: true``): run the checks on the job's ranks,
+    print them (rank 0, with the time taken); refuse to train unless all pass."""
+    import time
+
+    t0 = time.perf_counter()
+    code = selfcheck(run_dict, rank, world, say=lambda line: print(f"[agvm-ds] selfcheck: {line}", flush=True))
+    if rank == 0:
+        print(f"[agvm-ds] selfcheck: {time.perf_counter() - t0:.1f} s", flush=True)
+    if code == 2:
+        raise ConfigError("agvm.selfcheck: the self-check's configuration was refused (line above)")
+    if code:
+        raise SelfCheckFailed("agvm.selfcheck: a check failed (lines above); not training")
+
+
 def _init_distributed() -> tuple[int, int]:
     """The launcher's process group (deepspeed / torchrun env), or a single rank."""
     import deepspeed
