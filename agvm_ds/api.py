@@ -24,7 +24,8 @@ import torch
 from agvm_ds.config.agvm import AGVMConfig
 from agvm_ds.config.base import ConfigError, parse_section
 from agvm_ds.config.files import OWN_SECTIONS, read_json, strip_comments
-from agvm_ds.config.run import check_precision
+from agvm_ds.config.run import check_precision, resolve_batch
+from agvm_ds.config.support import check_supported
 from agvm_ds.core.modulator import Modulator
 from agvm_ds.core.optimizer import AGVM
 from agvm_ds.optim import registry
@@ -89,6 +90,7 @@ def initialize(model: torch.nn.Module, config, modules: dict | Partition | None 
     check_precision(cfg)  # DeepSpeed would refuse these only from deep inside initialize
     for key in OWN_SECTIONS:
         cfg.pop(key, None)
+    check_deepspeed_support(cfg, agvm_cfg)
     opt_section = cfg.pop("optimizer", None)
     row, precondition = check_base_optimizer(opt_section, cfg, agvm_cfg)
     partition = build_partition(model, modules, agvm_cfg)
@@ -107,6 +109,22 @@ def initialize(model: torch.nn.Module, config, modules: dict | Partition | None 
                                                       collate_fn=collate_fn, **kwargs)
     attach_agvm(engine, base, optimizer, modulator, agvm_cfg, precondition, measured)
     return engine, opt, loader, sched
+
+
+def check_deepspeed_support(cfg: dict, agvm_cfg: AGVMConfig) -> None:
+    """Refuse, before DeepSpeed builds anything, the settings AGVM cannot measure exactly
+    (:mod:`agvm_ds.config.support`, the table the launcher's config check reads), at the
+    world size this process group has or the launcher announced (``WORLD_SIZE``)."""
+    from agvm_ds import collectives
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = collectives.world()
+    else:
+        env = os.environ.get("WORLD_SIZE", "")
+        world = int(env) if env.isdigit() else 1
+    ds = copy.deepcopy(cfg)
+    resolve_batch(ds, world)  # the accumulation count DeepSpeed will derive, and its batch check
+    check_supported(ds, agvm_cfg.estimator, world, agvm_cfg.enabled)
 
 
 def check_base_optimizer(opt_section, cfg: dict, agvm_cfg: AGVMConfig):

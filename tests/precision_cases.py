@@ -242,3 +242,41 @@ def both_many(rank, world, detector_cases, bf16_cases, plain_cases=()):
     bf16 = bf16_many(rank, world, bf16_cases)
     plain = train_many(rank, world, list(plain_cases))
     return detector_many(rank, world, detector_cases), bf16, plain
+
+
+# -- torch_autocast fp16: gradients carry the autocast GradScaler's scale ----------------------
+
+def autocast_fp16_run(rank, world, stage, estimator="micro", steps=4, gas=2):
+    """agvm_cases' Wide model, fp32 weights, ``torch_autocast`` fp16, AdamW with Φ on
+    preconditioned halves. ``scales[t]`` is the loss scale each backward really applied,
+    measured independently of DeepSpeed's scaler object: the gradient that reaches the
+    loss tensor itself (d scaled_loss / d loss)."""
+    import agvm_ds
+
+    torch.manual_seed(1234)
+    model = Wide()
+    cfg = ds_config(stage, gas, "adamw", estimator=estimator, interval=1, start=1, world=world,
+                    extra={"agvm": {"bucket_size": 1024},
+                           "torch_autocast": {"enabled": True, "dtype": "float16"}})
+    engine, *_ = agvm_ds.initialize(model=model, config=cfg, modules=MODULES)
+    names = [n for n, _ in engine.module.named_parameters()]
+    rec = GradRecorder(list(engine.module.named_parameters()), keep=lambda t: True)
+    reports, scales = [], {}
+    for t in range(steps):
+        for k in range(gas):
+            x, y = batch(t, rank, k)
+            loss = loss_fn(engine(x).float(), y)
+            loss.register_hook(lambda g, t=t: scales.setdefault(t, []).append(float(g)))
+            engine.backward(loss)
+            rec.end_micro(t)
+            engine.step()
+        reports.append(_report(engine))
+    rec.remove()
+    out = {"reports": reports, "grads": rec.by_step, "scales": scales, "owner": owner_of(names, MODULES),
+           "estimator": engine.agvm.estimator.name, "adapter": type(engine.agvm.adapter).__name__}
+    engine.destroy()
+    return out
+
+
+def autocast_fp16_many(rank, world, cases):
+    return [autocast_fp16_run(rank, world, **case) for case in cases]

@@ -4,7 +4,8 @@
 (dotted path into the JSON, value JSON-parsed with a fallback to a plain string), drops
 comment keys (any key starting with ``_``, at any depth), validates the four agvm-ds
 sections with pydantic (``extra="forbid"``), checks DeepSpeed's batch keys and the base
-optimizer against :mod:`agvm_ds.optim.registry` (ZeRO stage, ``agvm.precondition``) and
+optimizer against :mod:`agvm_ds.optim.registry` (ZeRO stage, ``agvm.precondition``), refuses
+the DeepSpeed settings AGVM cannot measure exactly (:mod:`agvm_ds.config.support`) and
 imports the package of every enabled DeepSpeed monitor (:func:`check_monitors`) — all
 before any distributed work, so a bad file fails in about a second.
 
@@ -37,6 +38,7 @@ from agvm_ds.config.base import ConfigError, parse_section
 from agvm_ds.config.data import DataConfig
 from agvm_ds.config.files import OWN_SECTIONS, apply_override, read_json, strip_comments
 from agvm_ds.config.model import ModelConfig
+from agvm_ds.config.support import check_supported
 from agvm_ds.config.train import TrainConfig
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu",
               "gradient_accumulation_steps")
@@ -287,6 +289,8 @@ def validate_run_dict(raw: dict, path: Path, world_size: Optional[int] = None) -
     registry.check(registry.find(ds["optimizer"]["type"]), ds["optimizer"].get("params"),
                    registry.zero_stage(ds), agvm.precondition if agvm.enabled else "none")
     ws = resolve_batch(ds, world_size)
+    # Exact or refused: the DeepSpeed settings AGVM cannot measure exactly, at this world size.
+    check_supported(ds, agvm.estimator, ws if world_size is not None else None, agvm.enabled)
     return RunConfig(path=path, name=path.stem, deepspeed=ds, agvm=agvm, model=model,
                      data=data, train=train, world_size=ws, warnings=warnings)
 

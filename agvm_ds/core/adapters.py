@@ -135,7 +135,15 @@ class StageAdapter:
         return bool(getattr(self.engine.optimizer, "overflow", False))
 
     def grad_scale(self) -> float:
-        """The fp16 loss scale still inside the gradients DeepSpeed holds (1 otherwise)."""
+        """The loss scale still inside the gradients DeepSpeed holds at the boundary (1 when
+        none): ``torch_autocast`` with fp16 scales the loss with a ``torch.amp.GradScaler``
+        (the engine's at stage 0, the ZeRO optimizer's at 1–3) that unscales only inside the
+        optimizer step; DeepSpeed's own fp16 keeps its loss scaler's scale. Update steps only:
+        ``get_scale`` reads the scaler's device scalar (a documented host sync)."""
+        scaler = getattr(self.zero, "torch_autocast_gradscaler", None) \
+            or getattr(self.engine, "torch_autocast_z0_gradscaler", None)
+        if scaler is not None and scaler.is_enabled():
+            return float(scaler.get_scale())
         if self.engine.fp16_enabled():
             return float(getattr(self.zero, "loss_scale", getattr(self.zero, "cur_scale", 1.0)))
         return 1.0

@@ -85,7 +85,13 @@ def unsupported(run, world: Optional[int] = None) -> Optional[str]:
             return str(err)
         if not estimator.world_size_independent:
             return (f"agvm.estimator {estimator.name!r} (its halves depend on the number of ranks; "
-                    f"elastic resume needs 'micro' with gradient_accumulation_steps >= 2)")
+                    f"elastic resume needs 'micro' with an even gradient_accumulation_steps)")
+        if run.grad_accum % 2:
+            # micro's halves are the first ⌊A/2⌋ of A local micro-batches: with an odd A their
+            # share of the global batch (1 of 3 here) changes when another world size changes A
+            return (f"gradient_accumulation_steps {run.grad_accum} (odd: the 'micro' halves hold "
+                    f"{run.grad_accum // 2} and {run.grad_accum - run.grad_accum // 2} of every rank's micro-batches, "
+                    f"a split that changes with the rank count; elastic resume needs an even count)")
     return None
 
 

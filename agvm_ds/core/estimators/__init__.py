@@ -1,10 +1,9 @@
 """The estimators of AGVM's two gradient halves, one class per file, chosen once per run.
 
-:func:`build_estimator` is the only place that reads the ``agvm.estimator`` name: it knows
-the accumulation count and the world size, so it decides here, before the first step,
-whether the configured estimator can run (and refuses with an ``agvm.estimator:`` message
-when it cannot) and whether ``micro`` falls back to the ``ranks`` split (one micro-batch
-per step, several ranks). The controller then only calls the object's hooks
+:func:`build_estimator` builds the estimator a run measures with: which split that is
+(``micro`` with one micro-batch per step falls back to ``ranks``), or why there is none (an
+``agvm.estimator:`` refusal), is decided by the support table's
+:func:`~agvm_ds.config.support.resolve_estimator`, which the config check reads too. The controller then only calls the object's hooks
 (:class:`~agvm_ds.core.estimators.base.Estimator`). A new estimator is one new file and
 one entry in :data:`ESTIMATORS`.
 """
@@ -14,6 +13,7 @@ from __future__ import annotations
 import logging
 
 from agvm_ds.config.agvm import AGVMConfig
+from agvm_ds.config.support import resolve_estimator
 from agvm_ds.core.estimators.base import Estimator
 from agvm_ds.core.estimators.micro import MicroEstimator
 from agvm_ds.core.estimators.ranks import RanksEstimator
@@ -37,18 +37,12 @@ def build_estimator(cfg: AGVMConfig, grad_accum: int, world_size: int, rank: int
     only asks what the run would use, as elastic resume does).
 
     Raises:
-        ValueError: the configured estimator cannot split this run (``agvm.estimator: …``).
+        ConfigError: the configured estimator cannot split this run (``agvm.estimator: …``).
     """
-    name = cfg.estimator
-    if name == "micro" and grad_accum < 2:
-        if world_size < 2:
-            raise ValueError("agvm.estimator: 'micro' needs gradient_accumulation_steps >= 2 on a single "
-                             "rank (there is only one micro-batch to compare)")
-        name = "ranks"
-        if announce and rank == 0:
-            log.warning("agvm: gradient_accumulation_steps=1, so the 'micro' estimator splits by ranks")
-    if name == "ranks" and world_size < 2:
-        raise ValueError("agvm.estimator: 'ranks' needs at least 2 data-parallel ranks")
+    name = resolve_estimator(cfg.estimator, int(grad_accum), int(world_size))
+    if name != cfg.estimator and announce and rank == 0:
+        log.warning("agvm: gradient_accumulation_steps=%d, so the %r estimator splits by %r",
+                    grad_accum, cfg.estimator, name)
     return ESTIMATORS[name](int(grad_accum), int(world_size), int(rank))
 
 

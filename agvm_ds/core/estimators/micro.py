@@ -9,9 +9,10 @@ sum after micro-step a1, so ``G1 = (A/a1)·S`` and ``G2 = A/(A−a1)·(G − S)`
 * ZeRO-0/1 reduce only at the boundary: their local running sums are streamed to the
   owners once (one extra reduction of P on update steps).
 
-Which micro-batches form a half does not depend on the number of ranks, so a run can
-resume on another world size with the same global batch (the accumulation count absorbs
-the change). With A = 1 there are no halves to compare: ``build_estimator`` then uses the
+With an even A each half is half of every rank's micro-batches, so a run can resume on
+another world size with the same global batch (the accumulation count absorbs the change)
+and its halves keep their share of the batch; with an odd A the shares (⌊A/2⌋ : ⌈A/2⌉)
+change with A, so elastic resume refuses it (agvm_ds/train/elastic.py). With A = 1 there are no halves to compare: ``build_estimator`` then uses the
 ``ranks`` split instead (N ≥ 2) or refuses to start (one rank).
 """
 
