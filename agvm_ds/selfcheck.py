@@ -151,8 +151,8 @@ def _perturb(modulator, delta: float) -> None:
     modulator.update = perturbed
 
 
-def run(cfg: dict, rank: int, world: int, steps: int = 4) -> list[tuple[bool, str]]:
-    """Train ``steps`` steps of the built-in model under ``cfg``; the checks as (ok, line).
+def run(cfg: dict, rank: int, world: int, steps: int = 4) -> list[tuple[bool, float, str]]:
+    """Train ``steps`` steps of the built-in model under ``cfg``; the checks as (ok, worst error, line).
     Raises ConfigError where agvm-ds refuses the configuration."""
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
@@ -237,7 +237,7 @@ def lowp(engine, cfg, dtype) -> bool:
 
 
 def checks(allsteps, plain, ds_grads, reports, skipped, world, gas, estimator, owner, anchor, agvm, adam,
-           unit, steps) -> list[tuple[bool, str]]:
+           unit, steps) -> list[tuple[bool, float, str]]:
     out = []
     # (b) DeepSpeed's reduction against a plain all-reduce of the same micro-batches
     worst, bound_b, missing = 0.0, GRAD_TOL, []
@@ -257,7 +257,7 @@ def checks(allsteps, plain, ds_grads, reports, skipped, world, gas, estimator, o
                            for r in range(world) for k in range(gas))
                 bound_b = max(bound_b, 1.01 * (world + gas) * unit * mags / world / float(b.norm()) + GRAD_TOL)
     ok = not missing and worst <= bound_b and math.isfinite(worst)
-    out.append((ok, f"DeepSpeed averaged gradients vs plain all_reduce: worst rel err {worst:.1e} "
+    out.append((ok, worst, f"DeepSpeed averaged gradients vs plain all_reduce: worst rel err {worst:.1e} "
                     f"(tol {bound_b:.1e})" + (f"; no gradient readable for {sorted(set(missing))}" if missing else "")))
     # (a) AGVM's cos and μ against the float64 brute force
     upd = {t for t in range(1, steps) if t not in skipped}
@@ -265,7 +265,7 @@ def checks(allsteps, plain, ds_grads, reports, skipped, world, gas, estimator, o
     ref = {t: c for t, c in ref.items() if t in upd}
     modules = list(dict.fromkeys(owner.values()))
     bounds = {t: (bf.cos_error_bound(allsteps[t], world, gas, estimator, owner, unit) if unit else None) for t in ref}
-    worst, tightest, bad_step = 0.0, math.inf, []
+    worst, tightest, bad_step, no_update = 0.0, math.inf, [], []
     for t, cs in ref.items():
         got, _, step = reports[t]
         for m, c in cs.items():
@@ -277,11 +277,14 @@ def checks(allsteps, plain, ds_grads, reports, skipped, world, gas, estimator, o
             worst = max(worst, err) if math.isfinite(err) else math.inf
             if step != t or not err <= tol:
                 bad_step.append(t)
+        if step != t:
+            no_update.append(t)
     what = "preconditioned " if adam else ""
     figure = (f"worst abs err {worst:.1e} (tol: low-precision bound per module, smallest {tightest:.1e})" if unit
               else f"worst rel err {worst:.1e} (tol {COS_TOL:.0e})")
-    out.append((not bad_step and bool(ref), f"AGVM {what}cos vs float64 brute force ({estimator}, {len(ref)} updates): "
+    out.append((not bad_step and bool(ref), worst, f"AGVM {what}cos vs float64 brute force ({estimator}, {len(ref)} updates): "
                 f"{figure}" + (f"; wrong at steps {sorted(set(bad_step))}" if bad_step else "")
+                + (f"; AGVM made no update at steps {no_update}" if no_update else "")
                 + ("; no update step compared" if not ref else "")))
     clamp, eps, alpha = tuple(agvm.get("clamp", (0.5, 10.0))), float(agvm.get("eps", 1e-6)), float(agvm["momentum"])
     if unit:  # μ is monotone in each cos: shift every cos by its bound to bracket it
@@ -298,7 +301,7 @@ def checks(allsteps, plain, ds_grads, reports, skipped, world, gas, estimator, o
             worst = max(worst, below, above, 0.0)
             if not max(below, above) <= COS_TOL:
                 bad.append(t)
-    out.append((not bad and bool(ref), f"AGVM mu vs float64 brute force: worst rel err {worst:.1e} (tol {COS_TOL:.0e})"
+    out.append((not bad and bool(ref), worst, f"AGVM mu vs float64 brute force: worst rel err {worst:.1e} (tol {COS_TOL:.0e})"
                 + (f"; wrong at steps {sorted(set(bad))}" if bad else "")))
     return out
 
@@ -315,9 +318,9 @@ def selfcheck(run_dict: dict, rank: int, world: int, steps: int = 4, say=print) 
             say(f"error: {err}")
         return 2
     if rank == 0:
-        for ok, line in results:
+        for ok, _, line in results:
             say(f"{'ok  ' if ok else 'FAIL'} {line}")
-    code = 0 if all(ok for ok, _ in results) else 1
+    code = 0 if all(ok for ok, *_ in results) else 1
     if dist.is_initialized():
         dist.barrier()
     return code
