@@ -129,14 +129,51 @@ def loss_scale(engine) -> float:
 
 
 def averaged_grads(engine, names) -> dict:
-    """DeepSpeed's averaged gradient of every parameter (float64, flat), at the boundary."""
+    """DeepSpeed's averaged gradient of every parameter (float64, flat), at the boundary.
+
+    DeepSpeed's own helpers serve where they are right: ``get_fp32_grad_for_param`` at ZeRO-3,
+    ``safe_get_full_grad`` at stage 0, for BF16_Optimizer and under offload. At ZeRO-1/2
+    (DeepSpeedZeroOptimizer) ``safe_get_full_grad`` maps fragments in the wrong order when
+    ``round_robin_gradients`` is on (measured with deepspeed 0.19.8: values of other
+    parameters, or a size-mismatch error), so there each rank's ``averaged_gradients``
+    partition is all-gathered and cut by ``round_robin_bit16_groups`` / ``_offsets``."""
     from deepspeed.utils import safe_get_full_grad
 
+    zo = engine.optimizer
+    flat = {}
+    if hasattr(zo, "round_robin_bit16_groups") and not getattr(zo, "cpu_offload", False):
+        flat = _zero12_grads(zo)
     out = {}
     for n, p in engine.module.named_parameters():
-        if n in names:
+        if n not in names:
+            continue
+        if id(p) in flat:
+            g = flat[id(p)]
+        else:
             g = p._z3_optimizer.get_fp32_grad_for_param(p) if hasattr(p, "ds_id") else safe_get_full_grad(p)
-            out[n] = None if g is None else g.detach().double().reshape(-1)
+        out[n] = None if g is None else g.detach().double().reshape(-1)
+    return out
+
+
+def _zero12_grads(zo) -> dict:
+    import torch.distributed as dist
+
+    out = {}
+    for gi, params in enumerate(zo.round_robin_bit16_groups):
+        ps = int(zo.partition_size[gi])
+        held = zo.averaged_gradients.get(gi) if isinstance(zo.averaged_gradients, dict) else zo.averaged_gradients[gi]
+        if held is None:
+            continue
+        buf = getattr(held, "flat_partition", None)
+        part = buf.reshape(-1).float() if buf is not None else torch.cat([t.reshape(-1).float() for t in held])
+        if part.numel() != ps:
+            raise RuntimeError(f"selfcheck: ZeRO partition {gi} holds {part.numel()} elements, expected {ps}")
+        group = zo.real_dp_process_group[gi]
+        parts = [torch.empty_like(part) for _ in range(dist.get_world_size(group=group))]
+        dist.all_gather(parts, part.contiguous(), group=group)
+        full = torch.cat(parts)
+        for p, off in zip(params, zo.round_robin_bit16_offsets[gi]):
+            out[id(p)] = full[int(off):int(off) + p.numel()]
     return out
 
 
