@@ -18,17 +18,29 @@ import math
 import torch
 
 
+def _by_ranks(world: int, gas: int) -> tuple[list, list]:
+    n1 = world // 2
+    return ([(r, k) for r in range(n1) for k in range(gas)],
+            [(r, k) for r in range(n1, world) for k in range(gas)])
+
+
+def _by_micro(world: int, gas: int) -> tuple[list, list]:
+    if gas < 2:  # one micro-batch per step: the split falls back to ranks
+        return _by_ranks(world, gas)
+    a1 = gas // 2
+    return ([(r, k) for r in range(world) for k in range(a1)],
+            [(r, k) for r in range(world) for k in range(a1, gas)])
+
+
+#: ``agvm.estimator`` → its halves, written from the definitions (docs/agvm.md)
+SPLITS = {"micro": _by_micro, "ranks": _by_ranks}
+
+
 def halves(world: int, gas: int, estimator: str) -> tuple[list, list]:
     """The (rank, micro-batch) pairs of G1 and of G2. ``micro``: the first ⌊gas/2⌋
     micro-batches of every rank vs the rest; ``ranks`` (and ``micro`` at gas 1): the first
     ⌊world/2⌋ ranks vs the rest."""
-    if estimator == "micro" and gas >= 2:
-        a1 = gas // 2
-        return ([(r, k) for r in range(world) for k in range(a1)],
-                [(r, k) for r in range(world) for k in range(a1, gas)])
-    n1 = world // 2
-    return ([(r, k) for r in range(n1) for k in range(gas)],
-            [(r, k) for r in range(n1, world) for k in range(gas)])
+    return SPLITS[estimator](world, gas)
 
 
 def precondition(g: torch.Tensor, v: torch.Tensor, beta2: float, eps: float) -> torch.Tensor:

@@ -56,7 +56,9 @@ def test_conformance_slice_has_no_third_kind(results):
     bad = [(C.key(r["cell"]), r.get("message") or [c[2] for c in r["checks"] if not c[0]])
            for r in results if r["verdict"] == "THIRD KIND"]
     assert not bad, bad
-    assert results[-1]["verdict"] == "refused" or any(r["verdict"] == "refused" for r in results)
+    refused = [r for r in results if r["verdict"] == "refused"]
+    assert [(r["cell"]["stage"], r["cell"]["overlap_comm"], r["cell"]["estimator"]) for r in refused] == [(1, True, "ranks")]
+    assert refused[0]["message"].startswith("zero_optimization.overlap_comm:")
     exact = [r for r in results if r["verdict"] == "exact"]
     assert len(exact) >= len(results) - 1
     assert {r["cell"]["stage"] for r in exact} == {0, 1, 2, 3}
