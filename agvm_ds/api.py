@@ -17,6 +17,7 @@ with ``torch.load(weights_only=True)`` and a short allow-list of DeepSpeed's cla
 from __future__ import annotations
 
 import copy
+import logging
 import os
 
 import torch
@@ -25,7 +26,7 @@ from agvm_ds.config.agvm import AGVMConfig
 from agvm_ds.config.base import ConfigError, parse_section
 from agvm_ds.config.files import OWN_SECTIONS, read_json, strip_comments
 from agvm_ds.config.run import check_precision, resolve_batch
-from agvm_ds.config.support import check_supported
+from agvm_ds.config.support import check_supported, version_warning
 from agvm_ds.core.modulator import Modulator
 from agvm_ds.core.optimizer import AGVM
 from agvm_ds.optim import registry
@@ -80,7 +81,15 @@ def initialize(model: torch.nn.Module, config, modules: dict | Partition | None 
             validated) instead of a section in ``config`` — how the launcher passes its
             resolved run without a dict round trip.
     Raises:
-        ConfigError: a bad ``agvm``/``optimizer`` section or partition (the message names the key).
+        ConfigError: a bad ``agvm``/``optimizer`` section or partition, or DeepSpeed settings
+            AGVM cannot measure exactly (:mod:`agvm_ds.config.support`: optimizer offload,
+            ZeRO-1 ``overlap_comm`` with the ``ranks`` split …) — one line naming the key,
+            raised before ``deepspeed.initialize`` builds anything.
+
+    Note:
+        DeepSpeed 0.19 clips the global gradient norm at 1.0 when ``gradient_clipping`` is
+        omitted (measured: such a run equals SGD + ``clip_grad_norm_(1.0)``); write
+        ``"gradient_clipping": 0.0`` for no clipping.
     """
     import deepspeed
 
@@ -104,6 +113,9 @@ def initialize(model: torch.nn.Module, config, modules: dict | Partition | None 
     measured = [(list(g["params"]), g) for g in base.param_groups]
 
     cfg["zero_allow_untested_optimizer"] = True
+    # AGVM (or its base) is always a client optimizer: ZeRO-Offload then needs this off (the
+    # support table refuses an explicit true under offload)
+    cfg["zero_force_ds_cpu_optimizer"] = False
     engine, opt, loader, sched = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg,
                                                       training_data=training_data, lr_scheduler=lr_scheduler,
                                                       collate_fn=collate_fn, **kwargs)
@@ -125,6 +137,9 @@ def check_deepspeed_support(cfg: dict, agvm_cfg: AGVMConfig) -> None:
     ds = copy.deepcopy(cfg)
     resolve_batch(ds, world)  # the accumulation count DeepSpeed will derive, and its batch check
     check_supported(ds, agvm_cfg.estimator, world, agvm_cfg.enabled)
+    untested = version_warning() if agvm_cfg.enabled else None
+    if untested and collectives.rank() == 0:
+        logging.getLogger("agvm_ds").warning(untested)
 
 
 def check_base_optimizer(opt_section, cfg: dict, agvm_cfg: AGVMConfig):

@@ -32,7 +32,8 @@ def test_unknown_anchor_is_rejected_before_any_distributed_work():
     import agvm_ds
 
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
-    cfg = {"train_batch_size": 1, "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
+    # two micro-batches: a run the support table accepts on one rank ('micro' has halves)
+    cfg = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
            "agvm": {"anchor": "trunk"}}
     with pytest.raises(ConfigError, match=r"^agvm.anchor: unknown module 'trunk'"):
         agvm_ds.initialize(model=model, config=cfg, modules={"backbone": ["0."], "head": ["1."]})

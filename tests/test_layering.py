@@ -27,6 +27,11 @@ FORBIDDEN = {
     "partition": ("models", "core", "train", "data", "evaluation", "api", "optim"),
     "core": ("train", "models", "data", "evaluation", "api"),
     "models": ("train", "core", "data", "evaluation", "api"),
+    # optim/: base optimizers and their exact layer-wise norms; refusals use agvm_ds.errors
+    "optim": ("config", "core", "train", "models", "data", "evaluation", "api", "partition"),
+    # the ground floor: DeepSpeed's flat partitions and the user-error type
+    "zero_layout": ("config", "core", "optim", "train", "models", "data", "evaluation", "api", "partition"),
+    "errors": ("config", "core", "optim", "train", "models", "data", "evaluation", "api", "partition"),
 }
 
 
@@ -65,6 +70,92 @@ def test_no_room_imports_a_floor_above_it():
     assert _violations(PACKAGE) == []
 
 
+def _module_graph(root: Path) -> dict[str, set[str]]:
+    """Module → the agvm_ds modules it imports (at any depth of the file), by dotted name;
+    ``from agvm_ds.x import y`` counts as importing ``agvm_ds.x.y`` when that is a module."""
+    names = {".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in root.rglob("*.py")}
+    graph = {}
+    for name, path in names.items():
+        deps = set()
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in names else node.module
+                           for a in node.names]
+            deps |= {t for t in targets if t in names and t != name}
+        graph[name] = deps
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def _room_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The same graph between rooms (agvm_ds/<room>), package __init__ re-exports left out."""
+    room = lambda m: m.split(".")[1] if m.count(".") >= 1 else m  # noqa: E731
+    out: dict[str, set[str]] = {}
+    for m, deps in graph.items():
+        if m == "agvm_ds":
+            continue
+        out.setdefault(room(m), set()).update(room(d) for d in deps if d != "agvm_ds" and room(d) != room(m))
+    for deps in list(out.values()):
+        for d in deps:
+            out.setdefault(d, set())
+    return out
+
+
+def test_no_import_circle_between_modules_or_rooms():
+    """Imports inside functions count: a lazy import is still an arrow in the house."""
+    graph = _module_graph(PACKAGE)
+    assert _cycles(graph) == []
+    assert _cycles(_room_graph(graph)) == []
+
+
+def test_the_cycle_check_sees_a_circle(tmp_path):
+    fake = tmp_path / "agvm_ds"
+    for room in ("core", "optim"):
+        (fake / room).mkdir(parents=True)
+        (fake / room / "__init__.py").write_text("")
+    (fake / "__init__.py").write_text("")
+    (fake / "core" / "adapters.py").write_text("def f():\n    from agvm_ds.optim.layerwise import SegmentMap\n")
+    (fake / "optim" / "layerwise.py").write_text("from agvm_ds.core import adapters\n")
+    graph = _module_graph(fake)
+    assert _cycles(graph) == [["agvm_ds.core.adapters", "agvm_ds.optim.layerwise"]]
+    assert _cycles(_room_graph(graph)) == [["core", "optim"]]
+
+
 def test_the_walker_sees_an_upward_import(tmp_path):
     """The check above can fail: a config module importing models/ is reported."""
     fake = tmp_path / "agvm_ds"
@@ -100,11 +191,13 @@ def _string_comparisons(path: Path, names: set[str]) -> list[int]:
     return lines
 
 
-def test_the_estimator_name_is_compared_only_where_estimators_are_built():
+def test_the_estimator_name_is_compared_only_in_the_support_table():
     names = {"micro", "ranks"}
     found = {str(p.relative_to(REPO)): _string_comparisons(p, names) for p in PACKAGE.rglob("*.py")}
     found = {k: v for k, v in found.items() if v}
-    assert list(found) == ["agvm_ds/core/estimators/__init__.py"], found
+    # the support table resolves which split a run uses (micro at GAS 1 → ranks), for the
+    # config check and the estimators alike
+    assert list(found) == ["agvm_ds/config/support.py"], found
 
 
 def test_resolving_a_run_leaves_the_run_file_as_loaded(tmp_path):

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from agvm_ds.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A user mistake in a config file or override; the message names the key."""
+__all__ = ["ConfigError", "ConfigModel", "format_validation_error", "parse_section"]
 
 
 class ConfigModel(BaseModel):

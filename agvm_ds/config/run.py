@@ -38,7 +38,7 @@ from agvm_ds.config.base import ConfigError, parse_section
 from agvm_ds.config.data import DataConfig
 from agvm_ds.config.files import OWN_SECTIONS, apply_override, read_json, strip_comments
 from agvm_ds.config.model import ModelConfig
-from agvm_ds.config.support import check_supported
+from agvm_ds.config.support import check_supported, version_warning
 from agvm_ds.config.train import TrainConfig
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu",
               "gradient_accumulation_steps")
@@ -291,6 +291,8 @@ def validate_run_dict(raw: dict, path: Path, world_size: Optional[int] = None) -
     ws = resolve_batch(ds, world_size)
     # Exact or refused: the DeepSpeed settings AGVM cannot measure exactly, at this world size.
     check_supported(ds, agvm.estimator, ws if world_size is not None else None, agvm.enabled)
+    if agvm.enabled and (untested := version_warning()):
+        warnings.append(untested)
     return RunConfig(path=path, name=path.stem, deepspeed=ds, agvm=agvm, model=model,
                      data=data, train=train, world_size=ws, warnings=warnings)
 

@@ -23,26 +23,23 @@ Notes:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import metadata
 from typing import Callable, Optional
 
-from agvm_ds.config.base import ConfigError
-
-#: estimator names as ``agvm.estimator`` spells them
-MICRO, RANKS = "micro", "ranks"
-
+from agvm_ds.errors import ConfigError
 
 def resolve_estimator(configured: str, grad_accum: Optional[int], world: Optional[int]) -> str:
     """The split a run with ``grad_accum`` micro-batches per step on ``world`` ranks measures
     with (``None``: not known yet; the answer is then the configured name unless the known
     part already decides). Raises :class:`ConfigError` (``agvm.estimator: …``) when no split exists."""
     name = configured
-    if name == MICRO and grad_accum is not None and grad_accum < 2:
+    if name == "micro" and grad_accum is not None and grad_accum < 2:
         if world is not None and world < 2:
             raise ConfigError("agvm.estimator: 'micro' needs gradient_accumulation_steps >= 2 on a single "
                               "rank (there is only one micro-batch to compare); raise "
                               "gradient_accumulation_steps or run on >= 2 ranks")
-        name = RANKS
-    if name == RANKS and world is not None and world < 2:
+        name = "ranks"
+    if name == "ranks" and world is not None and world < 2:
         raise ConfigError("agvm.estimator: 'ranks' needs at least 2 data-parallel ranks; use 'micro' with "
                           "gradient_accumulation_steps >= 2")
     return name
@@ -75,6 +72,7 @@ class Setting:
     world: Optional[int]
     quantized_gradients: bool
     mics: bool
+    force_ds_cpu_optimizer: bool
 
     @classmethod
     def read(cls, ds: dict, estimator: str, world: Optional[int]) -> "Setting":
@@ -109,7 +107,8 @@ class Setting:
                    estimator=resolve_estimator(estimator, gas if isinstance(gas, int) else None, world),
                    grad_accum=gas if isinstance(gas, int) else None, world=world,
                    quantized_gradients=bool(zero.get("zero_quantized_gradients", False)),
-                   mics=int(zero.get("mics_shard_size", -1) or -1) > 0)
+                   mics=int(zero.get("mics_shard_size", -1) or -1) > 0,
+                   force_ds_cpu_optimizer=bool(ds.get("zero_force_ds_cpu_optimizer", False)))
 
 
 @dataclass(frozen=True)
@@ -129,25 +128,19 @@ class Row:
         return f"{self.key}: {self.why} — {self.instead}" if self.instead else f"{self.key}: {self.why}"
 
 
-def _offloaded(s: Setting) -> bool:
-    return s.offload_optimizer != "none"
-
-
 SUPPORT: tuple[Row, ...] = (
-    Row("zero_optimization.offload_optimizer", "offload_optimizer.device cpu or nvme, any stage",
-        _offloaded, "refused",
-        "with optimizer offload DeepSpeed keeps the reduced gradients in its offload buffers, which "
-        "AGVM does not read (its statistics would be silently wrong)",
-        "remove offload_optimizer (use ZeRO-3 without offload to fit a large model), or set agvm.enabled false"),
-    Row("zero_optimization.offload_param", "offload_param.device cpu or nvme (ZeRO-3)",
-        lambda s: s.offload_param != "none", "refused",
-        "parameter offload is not covered by AGVM's exactness tests",
-        "remove offload_param, or set agvm.enabled false"),
-    Row("zero_optimization.overlap_comm", "ZeRO-1, overlap_comm true, ranks split (also micro at GAS 1)",
-        lambda s: s.stage == 1 and s.overlap_comm and s.estimator == RANKS, "refused",
-        "ZeRO-1 with overlap_comm reduces inside backward on the boundary micro-step, before AGVM can "
-        "read this rank's own gradient, so the 'ranks' halves would be identical",
-        "set overlap_comm false, or use ZeRO-2, or agvm.estimator 'micro' with gradient_accumulation_steps >= 2"),
+    Row("zero_optimization.offload_optimizer", "offload_optimizer.device nvme",
+        lambda s: s.offload_optimizer == "nvme", "refused",
+        "NVMe offload is not covered by AGVM's exactness tests",
+        "use offload_optimizer.device cpu (exact), or set agvm.enabled false"),
+    Row("zero_optimization.offload_param", "offload_param.device nvme (ZeRO-3)",
+        lambda s: s.offload_param == "nvme", "refused",
+        "NVMe parameter offload is not covered by AGVM's exactness tests",
+        "use offload_param.device cpu (exact), or set agvm.enabled false"),
+    Row("zero_force_ds_cpu_optimizer", "zero_force_ds_cpu_optimizer true with optimizer offload",
+        lambda s: s.offload_optimizer != "none" and s.force_ds_cpu_optimizer, "refused",
+        "AGVM hands DeepSpeed its base optimizer as a client optimizer, which this flag forbids under offload",
+        "remove zero_force_ds_cpu_optimizer (agvm_ds sets it false)"),
     Row("zero_optimization.zero_quantized_gradients", "ZeRO++ quantized gradient reduction",
         lambda s: s.quantized_gradients, "refused",
         "quantized gradient reduction is not covered by AGVM's exactness tests",
@@ -156,16 +149,23 @@ SUPPORT: tuple[Row, ...] = (
         lambda s: s.mics, "refused",
         "MiCS shards over sub-groups that AGVM's owner layout does not model",
         "remove mics_shard_size"),
-    Row("zero_optimization.stage", "stages 0-3 without offload, overlap_comm/contiguous_gradients/"
-        "reduce_scatter/round_robin_gradients any value (ZeRO-1 overlap: micro with GAS >= 2)",
-        lambda s: True, "exact", "measured against a float64 brute force (bench/conformance.py)"),
+    Row("zero_optimization.offload_optimizer", "ZeRO-1/2/3 with offload_optimizer.device cpu: the reduced "
+        "partition read from the offload buffers (host fp32 partition at the boundary, the running sums "
+        "between boundaries)", lambda s: s.offload_optimizer == "cpu", "exact",
+        "measured against a float64 brute force (tests/test_support.py, bench/conformance.py)"),
+    Row("zero_optimization.overlap_comm", "ZeRO-1 with overlap_comm: the ranks split streams from tensor "
+        "hooks, before DeepSpeed's in-backward reduction", lambda s: s.stage == 1 and s.overlap_comm, "exact",
+        "measured (tests/test_support.py)"),
+    Row("zero_optimization.stage", "stages 0-3; overlap_comm, contiguous_gradients, reduce_scatter, "
+        "round_robin_gradients any value", lambda s: True, "exact",
+        "measured against a float64 brute force (bench/conformance.py)"),
     Row("torch_autocast", "torch_autocast bf16 or fp16: the autocast GradScaler's scale is divided out",
         lambda s: s.precision.startswith("autocast"), "exact", "measured (tests/test_support.py)"),
     Row("bf16", "bf16 weights, with or without data_types.grad_accum_dtype fp32",
         lambda s: s.precision.startswith("bf16"), "exact", "measured within bf16's rounding"),
     Row("fp16", "DeepSpeed fp16 with loss scaling: the optimizer's loss scale is divided out",
         lambda s: s.precision == "fp16", "exact",
-        "the CPU accelerator refuses fp16; measured on GPUs by agvm_ds.selfcheck"),
+        "the CPU accelerator refuses fp16; on GPUs check with agvm_ds.selfcheck"),
 )
 
 
@@ -198,3 +198,20 @@ def markdown() -> str:
         tail = row.why + (f"; instead: {row.instead}" if row.instead else "")
         lines.append(f"| {row.when} | {row.verdict} | `{row.key}` | {tail} |")
     return "\n".join(lines)
+
+
+#: The DeepSpeed release the tests and bench/conformance.py measured this table on.
+TESTED_DEEPSPEED = "0.19.8"
+
+
+def version_warning() -> Optional[str]:
+    """One warning line when the installed DeepSpeed is not the one this table was measured
+    on (read from the package metadata: DeepSpeed itself is not imported)."""
+    try:
+        have = metadata.version("deepspeed")
+    except metadata.PackageNotFoundError:
+        return None
+    if have.split("+")[0] == TESTED_DEEPSPEED:
+        return None
+    return (f"deepspeed {have}: AGVM's exactness was measured on {TESTED_DEEPSPEED}; run "
+            f"`python -m agvm_ds.selfcheck --deepspeed_config FILE` under your launcher to check this version")

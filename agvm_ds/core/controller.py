@@ -147,8 +147,9 @@ class AGVMController:
         self.estimator.on_forward(self.adapter, self.reducer)
 
     def _before_reduction(self):
-        """Stages 0/1, inside the engine's epilogue, before DeepSpeed's own reduction."""
-        if self.adapter.reduces_every_micro_step:
+        """Stages 0/1, inside the engine's epilogue, before DeepSpeed's own reduction (where
+        the local sums are still unreduced there: not ZeRO-1 with overlap_comm)."""
+        if not self.adapter.local_grad_at_boundary:
             return
         if not (self.engine.is_gradient_accumulation_boundary() and self._is_update()):
             return

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from agvm_ds.config.base import ConfigError
+from agvm_ds.errors import ConfigError
 from agvm_ds.optim.layerwise import LayerwiseOptimizerMixin
 
 

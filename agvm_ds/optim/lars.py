@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from agvm_ds.config.base import ConfigError
+from agvm_ds.errors import ConfigError
 from agvm_ds.optim.layerwise import LayerwiseOptimizerMixin
 
 

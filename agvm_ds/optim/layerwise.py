@@ -202,12 +202,23 @@ def base_of(optimizer):
 
 def attach_layerwise(engine, optimizer=None) -> bool:
     """After ``deepspeed.initialize``: give a layer-wise base optimizer the segment maps of
-    the tensors this engine will step (see :func:`agvm_ds.core.adapters.layerwise_segments`).
+    the tensors this engine will step (see :func:`layerwise_segments`).
     A no-op returning ``False`` for optimizers without layer-wise statistics."""
     base = base_of(optimizer if optimizer is not None else engine.basic_optimizer)
     if not getattr(base, "layerwise_statistics", False):
         return False
-    from agvm_ds.core.adapters import layerwise_segments
 
     base.attach_segments(layerwise_segments(engine), int(engine.zero_optimization_stage()))
     return True
+
+
+def layerwise_segments(engine) -> dict:
+    """``id(stepped tensor) → SegmentMap`` for every flat tensor of
+    :func:`agvm_ds.zero_layout.flat_partitions`; tensor indices number the params the flat tensor is cut from,
+    identically on every rank of the partition group."""
+    from agvm_ds.zero_layout import flat_partitions
+
+    return {id(fp.flat): SegmentMap.from_pieces(fp.flat.numel(), [(j, at, n) for j, _, at, n in fp.runs],
+                                                len(fp.params), fp.group, distributed=fp.distributed,
+                                                sources=tuple(id(p) for p in fp.params))
+            for fp in flat_partitions(engine)}

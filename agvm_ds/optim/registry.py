@@ -34,7 +34,7 @@ import sys
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from agvm_ds.config.base import ConfigError
+from agvm_ds.errors import ConfigError
 
 #: A class attribute a third-party optimizer sets to say its step is element-wise (exact on
 #: ZeRO's flat partitions). Only the fallback row reads it.

@@ -137,8 +137,8 @@ def base_optimizer(engine) -> torch.optim.Optimizer:
 def local_targets(engine) -> list[tuple[torch.Tensor, list[tuple[Any, int, int, int]]]]:
     """``(stepped tensor, [(param, param_start, flat_start, length), …])`` for every tensor
     this rank's optimizer steps: which element range of which parameter each part holds
-    (ZeRO's flat partitions as :func:`agvm_ds.core.adapters.flat_partitions` reads them)."""
-    from agvm_ds.core.adapters import flat_partitions
+    (ZeRO's flat partitions as :func:`agvm_ds.zero_layout.flat_partitions` reads them)."""
+    from agvm_ds.zero_layout import flat_partitions
 
     stage = int(engine.zero_optimization_stage())
     if stage == 0:
@@ -321,7 +321,7 @@ def _owned(engine, base, targets, names, keys, scalars) -> dict[str, list]:
 
 def _zero_params(engine) -> list:
     """The model parameters ZeRO-1/2/3 keep a separate (lp) copy of; none under stage 0."""
-    from agvm_ds.core.adapters import flat_partitions
+    from agvm_ds.zero_layout import flat_partitions
 
     if int(engine.zero_optimization_stage()) == 0:
         return []

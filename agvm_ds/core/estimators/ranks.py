@@ -5,10 +5,12 @@ differ by one rank when N is odd). Every rank streams ``c_r · g_r`` (c = +1/n1 
 to the owners, giving ``S = G1 − G2`` on each owner; then G1 = G + (n2/N)·S,
 G2 = G − (n1/N)·S.
 
-* Under ZeRO-2/3 the stream runs from tensor hooks during the update step's backward
-  passes (one bucket + P/N memory): a forward pre-hook arms them, each backward ends with
-  a flush of the last bucket, the boundary disarms them.
-* Under ZeRO-0/1 it runs from the local sums just before DeepSpeed's boundary reduction.
+* Under ZeRO-2/3, and ZeRO-1 with ``overlap_comm`` (which reduces inside backward), the
+  stream runs from tensor hooks during the update step's backward passes (one bucket +
+  P/N memory): a forward pre-hook arms them, each backward ends with a flush of the last
+  bucket, the boundary disarms them.
+* Under ZeRO-0 and ZeRO-1 without overlap it runs from the local sums just before
+  DeepSpeed's boundary reduction.
 
 The stream goes out in ZeRO-shaped buckets (:mod:`agvm_ds.core.reducer`): one
 reduce-scatter per bucket where the bucket's owners are all ranks in about equal shares,
@@ -54,7 +56,8 @@ class RanksEstimator(Estimator):
         return first_ranks * accumulation * micro_batch, (world - first_ranks) * accumulation * micro_batch
 
     def wants_forward_hook(self, adapter) -> bool:
-        return adapter.reduces_every_micro_step
+        # stream from hooks wherever the local sum is not readable at the boundary
+        return not adapter.local_grad_at_boundary
 
     # -- ZeRO-2/3: stream from tensor hooks ------------------------------------------------
     def on_forward(self, adapter, reducer) -> None:
