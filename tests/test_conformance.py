@@ -34,9 +34,9 @@ def test_covering_array_covers_every_pair_of_the_pool():
     want = set().union(*(C.pairs(c, list(SLICE)) for c in pool))
     got = set().union(*(C.pairs(c, list(SLICE)) for c in chosen))
     assert want == got and len(chosen) < len(pool) / 4, (len(chosen), len(pool))
-    # a refused pair (ZeRO-1 + overlap_comm + ranks) is not in the pool: the classifier says why
-    msg = C.refused(C.cell_of(stage=1, overlap_comm=True, estimator="ranks", gas=2, world=2))
-    assert msg.startswith("zero_optimization.overlap_comm:")
+    # a refused pair (bf16 + fp32 accumulation at stage 0) is not in the pool: the classifier says why
+    msg = C.refused(C.cell_of(stage=0, precision="bf16+fp32acc", gas=2, world=2))
+    assert msg.startswith("data_types.grad_accum_dtype:")
     assert C.pruned(C.cell_of(stage=0, overlap_comm=True), False).startswith("overlap_comm has no effect at ZeRO-0")
 
 
@@ -44,7 +44,7 @@ def test_covering_array_covers_every_pair_of_the_pool():
 def results(tmp_path_factory):
     chosen, _ = _slice_cells()
     # plus one refused cell, run: agvm_ds.initialize must refuse it the same way
-    cells = chosen + [C.cell_of(stage=1, overlap_comm=True, estimator="ranks", gas=2, world=2)]
+    cells = chosen + [C.cell_of(stage=0, precision="bf16+fp32acc", gas=2, world=2)]
     cells.sort(key=lambda c: c["precision"].startswith("autocast"))
     progress = tmp_path_factory.mktemp("conformance") / "progress.jsonl"
     return run_distributed(C.run_cells, 2, cells, str(progress), False, timeout=300)[0]
@@ -57,8 +57,8 @@ def test_conformance_slice_has_no_third_kind(results):
            for r in results if r["verdict"] == "THIRD KIND"]
     assert not bad, bad
     refused = [r for r in results if r["verdict"] == "refused"]
-    assert [(r["cell"]["stage"], r["cell"]["overlap_comm"], r["cell"]["estimator"]) for r in refused] == [(1, True, "ranks")]
-    assert refused[0]["message"].startswith("zero_optimization.overlap_comm:")
+    assert [(r["cell"]["stage"], r["cell"]["precision"]) for r in refused] == [(0, "bf16+fp32acc")]
+    assert refused[0]["message"].startswith("data_types.grad_accum_dtype:")
     exact = [r for r in results if r["verdict"] == "exact"]
     assert len(exact) >= len(results) - 1
     assert {r["cell"]["stage"] for r in exact} == {0, 1, 2, 3}

@@ -32,7 +32,7 @@ SGD_MICRO = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps":
 CASES = [
     (QUICKSTART, None),                                       # 0: the shipped quickstart (ZeRO-2, AdamW, ranks)
     (QUICKSTART, 1e-3),                                       # 1: the same, AGVM's <G1,G2> sums scaled by 1.001
-    (_with(QUICKSTART, stage=1, overlap_comm=True), None),    # 2: refused by the support table
+    (_with(QUICKSTART, offload_optimizer={"device": "nvme", "nvme_path": "/tmp"}), None),  # 2: refused (support table)
     (SGD_MICRO, None),                                        # 3: ZeRO-3, bf16 (the low-precision bound), micro, GAS 3
 ]
 
@@ -66,7 +66,7 @@ def test_selfcheck_fails_when_agvm_statistics_are_perturbed(runs):
 
 def test_selfcheck_refused_config_is_one_line_exit_2(runs):
     code, lines = runs[0][2]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: zero_optimization.overlap_comm"), lines
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: zero_optimization.offload_optimizer"), lines
     assert runs[1][2] == (2, [])
 
 
