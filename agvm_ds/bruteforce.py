@@ -17,6 +17,8 @@ import math
 
 import torch
 
+COS_TOL, GRAD_TOL = 1e-4, 1e-5  # where every sum is fp32: relative
+
 
 def _by_ranks(world: int, gas: int) -> tuple[list, list]:
     n1 = world // 2
@@ -127,4 +129,79 @@ def cos_error_bound(u: dict, world: int, gas: int, estimator: str, owner: dict, 
         g1 = float((sum(vec[key] for key in h1) * (gas / len(h1))).norm())
         g2 = float((sum(vec[key] for key in h2) * (gas / len(h2))).norm())
         out[m] = math.asin(min(1.0, e / max(g1, 1e-300))) + math.asin(min(1.0, e / max(g2, 1e-300))) + 1e-5
+    return out
+
+
+def compare(allsteps, plain, ds_grads, reports, skipped, world, gas, estimator, owner, anchor, agvm, adam,
+            unit, steps) -> list[tuple[bool, float, str]]:
+    """The self-check's verdicts as (ok, worst error, line): (b) ``ds_grads[t]`` (DeepSpeed's
+    averaged gradients, by name) against ``plain[t]`` (a plain all-reduce of the recorded
+    gradients); (a) ``reports[t] = (cos by module, μ by module, AGVM's step)`` against
+    :func:`cos_by_step` / :func:`mu_by_step` of ``allsteps`` (see the module notes). ``unit``:
+    the unit roundoff of low-precision sums on the path (0: all fp32)."""
+    out = []
+    # (b) DeepSpeed's reduction against a plain all-reduce of the same micro-batches
+    worst, bound_b, missing = 0.0, GRAD_TOL, []
+    for t in sorted(ds_grads):
+        if t in skipped:
+            continue
+        for m in dict.fromkeys(owner.values()):
+            ns = [n for n in owner if owner[n] == m]
+            if any(ds_grads[t][n] is None for n in ns):
+                missing.append(m)
+                continue
+            a = torch.cat([ds_grads[t][n].to(plain[t][n].device) for n in ns])
+            b = torch.cat([plain[t][n] for n in ns])
+            worst = max(worst, float((a - b).norm() / b.norm()))
+            if unit:
+                mags = sum(float(torch.cat([allsteps[t][(r, k)][n] for n in ns]).norm())
+                           for r in range(world) for k in range(gas))
+                bound_b = max(bound_b, 1.01 * (world + gas) * unit * mags / world / float(b.norm()) + GRAD_TOL)
+    ok = not missing and worst <= bound_b and math.isfinite(worst)
+    out.append((ok, worst, f"DeepSpeed averaged gradients vs plain all_reduce: worst rel err {worst:.1e} "
+                    f"(tol {bound_b:.1e})" + (f"; no gradient readable for {sorted(set(missing))}" if missing else "")))
+    # (a) AGVM's cos and μ against the float64 brute force
+    upd = {t for t in range(1, steps) if t not in skipped}
+    ref = cos_by_step(allsteps, world, gas, estimator, owner, adam=adam, skipped=skipped)
+    ref = {t: c for t, c in ref.items() if t in upd}
+    modules = list(dict.fromkeys(owner.values()))
+    bounds = {t: (cos_error_bound(allsteps[t], world, gas, estimator, owner, unit) if unit else None) for t in ref}
+    worst, tightest, bad_step, no_update = 0.0, math.inf, [], []
+    for t, cs in ref.items():
+        got, _, step = reports[t]
+        for m, c in cs.items():
+            if unit:  # absolute error against the low-precision bound
+                err, tol = abs(got.get(m, math.nan) - c), bounds[t][m]
+                tightest = min(tightest, tol)
+            else:
+                err, tol = abs(got.get(m, math.nan) - c) / max(abs(c), 1e-3), COS_TOL
+            worst = max(worst, err) if math.isfinite(err) else math.inf
+            if step != t or not err <= tol:
+                bad_step.append(t)
+        if step != t:
+            no_update.append(t)
+    what = "preconditioned " if adam else ""
+    figure = (f"worst abs err {worst:.1e} (tol: low-precision bound per module, smallest {tightest:.1e})" if unit
+              else f"worst rel err {worst:.1e} (tol {COS_TOL:.0e})")
+    out.append((not bad_step and bool(ref), worst, f"AGVM {what}cos vs float64 brute force ({estimator}, {len(ref)} updates): "
+                f"{figure}" + (f"; wrong at steps {sorted(set(bad_step))}" if bad_step else "")
+                + (f"; AGVM made no update at steps {no_update}" if no_update else "")
+                + ("; no update step compared" if not ref else "")))
+    clamp, eps, alpha = tuple(agvm.get("clamp", (0.5, 10.0))), float(agvm.get("eps", 1e-6)), float(agvm["momentum"])
+    if unit:  # μ is monotone in each cos: shift every cos by its bound to bracket it
+        shift = lambda s: {t: {m: c + (-s if m == anchor else s) * bounds[t][m] for m, c in cs.items()}  # noqa: E731
+                           for t, cs in ref.items()}
+        lo, hi = (mu_by_step(shift(s), modules, anchor, alpha, clamp, eps) for s in (-1, 1))
+    else:
+        lo = hi = mu_by_step(ref, modules, anchor, alpha, clamp, eps)
+    worst, bad = 0.0, []
+    for t in ref:
+        mu = reports[t][1]
+        for m in modules:
+            below, above = (lo[t][m] - mu[m]) / lo[t][m], (mu[m] - hi[t][m]) / hi[t][m]
+            worst = max(worst, below, above, 0.0)
+            if not max(below, above) <= COS_TOL:
+                bad.append(t)
+    out.append((not bad and bool(ref), worst, f"AGVM mu vs float64 brute force: worst rel err {worst:.1e} (tol {COS_TOL:.0e})"
+                + (f"; wrong at steps {sorted(set(bad))}" if bad else "")))
     return out

@@ -45,7 +45,6 @@ KEPT = ("zero_optimization", "bf16", "fp16", "torch_autocast", "data_types", "gr
         "train_micro_batch_size_per_gpu", "communication_data_type", "prescale_gradients",
         "gradient_predivide_factor", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer")
 UNIT = {torch.bfloat16: 2.0 ** -9, torch.float16: 2.0 ** -11}
-COS_TOL, GRAD_TOL = 1e-4, 1e-5  # fp32 sums: relative
 
 
 class SharedHeadNet(nn.Module):
@@ -141,7 +140,7 @@ def averaged_grads(engine, names) -> dict:
 
     zo = engine.optimizer
     flat = {}
-    if hasattr(zo, "round_robin_bit16_groups") and not getattr(zo, "cpu_offload", False):
+    if hasattr(zo, "round_robin_bit16_groups"):
         flat = _zero12_grads(zo)
     out = {}
     for n, p in engine.module.named_parameters():
@@ -161,7 +160,11 @@ def _zero12_grads(zo) -> dict:
     out = {}
     for gi, params in enumerate(zo.round_robin_bit16_groups):
         ps = int(zo.partition_size[gi])
-        held = zo.averaged_gradients.get(gi) if isinstance(zo.averaged_gradients, dict) else zo.averaged_gradients[gi]
+        if getattr(zo, "cpu_offload", False):  # offload: reduced straight into the fp32 partition's grad
+            held = zo.single_partition_of_fp32_groups[gi].grad
+            held = None if held is None else [held]
+        else:
+            held = zo.averaged_gradients.get(gi) if isinstance(zo.averaged_gradients, dict) else zo.averaged_gradients[gi]
         if held is None:
             continue
         buf = getattr(held, "flat_partition", None)
@@ -251,8 +254,8 @@ def run(cfg: dict, rank: int, world: int, steps: int = 4) -> list[tuple[bool, fl
         summed = flat.sum(0)
         dist.all_reduce(summed)
         plain[t] = dict(zip(names, (summed / world).split(sizes)))
-    return checks(allsteps, plain, ds_grads, reports, skipped, world, gas, estimator, owner, anchor,
-                  cfg["agvm"], adam, unit, steps)
+    return bf.compare(allsteps, plain, ds_grads, reports, skipped, world, gas, estimator, owner, anchor,
+                      cfg["agvm"], adam, unit, steps)
 
 
 def registry_defaults(row) -> dict:
@@ -271,76 +274,6 @@ def lowp(engine, cfg, dtype) -> bool:
         (cfg["torch_autocast"].get("dtype", "bfloat16").replace("torch.", "") in name)
     comm = cfg.get("communication_data_type") in name
     return bool(model or auto or comm)
-
-
-def checks(allsteps, plain, ds_grads, reports, skipped, world, gas, estimator, owner, anchor, agvm, adam,
-           unit, steps) -> list[tuple[bool, float, str]]:
-    out = []
-    # (b) DeepSpeed's reduction against a plain all-reduce of the same micro-batches
-    worst, bound_b, missing = 0.0, GRAD_TOL, []
-    for t in sorted(ds_grads):
-        if t in skipped:
-            continue
-        for m in dict.fromkeys(owner.values()):
-            ns = [n for n in owner if owner[n] == m]
-            if any(ds_grads[t][n] is None for n in ns):
-                missing.append(m)
-                continue
-            a = torch.cat([ds_grads[t][n].to(plain[t][n].device) for n in ns])
-            b = torch.cat([plain[t][n] for n in ns])
-            worst = max(worst, float((a - b).norm() / b.norm()))
-            if unit:
-                mags = sum(float(torch.cat([allsteps[t][(r, k)][n] for n in ns]).norm())
-                           for r in range(world) for k in range(gas))
-                bound_b = max(bound_b, 1.01 * (world + gas) * unit * mags / world / float(b.norm()) + GRAD_TOL)
-    ok = not missing and worst <= bound_b and math.isfinite(worst)
-    out.append((ok, worst, f"DeepSpeed averaged gradients vs plain all_reduce: worst rel err {worst:.1e} "
-                    f"(tol {bound_b:.1e})" + (f"; no gradient readable for {sorted(set(missing))}" if missing else "")))
-    # (a) AGVM's cos and μ against the float64 brute force
-    upd = {t for t in range(1, steps) if t not in skipped}
-    ref = bf.cos_by_step(allsteps, world, gas, estimator, owner, adam=adam, skipped=skipped)
-    ref = {t: c for t, c in ref.items() if t in upd}
-    modules = list(dict.fromkeys(owner.values()))
-    bounds = {t: (bf.cos_error_bound(allsteps[t], world, gas, estimator, owner, unit) if unit else None) for t in ref}
-    worst, tightest, bad_step, no_update = 0.0, math.inf, [], []
-    for t, cs in ref.items():
-        got, _, step = reports[t]
-        for m, c in cs.items():
-            if unit:  # absolute error against the low-precision bound
-                err, tol = abs(got.get(m, math.nan) - c), bounds[t][m]
-                tightest = min(tightest, tol)
-            else:
-                err, tol = abs(got.get(m, math.nan) - c) / max(abs(c), 1e-3), COS_TOL
-            worst = max(worst, err) if math.isfinite(err) else math.inf
-            if step != t or not err <= tol:
-                bad_step.append(t)
-        if step != t:
-            no_update.append(t)
-    what = "preconditioned " if adam else ""
-    figure = (f"worst abs err {worst:.1e} (tol: low-precision bound per module, smallest {tightest:.1e})" if unit
-              else f"worst rel err {worst:.1e} (tol {COS_TOL:.0e})")
-    out.append((not bad_step and bool(ref), worst, f"AGVM {what}cos vs float64 brute force ({estimator}, {len(ref)} updates): "
-                f"{figure}" + (f"; wrong at steps {sorted(set(bad_step))}" if bad_step else "")
-                + (f"; AGVM made no update at steps {no_update}" if no_update else "")
-                + ("; no update step compared" if not ref else "")))
-    clamp, eps, alpha = tuple(agvm.get("clamp", (0.5, 10.0))), float(agvm.get("eps", 1e-6)), float(agvm["momentum"])
-    if unit:  # μ is monotone in each cos: shift every cos by its bound to bracket it
-        shift = lambda s: {t: {m: c + (-s if m == anchor else s) * bounds[t][m] for m, c in cs.items()}  # noqa: E731
-                           for t, cs in ref.items()}
-        lo, hi = (bf.mu_by_step(shift(s), modules, anchor, alpha, clamp, eps) for s in (-1, 1))
-    else:
-        lo = hi = bf.mu_by_step(ref, modules, anchor, alpha, clamp, eps)
-    worst, bad = 0.0, []
-    for t in ref:
-        mu = reports[t][1]
-        for m in modules:
-            below, above = (lo[t][m] - mu[m]) / lo[t][m], (mu[m] - hi[t][m]) / hi[t][m]
-            worst = max(worst, below, above, 0.0)
-            if not max(below, above) <= COS_TOL:
-                bad.append(t)
-    out.append((not bad and bool(ref), worst, f"AGVM mu vs float64 brute force: worst rel err {worst:.1e} (tol {COS_TOL:.0e})"
-                + (f"; wrong at steps {sorted(set(bad))}" if bad else "")))
-    return out
 
 
 def selfcheck(run_dict: dict, rank: int, world: int, steps: int = 4, say=print) -> int:
