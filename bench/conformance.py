@@ -288,7 +288,13 @@ def write_doc(path: Path, total, prune, refuse, runnable, results, seconds, clas
               "the CPU accelerator's `is_fp16_supported()` is patched to True inside the ranks, so DeepSpeed's "
               "fp16 optimizers really run on CPU here (a real test of the loss-scaling path)." if fp16_on_cpu else
               "pruned here: needs a GPU — run `agvm_ds.selfcheck` there."),
-          "", "Each cell: `agvm_ds.selfcheck.run` on its shared-head model (a head applied to three levels), "
+          ]
+    third = [r for r in results if r["verdict"] == "THIRD KIND"]
+    if third:
+        L += ["", f"## THIRD KIND: {len(third)} cell(s) neither exact nor refused — fix or refuse", ""]
+        L += [f"* `{key(r['cell'])}`: " + (r.get("message") or "; ".join(c[2] for c in r["checks"] if not c[0]))
+              for r in third]
+    L += ["", "## The cells run", "", "Each cell: `agvm_ds.selfcheck.run` on its shared-head model (a head applied to three levels), "
           "micro-batch 4, 3 steps, AGVM updating on steps 1 and 2, ZeRO buckets of 16 elements. Columns: "
           "switches `ocsr` = overlap_comm, contiguous_gradients, reduce_scatter, round_robin_gradients "
           "(letter: on, `.`: off); errors = grad / cos / μ.", "",
