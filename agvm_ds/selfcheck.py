@@ -156,6 +156,7 @@ def averaged_grads(engine, names) -> dict:
 
 def _zero12_grads(zo) -> dict:
     import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
 
     out = {}
     for gi, params in enumerate(zo.round_robin_bit16_groups):
@@ -169,6 +170,7 @@ def _zero12_grads(zo) -> dict:
             continue
         buf = getattr(held, "flat_partition", None)
         part = buf.reshape(-1).float() if buf is not None else torch.cat([t.reshape(-1).float() for t in held])
+        part = part.to(get_accelerator().current_device_name())  # offload keeps it on the CPU; NCCL needs the device
         if part.numel() != ps:
             raise RuntimeError(f"selfcheck: ZeRO partition {gi} holds {part.numel()} elements, expected {ps}")
         group = zo.real_dp_process_group[gi]
