@@ -35,6 +35,8 @@ class AGVMConfig(ConfigModel):
     precondition: Literal["auto", "none", "adam"] = "auto"
     skip_nonfinite: bool = True
     bucket_size: Optional[int] = Field(None, ge=1024)
+    #: run agvm_ds.selfcheck with this run's DeepSpeed sections before training (launcher only)
+    selfcheck: bool = False
 
     @field_validator("clamp")
     @classmethod

@@ -119,6 +119,10 @@ def build_job(run: RunConfig, out_dir: Path, rank: int, world: int) -> Job:
     need_val = tcfg.eval_at_end or tcfg.eval_every > 0
     train_set, val_set = B.build_datasets(run, rank, need_val=need_val)
     resolved = resolve_run(run, out_dir, world, len(train_set), rank)
+    if resolved.agvm.selfcheck:  # issue 23: exact on these ranks, or no training
+        from agvm_ds.selfcheck import startup_check
+
+        startup_check(resolved.record(), rank, world)
     try:
         sampler = StepSampler(len(train_set), world, rank, run.micro_batch, run.grad_accum,
                               seed=tcfg.seed)

@@ -1,0 +1,369 @@
+"""Check AGVM's statistics and DeepSpeed's gradient reduction on your own cluster.
+
+Run it under a launcher with the run file you train with::
+
+    deepspeed --num_gpus 8 --module agvm_ds.selfcheck --deepspeed_config ds_configs/X.json
+    torchrun --nproc_per_node 8 -m agvm_ds.selfcheck --deepspeed_config ds_configs/X.json
+
+It keeps the run file's DeepSpeed sections (ZeRO stage, offload, buckets, overlap_comm,
+precision, accumulation, micro-batch, communication dtype), the ``agvm`` section's estimator
+and preconditioning and the base optimizer, at the job's world size; replaces the model by
+a small built-in one whose head is shared by three "FPN levels" (a parameter used several
+times per step, as detection heads are); runs a few steps with AGVM updating every step;
+and compares
+
+(a) AGVM's cos per module and μ with a float64 brute force (:mod:`agvm_ds.bruteforce`)
+    from every rank's own per-micro-batch gradients, recorded by tensor hooks before
+    DeepSpeed or AGVM touch them;
+(b) DeepSpeed's averaged gradient, read at the accumulation boundary, with a plain
+    ``all_reduce`` of the same recorded gradients.
+
+One line per check with its figure; exit 0 when all pass, 1 when one fails, 2 for a run
+file that is refused (one ``error:`` line). ``agvm.selfcheck: true`` in a run file runs it
+at the start of ``launch/train.py``. ``AGVM_SELFCHECK_PERTURB=δ`` multiplies the ⟨G1, G2⟩
+sums AGVM folds into μ by (1 + δ) — a deliberate fault, to see the check fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import sys
+
+import torch
+from torch import nn
+
+from agvm_ds import bruteforce as bf
+from agvm_ds.config.base import ConfigError
+
+MODULES = {"backbone": ["backbone."], "neck": ["neck."], "head": ["head."]}
+IN, HID, OUT, LEVELS = 6, 16, 3, 3
+#: the DeepSpeed keys kept from the run file; everything else is the self-check's own
+KEPT = ("zero_optimization", "bf16", "fp16", "torch_autocast", "data_types", "gradient_accumulation_steps",
+        "train_micro_batch_size_per_gpu", "communication_data_type", "prescale_gradients",
+        "gradient_predivide_factor", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer")
+UNIT = {torch.bfloat16: 2.0 ** -9, torch.float16: 2.0 ** -11}
+
+
+class SharedHeadNet(nn.Module):
+    """backbone → three lateral "neck" layers → one head applied to every level."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(IN, HID), nn.LayerNorm(HID), nn.Tanh())
+        self.neck = nn.ModuleList(nn.Linear(HID, HID) for _ in range(LEVELS))
+        self.head = nn.Sequential(nn.Linear(HID, HID), nn.Tanh(), nn.Linear(HID, OUT))
+
+    def forward(self, x):
+        f = self.backbone(x)
+        return torch.stack([self.head(torch.tanh(lat(f) * (1 + i))) for i, lat in enumerate(self.neck)])
+
+
+def batch(step: int, rank: int, micro: int, bs: int):
+    g = torch.Generator().manual_seed(100_000 * step + 100 * rank + micro)
+    x = torch.randn(bs, IN, generator=g)
+    return x, torch.randn(LEVELS, bs, OUT, generator=g)
+
+
+def selfcheck_config(run: dict, world: int) -> dict:
+    """The DeepSpeed config the self-check runs: the run file's gradient-path sections, the
+    base optimizer, AGVM updating every step from step 1, no clipping."""
+    if not isinstance(run.get("optimizer"), dict) or not isinstance(run["optimizer"].get("type"), str):
+        raise ConfigError("optimizer.type: name the base optimizer (e.g. \"SGD\" or \"AdamW\")")
+    cfg = {k: copy.deepcopy(run[k]) for k in KEPT if k in run}
+    cfg["train_micro_batch_size_per_gpu"] = min(int(cfg.get("train_micro_batch_size_per_gpu", 4)), 8)
+    gas = int(cfg.setdefault("gradient_accumulation_steps", 1))
+    cfg["train_batch_size"] = cfg["train_micro_batch_size_per_gpu"] * gas * world
+    cfg["optimizer"] = {"type": run["optimizer"]["type"], "params": dict(run["optimizer"].get("params", {}))}
+    agvm = run.get("agvm") or {}
+    cfg["agvm"] = {"enabled": True, "interval": 1, "start_step": 1, "momentum": 0.5,
+                   **{k: agvm[k] for k in ("estimator", "precondition", "clamp", "eps", "bucket_size") if k in agvm}}
+    cfg.update(gradient_clipping=0.0, steps_per_print=10**9, wall_clock_breakdown=False)
+    return cfg
+
+
+class Recorder:
+    """Each parameter's own gradient per micro-batch (float64, flat, on the device), loss
+    scale removed; one dict per micro-batch of each step."""
+
+    def __init__(self, named):
+        self.names = [n for n, p in named if p.requires_grad]
+        self.numel = {n: int(getattr(p, "ds_numel", None) or p.numel()) for n, p in named if p.requires_grad}
+        self.steps: dict[int, list[dict]] = {}
+        self._cur: dict = {}
+        self.scale = 1.0
+        self.handles = [p.register_hook(self._hook(n)) for n, p in named if p.requires_grad]
+
+    def _hook(self, name):
+        def hook(grad):
+            g = grad.detach().double().reshape(-1) / self.scale
+            self._cur[name] = self._cur[name] + g if name in self._cur else g
+        return hook
+
+    def end_micro(self, step: int, device):
+        full = {n: self._cur.get(n, torch.zeros(self.numel[n], dtype=torch.float64, device=device))
+                for n in self.names}
+        self.steps.setdefault(step, []).append(full)
+        self._cur = {}
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def loss_scale(engine) -> float:
+    """The scale the loss is multiplied by before this backward: the autocast GradScaler's,
+    DeepSpeed's fp16 loss scaler's, else 1."""
+    for holder in (engine, engine.optimizer):
+        for attr in ("torch_autocast_z0_gradscaler", "torch_autocast_gradscaler"):
+            gs = getattr(holder, attr, None)
+            if gs is not None and gs.is_enabled():
+                return float(gs.get_scale())
+    if engine.fp16_enabled():
+        opt = engine.optimizer
+        return float(getattr(opt, "cur_scale", None) or opt.loss_scale)
+    return 1.0
+
+
+def averaged_grads(engine, names) -> dict:
+    """DeepSpeed's averaged gradient of every parameter (float64, flat), at the boundary.
+
+    DeepSpeed's own helpers serve where they are right: ``get_fp32_grad_for_param`` at ZeRO-3,
+    ``safe_get_full_grad`` at stage 0, for BF16_Optimizer and under offload. At ZeRO-1/2
+    (DeepSpeedZeroOptimizer) ``safe_get_full_grad`` maps fragments in the wrong order when
+    ``round_robin_gradients`` is on (measured with deepspeed 0.19.8: values of other
+    parameters, or a size-mismatch error), so there each rank's ``averaged_gradients``
+    partition is all-gathered and cut by ``round_robin_bit16_groups`` / ``_offsets``."""
+    from deepspeed.utils import safe_get_full_grad
+
+    zo = engine.optimizer
+    flat = {}
+    if hasattr(zo, "round_robin_bit16_groups"):
+        flat = _zero12_grads(zo)
+    out = {}
+    for n, p in engine.module.named_parameters():
+        if n not in names:
+            continue
+        if id(p) in flat:
+            g = flat[id(p)]
+        else:
+            g = p._z3_optimizer.get_fp32_grad_for_param(p) if hasattr(p, "ds_id") else safe_get_full_grad(p)
+        out[n] = None if g is None else g.detach().double().reshape(-1)
+    return out
+
+
+def _zero12_grads(zo) -> dict:
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    out = {}
+    for gi, params in enumerate(zo.round_robin_bit16_groups):
+        ps = int(zo.partition_size[gi])
+        if getattr(zo, "cpu_offload", False):  # offload: reduced straight into the fp32 partition's grad
+            held = zo.single_partition_of_fp32_groups[gi].grad
+            held = None if held is None else [held]
+        else:
+            held = zo.averaged_gradients.get(gi) if isinstance(zo.averaged_gradients, dict) else zo.averaged_gradients[gi]
+        if held is None:
+            continue
+        buf = getattr(held, "flat_partition", None)
+        part = buf.reshape(-1).float() if buf is not None else torch.cat([t.reshape(-1).float() for t in held])
+        part = part.to(get_accelerator().current_device_name())  # offload keeps it on the CPU; NCCL needs the device
+        if part.numel() != ps:
+            raise RuntimeError(f"selfcheck: ZeRO partition {gi} holds {part.numel()} elements, expected {ps}")
+        group = zo.real_dp_process_group[gi]
+        parts = [torch.empty_like(part) for _ in range(dist.get_world_size(group=group))]
+        dist.all_gather(parts, part.contiguous(), group=group)
+        full = torch.cat(parts)
+        for p, off in zip(params, zo.round_robin_bit16_offsets[gi]):
+            out[id(p)] = full[int(off):int(off) + p.numel()]
+    return out
+
+
+def _perturb(modulator, delta: float) -> None:
+    """Multiply the ⟨G1, G2⟩ column AGVM folds into μ by (1 + δ) (a real fault in AGVM's numbers)."""
+    update = modulator.update
+
+    def perturbed(step, sums, noise_sums=None):
+        sums = sums.clone()
+        sums[:, 0] *= 1 + delta
+        return update(step, sums, noise_sums)
+    modulator.update = perturbed
+
+
+def run(cfg: dict, rank: int, world: int, steps: int = 4) -> list[tuple[bool, float, str]]:
+    """Train ``steps`` steps of the built-in model under ``cfg``; the checks as (ok, worst error, line).
+    Raises ConfigError where agvm-ds refuses the configuration."""
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    import agvm_ds
+    from agvm_ds.optim import registry
+
+    device = get_accelerator().current_device_name()
+    torch.manual_seed(1234)
+    engine, *_ = agvm_ds.initialize(model=SharedHeadNet(), config=cfg, modules=MODULES)
+    delta = float(os.environ.get("AGVM_SELFCHECK_PERTURB", "0") or 0)
+    if delta:
+        _perturb(engine.agvm.modulator, delta)
+    gas, bs = engine.gradient_accumulation_steps(), engine.train_micro_batch_size_per_gpu()
+    dtype = next(p.dtype for p in engine.module.parameters())
+    rec = Recorder(list(engine.module.named_parameters()))
+    ds_grads, reports, skipped = {}, {}, set()
+    for t in range(steps):
+        for k in range(gas):
+            x, y = (v.to(device=device, dtype=dtype) for v in batch(t, rank, k, bs))
+            rec.scale = loss_scale(engine)
+            out = engine(x)
+            loss = (out.float() - y.float()).pow(2).mean()
+            engine.backward(loss)
+            rec.end_micro(t, device)
+            if k == gas - 1:
+                before = engine.skipped_steps
+                ds_grads[t] = {n: None if g is None else g / rec.scale
+                               for n, g in averaged_grads(engine, rec.names).items()}
+            engine.step()
+        if engine.skipped_steps > before:
+            skipped.add(t)
+        rep = agvm_ds.modulation(engine)
+        reports[t] = ({m: v["cos"] for m, v in rep["modules"].items()}, rep["mu"], rep["step"])
+    rec.remove()
+    anchor = engine.agvm.modulator.anchor
+    estimator = cfg["agvm"].get("estimator", "micro")
+    row = registry.find(cfg["optimizer"]["type"])
+    mode = registry.check(row, cfg["optimizer"]["params"], registry.zero_stage(cfg),
+                          cfg["agvm"].get("precondition", "auto"))
+    adam = None
+    if mode == "adam":
+        group = {**registry_defaults(row), **cfg["optimizer"]["params"]}
+        adam = (row.beta2_of(group), row.eps_of(group))
+    low = {d: u for d, u in UNIT.items() if lowp(engine, cfg, d)}
+    unit = max(low.values(), default=0.0)
+    engine.destroy()
+
+    # every rank's recorded gradients, on every rank (collectives on the accelerator's device)
+    names = rec.names
+    owner = {n: next(m for m, ps in MODULES.items() if any(n.startswith(p) for p in ps)) for n in names}
+    allsteps, plain = {}, {}
+    for t, micro in sorted(rec.steps.items()):
+        flat = torch.stack([torch.cat([mb[n] for n in names]) for mb in micro])  # [gas, P]
+        parts = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(parts, flat.contiguous())
+        sizes = [rec.numel[n] for n in names]
+        allsteps[t] = {(r, k): dict(zip(names, parts[r][k].split(sizes))) for r in range(world) for k in range(gas)}
+        summed = flat.sum(0)
+        dist.all_reduce(summed)
+        plain[t] = dict(zip(names, (summed / world).split(sizes)))
+    return bf.compare(allsteps, plain, ds_grads, reports, skipped, world, gas, estimator, owner, anchor,
+                      cfg["agvm"], adam, unit, steps)
+
+
+def registry_defaults(row) -> dict:
+    """The base optimizer class's own defaults (β2, eps when the run file omits them)."""
+    import inspect
+
+    return {k: v.default for k, v in inspect.signature(row.load().__init__).parameters.items()
+            if v.default is not inspect.Parameter.empty}
+
+
+def lowp(engine, cfg, dtype) -> bool:
+    """Whether gradients are summed or reduced in ``dtype`` anywhere on this path."""
+    name = {torch.bfloat16: ("bf16", "bfloat16"), torch.float16: ("fp16", "float16")}[dtype]
+    model = any(p.dtype == dtype for p in engine.module.parameters())
+    auto = (cfg.get("torch_autocast") or {}).get("enabled") and \
+        (cfg["torch_autocast"].get("dtype", "bfloat16").replace("torch.", "") in name)
+    comm = cfg.get("communication_data_type") in name
+    return bool(model or auto or comm)
+
+
+def selfcheck(run_dict: dict, rank: int, world: int, steps: int = 4, say=print) -> int:
+    """The self-check inside an initialized process group: 0 all pass, 1 a check failed, 2
+    the configuration is refused. ``say`` prints (rank 0 only)."""
+    import torch.distributed as dist
+
+    try:
+        results = run(selfcheck_config(run_dict, world), rank, world, steps)
+    except ConfigError as err:  # the same verdict on every rank: one line for the job
+        if rank == 0:
+            say(f"error: {err}")
+        return 2
+    if rank == 0:
+        for ok, _, line in results:
+            say(f"{'ok  ' if ok else 'FAIL'} {line}")
+    code = 0 if all(ok for ok, *_ in results) else 1
+    if dist.is_initialized():
+        dist.barrier()
+    return code
+
+
+class SelfCheckFailed(RuntimeError):
+    """``agvm.selfcheck: true`` and a check failed: the job does not train."""
+
+
+def startup_check(run_dict: dict, rank: int, world: int) -> None:
+    """The launcher's hook (``agvm.selfcheck: true``): run the checks on the job's ranks,
+    print them (rank 0, with the time taken); refuse to train unless all pass."""
+    import time
+
+    t0 = time.perf_counter()
+    code = selfcheck(run_dict, rank, world, say=lambda line: print(f"[agvm-ds] selfcheck: {line}", flush=True))
+    if rank == 0:
+        print(f"[agvm-ds] selfcheck: {time.perf_counter() - t0:.1f} s", flush=True)
+    if code == 2:
+        raise ConfigError("agvm.selfcheck: the self-check's configuration was refused (line above)")
+    if code:
+        raise SelfCheckFailed("agvm.selfcheck: a check failed (lines above); not training")
+
+
+def _init_distributed() -> tuple[int, int]:
+    """The launcher's process group (deepspeed / torchrun env), or a single rank."""
+    import deepspeed
+    import deepspeed.ops
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    on_cpu = get_accelerator().device_name() == "cpu"
+    if on_cpu:  # DeepSpeed's CPU shm comm op serves inference only; skip its 36 s JIT build
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    else:
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else None, verbose=False)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m agvm_ds.selfcheck", description=__doc__.split("\n")[0])
+    p.add_argument("--deepspeed_config", required=True, help="the run file (DeepSpeed sections + agvm)")
+    p.add_argument("--steps", type=int, default=4, help="optimizer steps (AGVM updates on all but the first)")
+    p.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
+    args = p.parse_args(argv)
+    rank0 = os.environ.get("RANK", "0") == "0"
+    try:
+        from agvm_ds.api import read_config
+
+        run_dict = read_config(args.deepspeed_config)
+    except (ConfigError, OSError, ValueError) as err:
+        if rank0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    import torch.distributed as dist
+
+    rank, world = _init_distributed()
+    try:
+        return selfcheck(run_dict, rank, world, max(2, args.steps), say=lambda line: print(line, flush=True))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

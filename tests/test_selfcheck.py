@@ -1,0 +1,85 @@
+"""agvm_ds.selfcheck (issue 23, item 4): passes where AGVM is exact, fails when AGVM's
+statistics are perturbed, refuses in one line what the support table refuses."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agvm_ds.testing.distributed import run_distributed
+from selfcheck_cases import selfcheck_many
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = json.loads((REPO / "ds_configs" / "quickstart.json").read_text())
+
+
+def _with(base, **zero):
+    run = copy.deepcopy(base)
+    run["zero_optimization"] = {**run["zero_optimization"], **zero}
+    return run
+
+
+SGD_MICRO = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 3,
+             "optimizer": {"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4}},
+             "zero_optimization": {"stage": 3, "reduce_bucket_size": 64, "stage3_param_persistence_threshold": 0},
+             "bf16": {"enabled": True}, "agvm": {"estimator": "micro"}}
+CASES = [
+    (QUICKSTART, None),                                       # 0: the shipped quickstart (ZeRO-2, AdamW, ranks)
+    (QUICKSTART, 1e-3),                                       # 1: the same, AGVM's <G1,G2> sums scaled by 1.001
+    (_with(QUICKSTART, offload_optimizer={"device": "nvme", "nvme_path": "/tmp"}), None),  # 2: refused (support table)
+    (SGD_MICRO, None),                                        # 3: ZeRO-3, bf16 (the low-precision bound), micro, GAS 3
+]
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return run_distributed(selfcheck_many, 2, CASES)
+
+
+def test_selfcheck_passes_on_quickstart_and_bf16_zero3(runs):
+    for i in (0, 3):
+        code, lines = runs[0][i]
+        print("\n".join(lines))
+        assert code == 0, lines
+        assert len(lines) == 3 and all(line.startswith("ok   ") for line in lines), lines
+        assert "DeepSpeed averaged gradients vs plain all_reduce" in lines[0]
+        assert "3 updates" in lines[1]
+    assert runs[1][0] == (0, [])  # only rank 0 prints
+    assert "preconditioned cos" in runs[0][0][1][1] and "(ranks," in runs[0][0][1][1]
+    assert "low-precision bound" in runs[0][3][1][1] and "(micro," in runs[0][3][1][1]
+
+
+def test_selfcheck_fails_when_agvm_statistics_are_perturbed(runs):
+    code, lines = runs[0][1]
+    print("\n".join(lines))
+    assert code == 1
+    assert lines[0].startswith("ok   ")  # DeepSpeed's reduction is untouched
+    assert lines[1].startswith("FAIL AGVM preconditioned cos") and "wrong at steps [1, 2, 3]" in lines[1]
+    assert runs[1][1][0] == 1  # every rank reaches the same verdict
+
+
+def test_selfcheck_refused_config_is_one_line_exit_2(runs):
+    code, lines = runs[0][2]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: zero_optimization.offload_optimizer"), lines
+    assert runs[1][2] == (2, [])
+
+
+def test_selfcheck_command_line_single_rank(tmp_path):
+    """``python -m agvm_ds.selfcheck`` without a launcher is one rank, where the 'ranks'
+    estimator has no split: exit 2 with one line; an unreadable file likewise."""
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(QUICKSTART))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    for arg, needle in ((path, "error: agvm.estimator: 'ranks' needs at least 2"), (tmp_path / "no.json", "error: ")):
+        proc = subprocess.run([sys.executable, "-m", "agvm_ds.selfcheck", "--deepspeed_config", str(arg)],
+                              capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 2 and out.count("error: ") == 1 and needle in out, out[-2000:]
