@@ -21,10 +21,11 @@ import os
 
 import torch
 
-from agvm_ds.config.agvm import AGVMConfig
+from agvm_ds.config.agvm import AGVMConfig, choose_estimator
 from agvm_ds.config.base import ConfigError, parse_section
+from agvm_ds.config.checks import check_finite
 from agvm_ds.config.files import OWN_SECTIONS, read_json, strip_comments
-from agvm_ds.config.run import check_precision
+from agvm_ds.config.run import BATCH_KEYS, check_precision, resolve_batch
 from agvm_ds.core.modulator import Modulator
 from agvm_ds.core.optimizer import AGVM
 from agvm_ds.optim import registry
@@ -85,6 +86,7 @@ def initialize(model: torch.nn.Module, config, modules: dict | Partition | None 
 
     # Everything that can be refused is refused before DeepSpeed builds anything.
     cfg = read_config(config)
+    check_finite(cfg)  # NaN / infinity anywhere (Python's JSON reader accepts them)
     agvm_cfg = read_agvm_section(cfg, agvm)
     check_precision(cfg)  # DeepSpeed would refuse these only from deep inside initialize
     for key in OWN_SECTIONS:
@@ -101,12 +103,38 @@ def initialize(model: torch.nn.Module, config, modules: dict | Partition | None 
     # the groups as built: ZeRO swaps each group's "params" for its flat partition
     measured = [(list(g["params"]), g) for g in base.param_groups]
 
+    check_estimator(cfg, agvm_cfg)  # e.g. 'micro' with one micro-batch on one rank: before the engine
+
     cfg["zero_allow_untested_optimizer"] = True
     engine, opt, loader, sched = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg,
                                                       training_data=training_data, lr_scheduler=lr_scheduler,
                                                       collate_fn=collate_fn, **kwargs)
     attach_agvm(engine, base, optimizer, modulator, agvm_cfg, precondition, measured)
     return engine, opt, loader, sched
+
+
+def check_estimator(cfg: dict, agvm_cfg: AGVMConfig) -> None:
+    """Refuse, before DeepSpeed builds the engine, an ``agvm.estimator`` that cannot split
+    this run: the accumulation count comes from the batch keys and the data-parallel world
+    (the process group's, else ``$WORLD_SIZE``), as DeepSpeed derives it; inconsistent batch
+    keys are left to DeepSpeed's own check."""
+    if not agvm_cfg.enabled:
+        return
+    import torch.distributed as tdist
+
+    from agvm_ds import collectives
+
+    world = collectives.world() if tdist.is_available() and tdist.is_initialized() else \
+        int(os.environ.get("WORLD_SIZE", "1") or 1)
+    batch = {k: cfg[k] for k in BATCH_KEYS if k in cfg}
+    try:
+        resolve_batch(batch, world)
+    except ConfigError:
+        return
+    try:
+        choose_estimator(agvm_cfg.estimator, batch["gradient_accumulation_steps"], world)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def check_base_optimizer(opt_section, cfg: dict, agvm_cfg: AGVMConfig):

@@ -5,8 +5,12 @@
 comment keys (any key starting with ``_``, at any depth), validates the four agvm-ds
 sections with pydantic (``extra="forbid"``), checks DeepSpeed's batch keys and the base
 optimizer against :mod:`agvm_ds.optim.registry` (ZeRO stage, ``agvm.precondition``) and
-imports the package of every enabled DeepSpeed monitor (:func:`check_monitors`) — all
-before any distributed work, so a bad file fails in about a second.
+imports the package of every enabled DeepSpeed monitor (:func:`check_monitors`), then runs
+the checks across sections in :mod:`agvm_ds.config.checks` (no NaN/infinity anywhere, the
+base optimizer's own argument checks, what a given world size needs, AGVM that would never
+act) — all before any distributed work, so a bad file fails in about a second. Checked
+with a world size, a file passes here exactly when the launcher accepts it on that many
+ranks (as far as the file alone decides: data on disk is read later).
 
 Errors are :class:`agvm_ds.config.base.ConfigError` whose message names the file or the
 dotted key. Every other top-level section goes to DeepSpeed unchanged.
@@ -34,6 +38,7 @@ from typing import Any, Optional
 
 from agvm_ds.config.agvm import AGVMConfig
 from agvm_ds.config.base import ConfigError, parse_section
+from agvm_ds.config.checks import check_finite, run_checks
 from agvm_ds.config.data import DataConfig
 from agvm_ds.config.files import OWN_SECTIONS, apply_override, read_json, strip_comments
 from agvm_ds.config.model import ModelConfig
@@ -260,7 +265,7 @@ def _check_deepspeed_sections(ds: dict, train: TrainConfig, warnings: list[str])
         try:
             DeepSpeedZeroConfig(**zero)
         except ValidationError as err:
-            raise ConfigError(format_validation_error(err, "zero_optimization")) from None
+            raise ConfigError(format_validation_error(err, "zero_optimization", DeepSpeedZeroConfig)) from None
     check_precision(ds)
     check_monitors(ds)
 
@@ -268,6 +273,7 @@ def _check_deepspeed_sections(ds: dict, train: TrainConfig, warnings: list[str])
 def validate_run_dict(raw: dict, path: Path, world_size: Optional[int] = None) -> RunConfig:
     """Validate an already-read (and overridden) run dict. See :func:`load_run_config`."""
     raw = strip_comments(raw)
+    check_finite(raw)  # NaN / infinity anywhere, DeepSpeed's sections included
     for sec in OWN_SECTIONS:
         if sec in raw and raw[sec] is not None and not isinstance(raw[sec], dict):
             raise ConfigError(f"{sec}: must be an object")
@@ -287,8 +293,11 @@ def validate_run_dict(raw: dict, path: Path, world_size: Optional[int] = None) -
     registry.check(registry.find(ds["optimizer"]["type"]), ds["optimizer"].get("params"),
                    registry.zero_stage(ds), agvm.precondition if agvm.enabled else "none")
     ws = resolve_batch(ds, world_size)
-    return RunConfig(path=path, name=path.stem, deepspeed=ds, agvm=agvm, model=model,
-                     data=data, train=train, world_size=ws, warnings=warnings)
+    run = RunConfig(path=path, name=path.stem, deepspeed=ds, agvm=agvm, model=model,
+                    data=data, train=train, world_size=ws, warnings=warnings)
+    # the checks across sections, the world size and the base optimizer (config/checks.py)
+    warnings.extend(run_checks(run))
+    return run
 
 
 def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None,

@@ -295,4 +295,4 @@ def load_spec(spec: "ModelSpec | dict | str | Path", overrides: dict[str, Any] |
     try:
         return ModelSpec.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(f"{where}: {format_validation_error(err, '')}") from None
+        raise ConfigError(f"{where}: {format_validation_error(err, '', ModelSpec)}") from None

@@ -11,9 +11,15 @@ first; DeepSpeed writes through :class:`~agvm_ds.checkpoint_engine.SafeCheckpoin
 which reports the paths it wrote; each rank reads its files back for size and CRC-32 (about
 4 GB/s from the page cache: 2 ms per save of the quickstart's 11.5 MB tag); rank 0
 gathers them, writes the marker (temp file + rename) and only then prunes to
-``keep_checkpoints``. A save killed part-way leaves a tag without a marker and every older
+``keep_checkpoints`` (never the tag just written, nor the one the run resumed from). A save killed part-way leaves a tag without a marker and every older
 tag untouched; files are not fsync'ed: after a power loss a tag whose data did not reach
 the disk fails its checksum instead.
+
+Timelines: a run that resumes from a checkpoint that is not the newest (or starts afresh in
+a folder that holds checkpoints) starts a new timeline: :func:`start_timeline` moves every
+newer ``step_<N>`` folder into ``checkpoints/abandoned_<time>/`` (one ``warning:`` line), so
+``--resume auto`` never continues the abandoned run and pruning by step number never
+deletes this run's checkpoints in favour of the abandoned ones.
 
 Resuming: :func:`resolve_resume` (cheap, rank-local: marker JSON, file sizes) picks the
 tag; ``--resume auto`` takes the newest complete one and skips, with a ``warning:`` line
@@ -53,6 +59,7 @@ import random
 import re
 import shutil
 import sys
+import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -66,6 +73,8 @@ from agvm_ds.checkpoint_engine import CheckpointError, SafeCheckpointEngine, saf
 from agvm_ds.config.base import ConfigError
 
 MARKER = "agvm_ds_complete.json"
+#: folders (inside ``checkpoints/``) holding the tags of abandoned timelines (:func:`start_timeline`)
+ABANDONED_PREFIX = "abandoned_"
 MARKER_FORMAT = 2
 LAYOUT_KEYS = ("world_size", "zero_stage", "micro_batch", "grad_accum")
 _TAG = re.compile(r"^step_(\d+)$")
@@ -135,11 +144,14 @@ def complete_tags(ckpt_dir: Path) -> list[tuple[int, Path]]:
 
 # --------------------------------------------------------------------------- saving
 def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any],
-                    keep: int = 0, extra: Optional[Callable[[Path], list]] = None) -> Path:
+                    keep: int = 0, extra: Optional[Callable[[Path], list]] = None,
+                    protect: tuple[Path, ...] = ()) -> Path:
     """Save ``step`` on every rank (collective); mark it complete; prune to ``keep`` (0 = all).
 
     ``extra(tag_dir)`` writes further files of this rank (e.g. the elastic state) and returns
-    their paths, which the marker then lists and checksums like DeepSpeed's.
+    their paths, which the marker then lists and checksums like DeepSpeed's. Pruning keeps
+    the newest ``keep`` complete tags and never deletes the tag just written or one in
+    ``protect`` (the checkpoint the run resumed from).
 
     ``engine`` must use :class:`SafeCheckpointEngine` (``agvm_ds.initialize`` installs it).
     """
@@ -177,10 +189,53 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict[str, A
         tmp.write_text(json.dumps(record, indent=1))
         tmp.replace(tag_dir / MARKER)
         if keep > 0:  # only now: the new tag is complete before any older one goes
+            kept = {tag_dir.resolve(), *(Path(p).resolve() for p in protect)}
             for _, old in complete_tags(ckpt_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                if old.resolve() not in kept:
+                    shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return tag_dir
+
+
+# --------------------------------------------------------------------------- timelines
+def tag_step(tag_dir: Path) -> int:
+    """The step a ``step_<N>`` folder holds (its marker's, else its name's)."""
+    try:
+        return int(read_marker(tag_dir)["step"])
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        m = _TAG.match(tag_dir.name)
+        return int(m.group(1)) if m else 0
+
+
+def start_timeline(ckpt_dir: Path, base_step: int, stamp: Optional[str] = None) -> tuple[list[str], Optional[Path]]:
+    """Make ``ckpt_dir`` hold only this run's timeline: a run that starts at ``base_step``
+    (the step of the checkpoint it resumed from; 0 for a fresh start) will write tags after
+    it, so every ``step_<N>`` folder with N > ``base_step`` there, complete or not, belongs to
+    another, abandoned timeline — left where it is, ``--resume auto`` would continue it and
+    pruning by step number would delete this run's checkpoints instead. They are moved,
+    unchanged, into ``ckpt_dir/abandoned_<stamp>/``, which neither ``--resume auto`` nor
+    pruning looks into. Rank 0 only (then a barrier); returns (moved tag names, their folder).
+    """
+    newer = []
+    if ckpt_dir.is_dir():
+        for d in ckpt_dir.iterdir():
+            m = _TAG.match(d.name)
+            if m and d.is_dir() and int(m.group(1)) > base_step:
+                newer.append((int(m.group(1)), d))
+    if not newer:
+        return [], None
+    stamp = stamp or time.strftime("%Y%m%d-%H%M%S")
+    dest = ckpt_dir / f"{ABANDONED_PREFIX}{stamp}"
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = ckpt_dir / f"{ABANDONED_PREFIX}{stamp}-{n}"
+    dest.mkdir(parents=True)
+    names = []
+    for _, d in sorted(newer):
+        os.replace(d, dest / d.name)
+        names.append(d.name)
+    return names, dest
 
 
 # --------------------------------------------------------------------------- resuming

@@ -49,7 +49,7 @@ from agvm_ds.train import build as B
 from agvm_ds.checkpoint_engine import CheckpointError
 from agvm_ds.train import elastic
 from agvm_ds.train.checkpoint import (layout, load_checkpoint, read_marker, save_checkpoint,
-                                      select_checkpoint)
+                                      select_checkpoint, start_timeline, tag_step)
 from agvm_ds.train.distributed import maybe_inject_fault
 from agvm_ds.train.evaluate import evaluate
 from agvm_ds.train.metrics import (LossLog, MetricsWriter, agvm_model_fields, agvm_record,
@@ -84,6 +84,7 @@ class Job:
     clip_now: Optional[float] = None  # the clipping threshold currently set on the engine
     last_update: Optional[int] = None  # step of the last AGVM update already logged
     elastic_saves: bool = False  # checkpoints also write world-size-independent files
+    resumed_from: Optional[Path] = None  # the checkpoint this run continues: never pruned
 
     @property
     def run(self) -> RunConfig:
@@ -110,6 +111,12 @@ class Job:
             print(f"[agvm-ds] {msg}", flush=True)
 
 
+def job_say(rank: int, msg: str) -> None:
+    """An ``[agvm-ds]`` line on rank 0 (what :meth:`Job.say` prints, before a job exists)."""
+    if rank == 0:
+        print(f"[agvm-ds] {msg}", flush=True)
+
+
 def build_job(run: RunConfig, out_dir: Path, rank: int, world: int) -> Job:
     """Data, schedule, sampler, model and the AGVM DeepSpeed engine for this rank."""
     tcfg = run.train
@@ -117,7 +124,7 @@ def build_job(run: RunConfig, out_dir: Path, rank: int, world: int) -> Job:
     seed_all(mix_seed(tcfg.seed, rank))
     # the synthetic benchmark is generated once, by rank 0, under a file lock
     need_val = tcfg.eval_at_end or tcfg.eval_every > 0
-    train_set, val_set = B.build_datasets(run, rank, need_val=need_val)
+    train_set, val_set = B.build_datasets(run, rank, need_val=need_val, announce=lambda line: job_say(rank, line))
     resolved = resolve_run(run, out_dir, world, len(train_set), rank)
     try:
         sampler = StepSampler(len(train_set), world, rank, run.micro_batch, run.grad_accum,
@@ -129,6 +136,10 @@ def build_job(run: RunConfig, out_dir: Path, rank: int, world: int) -> Job:
               elastic_saves=elastic.unsupported(run, world) is None)  # once, not per checkpoint
     if resolved.lr_note:
         job.say(resolved.lr_note)
+    if rank == 0:
+        for warning in resolved.warnings:
+            if warning not in run.warnings:  # the config check's own are printed already
+                print(f"warning: {warning}", file=sys.stderr, flush=True)
 
     torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
     t0 = time.perf_counter()
@@ -211,7 +222,9 @@ def train(run: RunConfig, out_dir: Path, resume: Optional[str], rank: int, world
         if why is not None:
             raise CheckpointError(f"--resume {resume}: saved with {_saved_world(tag_dir)} ranks, this run "
                                   f"has {world}; resuming on another number of ranks does not support {why}")
+    _start_timeline(out_dir / "checkpoints", tag_dir, resume, rank)
     job = build_job(run, out_dir, rank, world)
+    job.resumed_from = tag_dir
     start = resume_job(job, tag_dir)
     tcfg, engine, total = run.train, job.engine, job.total_steps
     loader = torch.utils.data.DataLoader(
@@ -221,8 +234,10 @@ def train(run: RunConfig, out_dir: Path, resume: Optional[str], rank: int, world
         pin_memory=torch.device(engine.device).type == "cuda")
     batches = iter(loader)
     resolved = job.resolved
-    agvm_on = (f"on from step {resolved.agvm.start_step} ({resolved.estimator.name} estimator)"
-               if resolved.estimator else "off")
+    agvm_on = ("off" if resolved.estimator is None else
+               f"on from step {resolved.agvm.start_step} ({resolved.estimator.name} estimator)"
+               if resolved.agvm_active else
+               f"never active (starts at step {resolved.agvm.start_step} of {total}; see the warning)")
     job.say(f"{run.name}: {total} steps ({job.sampler.steps_per_epoch}/epoch), warmup "
             f"{job.warmup}, global batch {run.global_batch} = {run.micro_batch} x "
             f"{run.grad_accum} x {world} ranks, ZeRO-{run.zero_stage}, AGVM {agvm_on}")
@@ -270,6 +285,25 @@ def train(run: RunConfig, out_dir: Path, resume: Optional[str], rank: int, world
 
 
 # --------------------------------------------------------------------------- helpers
+def _start_timeline(ckpt_dir: Path, tag_dir: Optional[Path], resume: Optional[str], rank: int) -> None:
+    """Move the checkpoints newer than the one this run starts from out of ``ckpt_dir``
+    (rank 0, one ``warning:`` line), so that ``--resume auto`` and pruning see only this
+    run's timeline (:func:`agvm_ds.train.checkpoint.start_timeline`); collective."""
+    if rank == 0:
+        base = tag_step(tag_dir) if tag_dir is not None else 0
+        moved, dest = start_timeline(ckpt_dir, base)
+        if moved:
+            names = ", ".join(moved)
+            if tag_dir is not None:
+                why = (f"--resume {resume}: {tag_dir.name} is not the newest checkpoint, so this run starts a "
+                       f"new timeline from it")
+            else:
+                why = f"a fresh run (no --resume) in {ckpt_dir.parent}, which holds checkpoints"
+            print(f"warning: {why}; the newer checkpoint(s) of the abandoned run ({names}) moved to {dest}/ "
+                  f"(--resume auto will not continue them; --resume PATH still can)", file=sys.stderr, flush=True)
+    collectives.barrier()
+
+
 def _write_records(pending: list[dict], losses: LossLog, writer: MetricsWriter, log_every: int) -> None:
     """Fill the pending records' losses (one collective) and write them, in step order."""
     for partial, reduced in zip(pending, losses.flush()):
@@ -328,7 +362,7 @@ def _save(job: Job, steps_done: int) -> None:
     extra = None if not job.elastic_saves else (
         lambda tag_dir: elastic.save_state(job.engine, tag_dir, steps_done))
     save_checkpoint(job.engine, job.ckpt_dir, steps_done, state, job.run.train.keep_checkpoints,
-                    extra=extra)
+                    extra=extra, protect=(job.resumed_from,) if job.resumed_from is not None else ())
 
 
 def _evaluate(job: Job, step: int, writer: MetricsWriter, final: bool) -> Optional[dict]:

@@ -1,19 +1,21 @@
 """The estimators of AGVM's two gradient halves, one class per file, chosen once per run.
 
-:func:`build_estimator` is the only place that reads the ``agvm.estimator`` name: it knows
-the accumulation count and the world size, so it decides here, before the first step,
-whether the configured estimator can run (and refuses with an ``agvm.estimator:`` message
-when it cannot) and whether ``micro`` falls back to the ``ranks`` split (one micro-batch
-per step, several ranks). The controller then only calls the object's hooks
-(:class:`~agvm_ds.core.estimators.base.Estimator`). A new estimator is one new file and
-one entry in :data:`ESTIMATORS`.
+:func:`build_estimator` builds the estimator the ``agvm.estimator`` name selects for the
+accumulation count and the world size; the choice itself (``auto``; ``micro`` falling back
+to the ``ranks`` split with one micro-batch per step on several ranks; the refusal, an
+``agvm.estimator:`` message naming the fix, when nothing can split the run) is
+:func:`agvm_ds.config.agvm.choose_estimator`'s, so the config check of a run file for a
+given world size refuses exactly what the launcher and ``agvm_ds.initialize`` refuse.
+The controller then only calls the object's hooks
+(:class:`~agvm_ds.core.estimators.base.Estimator`). A new estimator is one new file, one
+entry in :data:`ESTIMATORS` and its rule in ``choose_estimator``.
 """
 
 from __future__ import annotations
 
 import logging
 
-from agvm_ds.config.agvm import AGVMConfig
+from agvm_ds.config.agvm import AGVMConfig, choose_estimator
 from agvm_ds.core.estimators.base import Estimator
 from agvm_ds.core.estimators.micro import MicroEstimator
 from agvm_ds.core.estimators.ranks import RanksEstimator
@@ -39,16 +41,9 @@ def build_estimator(cfg: AGVMConfig, grad_accum: int, world_size: int, rank: int
     Raises:
         ValueError: the configured estimator cannot split this run (``agvm.estimator: …``).
     """
-    name = cfg.estimator
-    if name == "micro" and grad_accum < 2:
-        if world_size < 2:
-            raise ValueError("agvm.estimator: 'micro' needs gradient_accumulation_steps >= 2 on a single "
-                             "rank (there is only one micro-batch to compare)")
-        name = "ranks"
-        if announce and rank == 0:
-            log.warning("agvm: gradient_accumulation_steps=1, so the 'micro' estimator splits by ranks")
-    if name == "ranks" and world_size < 2:
-        raise ValueError("agvm.estimator: 'ranks' needs at least 2 data-parallel ranks")
+    name, fallback = choose_estimator(cfg.estimator, grad_accum, world_size)
+    if fallback and announce and rank == 0:
+        log.warning("agvm: gradient_accumulation_steps=1, so the 'micro' estimator splits by ranks")
     return ESTIMATORS[name](int(grad_accum), int(world_size), int(rank))
 
 
