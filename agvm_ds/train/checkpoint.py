@@ -16,10 +16,7 @@ tag untouched; files are not fsync'ed: after a power loss a tag whose data did n
 the disk fails its checksum instead.
 
 Timelines: a run that resumes from a checkpoint that is not the newest (or starts afresh in
-a folder that holds checkpoints) starts a new timeline: :func:`start_timeline` moves every
-newer ``step_<N>`` folder into ``checkpoints/abandoned_<time>/`` (one ``warning:`` line), so
-``--resume auto`` never continues the abandoned run and pruning by step number never
-deletes this run's checkpoints in favour of the abandoned ones.
+a folder that holds checkpoints) starts a new timeline (:mod:`agvm_ds.train.timeline`).
 
 Resuming: :func:`resolve_resume` (cheap, rank-local: marker JSON, file sizes) picks the
 tag; ``--resume auto`` takes the newest complete one and skips, with a ``warning:`` line
@@ -59,7 +56,6 @@ import random
 import re
 import shutil
 import sys
-import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -73,8 +69,6 @@ from agvm_ds.checkpoint_engine import CheckpointError, SafeCheckpointEngine, saf
 from agvm_ds.config.base import ConfigError
 
 MARKER = "agvm_ds_complete.json"
-#: folders (inside ``checkpoints/``) holding the tags of abandoned timelines (:func:`start_timeline`)
-ABANDONED_PREFIX = "abandoned_"
 MARKER_FORMAT = 2
 LAYOUT_KEYS = ("world_size", "zero_stage", "micro_batch", "grad_accum")
 _TAG = re.compile(r"^step_(\d+)$")
@@ -195,47 +189,6 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict[str, A
                     shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return tag_dir
-
-
-# --------------------------------------------------------------------------- timelines
-def tag_step(tag_dir: Path) -> int:
-    """The step a ``step_<N>`` folder holds (its marker's, else its name's)."""
-    try:
-        return int(read_marker(tag_dir)["step"])
-    except (CheckpointError, KeyError, TypeError, ValueError):
-        m = _TAG.match(tag_dir.name)
-        return int(m.group(1)) if m else 0
-
-
-def start_timeline(ckpt_dir: Path, base_step: int, stamp: Optional[str] = None) -> tuple[list[str], Optional[Path]]:
-    """Make ``ckpt_dir`` hold only this run's timeline: a run that starts at ``base_step``
-    (the step of the checkpoint it resumed from; 0 for a fresh start) will write tags after
-    it, so every ``step_<N>`` folder with N > ``base_step`` there, complete or not, belongs to
-    another, abandoned timeline — left where it is, ``--resume auto`` would continue it and
-    pruning by step number would delete this run's checkpoints instead. They are moved,
-    unchanged, into ``ckpt_dir/abandoned_<stamp>/``, which neither ``--resume auto`` nor
-    pruning looks into. Rank 0 only (then a barrier); returns (moved tag names, their folder).
-    """
-    newer = []
-    if ckpt_dir.is_dir():
-        for d in ckpt_dir.iterdir():
-            m = _TAG.match(d.name)
-            if m and d.is_dir() and int(m.group(1)) > base_step:
-                newer.append((int(m.group(1)), d))
-    if not newer:
-        return [], None
-    stamp = stamp or time.strftime("%Y%m%d-%H%M%S")
-    dest = ckpt_dir / f"{ABANDONED_PREFIX}{stamp}"
-    n = 1
-    while dest.exists():
-        n += 1
-        dest = ckpt_dir / f"{ABANDONED_PREFIX}{stamp}-{n}"
-    dest.mkdir(parents=True)
-    names = []
-    for _, d in sorted(newer):
-        os.replace(d, dest / d.name)
-        names.append(d.name)
-    return names, dest
 
 
 # --------------------------------------------------------------------------- resuming

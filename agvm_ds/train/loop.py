@@ -49,7 +49,7 @@ from agvm_ds.train import build as B
 from agvm_ds.checkpoint_engine import CheckpointError
 from agvm_ds.train import elastic
 from agvm_ds.train.checkpoint import (layout, load_checkpoint, read_marker, save_checkpoint,
-                                      select_checkpoint, start_timeline, tag_step)
+                                      select_checkpoint, tag_for)
 from agvm_ds.train.distributed import maybe_inject_fault
 from agvm_ds.train.evaluate import evaluate
 from agvm_ds.train.metrics import (LossLog, MetricsWriter, agvm_model_fields, agvm_record,
@@ -59,6 +59,8 @@ from agvm_ds.train.sampler import (SeededDataset, StepBatchSampler, StepSampler,
                                    seed_all)
 from agvm_ds.train.resolve import ResolvedRun, resolve_run
 from agvm_ds.train.schedule import LrSchedule, build_lr_schedule, clip_norm_at
+from agvm_ds.train.summary import bar_mu, eval_line, peak_rss_bytes, summary_lines
+from agvm_ds.train.timeline import begin_timeline
 
 logger = logging.getLogger("agvm_ds.train")
 
@@ -212,8 +214,11 @@ def train_step(job: Job, step: int, batches: Iterator, losses_out: LossLog) -> d
     return record
 
 
-def train(run: RunConfig, out_dir: Path, resume: Optional[str], rank: int, world: int) -> int:
-    """Run the whole job on this rank; return 0 on success."""
+def train(run: RunConfig, out_dir: Path, resume: Optional[str], rank: int, world: int,
+          started: Optional[float] = None) -> int:
+    """Run the whole job on this rank; return 0 on success. ``started``: ``time.time()`` at
+    process start, for the end-of-run wall time (default: now)."""
+    started = time.time() if started is None else started
     # refusals (damaged, unsafe, other world size) come before anything is built
     tag_dir = select_checkpoint(resume, out_dir / "checkpoints",
                                 layout(world, run.zero_stage, run.micro_batch, run.grad_accum))
@@ -222,8 +227,13 @@ def train(run: RunConfig, out_dir: Path, resume: Optional[str], rank: int, world
         if why is not None:
             raise CheckpointError(f"--resume {resume}: saved with {_saved_world(tag_dir)} ranks, this run "
                                   f"has {world}; resuming on another number of ranks does not support {why}")
-    _start_timeline(out_dir / "checkpoints", tag_dir, resume, rank)
-    job = build_job(run, out_dir, rank, world)
+    begin_timeline(out_dir / "checkpoints", tag_dir, resume, rank)
+    try:
+        job = build_job(run, out_dir, rank, world)
+    except USER_ERRORS as err:
+        # every rank reads the same files and the same run file: one verdict, one line
+        err.same_on_every_rank = True
+        raise
     job.resumed_from = tag_dir
     start = resume_job(job, tag_dir)
     tcfg, engine, total = run.train, job.engine, job.total_steps
@@ -248,6 +258,7 @@ def train(run: RunConfig, out_dir: Path, resume: Optional[str], rank: int, world
     last_saved = start if start else -1
     stats = None
     engine.train()
+    train_t0 = time.perf_counter()
     # Loss records wait on the device until a logged step, then one all-reduce and one host
     # sync complete them all (and before a checkpoint or an evaluation, so metrics.jsonl is
     # complete whenever a checkpoint exists).
@@ -263,7 +274,8 @@ def train(run: RunConfig, out_dir: Path, resume: Optional[str], rank: int, world
                 _write_records(pending, losses, writer, log_every=tcfg.log_every)
                 record = pending[-1]
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.3g}",
-                                img_s=f"{record['images_per_s']:.1f}", refresh=False)
+                                img_s=f"{record['images_per_s']:.1f}",
+                                **bar_mu(agvm_ds.modulation(engine)), refresh=False)
                 pending = []
             bar.update(1)
             if saving:
@@ -272,38 +284,29 @@ def train(run: RunConfig, out_dir: Path, resume: Optional[str], rank: int, world
             if evaluating:
                 _evaluate(job, done, writer, final=False)
         bar.close()
+        train_s = time.perf_counter() - train_t0
         if tcfg.checkpoint_at_end and last_saved != total:
             _save(job, total)
+            last_saved = total
         if tcfg.eval_at_end:
             stats = _evaluate(job, total, writer, final=True)
     finally:
         writer.close()
         bar.close()
-    _report_peak_memory(job)
+    peaks = collectives.gather_objects(peak_rss_bytes(), dst=0)  # every rank's, one gather
+    if rank == 0 and peaks is not None and all(p is not None for p in peaks):
+        job.say("peak RSS per rank (VmHWM): " + ", ".join(f"{p / 2 ** 30:.2f}" for p in peaks) + " GiB")
     _finish(job, stats)
+    if rank == 0:
+        last = job.ckpt_dir / tag_for(last_saved) if last_saved > 0 else None
+        for line in summary_lines(total, total - start, train_s, time.time() - started,
+                                  agvm_ds.modulation(engine), resolved.agvm_active, stats,
+                                  last if last is not None and last.is_dir() else None, out_dir):
+            job.say(line)
     return 0
 
 
 # --------------------------------------------------------------------------- helpers
-def _start_timeline(ckpt_dir: Path, tag_dir: Optional[Path], resume: Optional[str], rank: int) -> None:
-    """Move the checkpoints newer than the one this run starts from out of ``ckpt_dir``
-    (rank 0, one ``warning:`` line), so that ``--resume auto`` and pruning see only this
-    run's timeline (:func:`agvm_ds.train.checkpoint.start_timeline`); collective."""
-    if rank == 0:
-        base = tag_step(tag_dir) if tag_dir is not None else 0
-        moved, dest = start_timeline(ckpt_dir, base)
-        if moved:
-            names = ", ".join(moved)
-            if tag_dir is not None:
-                why = (f"--resume {resume}: {tag_dir.name} is not the newest checkpoint, so this run starts a "
-                       f"new timeline from it")
-            else:
-                why = f"a fresh run (no --resume) in {ckpt_dir.parent}, which holds checkpoints"
-            print(f"warning: {why}; the newer checkpoint(s) of the abandoned run ({names}) moved to {dest}/ "
-                  f"(--resume auto will not continue them; --resume PATH still can)", file=sys.stderr, flush=True)
-    collectives.barrier()
-
-
 def _write_records(pending: list[dict], losses: LossLog, writer: MetricsWriter, log_every: int) -> None:
     """Fill the pending records' losses (one collective) and write them, in step order."""
     for partial, reduced in zip(pending, losses.flush()):
@@ -326,30 +329,6 @@ def _finish(job: Job, stats: Optional[dict]) -> None:
     noise = noise_scale_line(agvm_ds.modulation(job.engine), job.run.global_batch)
     if noise:
         job.say(noise)
-    if stats is not None:
-        job.say("eval: " + ", ".join(f"{k}={v:.4f}" for k, v in stats.items()
-                                     if isinstance(v, float) and not k.endswith("_s")))
-    job.say(f"outputs in {job.out_dir}")
-
-
-def _peak_rss_bytes() -> Optional[int]:
-    """This process's peak resident set size (``VmHWM``; Linux only, else None)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _report_peak_memory(job: Job) -> None:
-    """Rank 0 prints every rank's peak RSS (one object gather; all ranks must call it)."""
-    peaks = collectives.gather_objects(_peak_rss_bytes(), dst=0)
-    if peaks is not None and all(p is not None for p in peaks):
-        job.say("peak RSS per rank (VmHWM): " + ", ".join(f"{p / 2 ** 30:.2f}" for p in peaks)
-                + " GiB")
 
 
 def _save(job: Job, steps_done: int) -> None:
@@ -361,8 +340,12 @@ def _save(job: Job, steps_done: int) -> None:
     # a world-size-independent copy of the state too, where the elastic path supports the run
     extra = None if not job.elastic_saves else (
         lambda tag_dir: elastic.save_state(job.engine, tag_dir, steps_done))
-    save_checkpoint(job.engine, job.ckpt_dir, steps_done, state, job.run.train.keep_checkpoints,
-                    extra=extra, protect=(job.resumed_from,) if job.resumed_from is not None else ())
+    t0 = time.perf_counter()
+    tag_dir = save_checkpoint(job.engine, job.ckpt_dir, steps_done, state, job.run.train.keep_checkpoints,
+                              extra=extra, protect=(job.resumed_from,) if job.resumed_from is not None else ())
+    if job.rank == 0:
+        size = sum(int(e.get("size", 0)) for e in read_marker(tag_dir).get("files", {}).values())
+        job.say(f"checkpoint saved: {tag_dir} ({size / 2 ** 20:.1f} MiB, {time.perf_counter() - t0:.1f} s)")
 
 
 def _evaluate(job: Job, step: int, writer: MetricsWriter, final: bool) -> Optional[dict]:
@@ -380,8 +363,8 @@ def _evaluate(job: Job, step: int, writer: MetricsWriter, final: bool) -> Option
         if final:
             (job.out_dir / "eval.json").write_text(json.dumps(stats, indent=2))
         writer.write_eval(step, stats)
-        job.say(f"eval at step {step}: " + ", ".join(
-            f"{k}={v:.4f}" for k, v in stats.items() if k.endswith(("AP", "mIoU"))))
+        if not final:  # the final one is in the end-of-run summary
+            job.say(eval_line(step, stats))
     collectives.barrier()
     return stats
 
