@@ -24,6 +24,7 @@ import torch
 
 from agvm_ds.config.agvm import AGVMConfig
 from agvm_ds.config.base import ConfigError, parse_section
+from agvm_ds.config.checks import check_finite
 from agvm_ds.config.files import OWN_SECTIONS, read_json, strip_comments
 from agvm_ds.config.run import check_precision, resolve_batch
 from agvm_ds.config.support import check_supported, version_warning
@@ -95,6 +96,7 @@ def initialize(model: torch.nn.Module, config, modules: dict | Partition | None 
 
     # Everything that can be refused is refused before DeepSpeed builds anything.
     cfg = read_config(config)
+    check_finite(cfg)  # NaN / infinity anywhere (Python's JSON reader accepts them)
     agvm_cfg = read_agvm_section(cfg, agvm)
     check_precision(cfg)  # DeepSpeed would refuse these only from deep inside initialize
     for key in OWN_SECTIONS:
@@ -124,9 +126,14 @@ def initialize(model: torch.nn.Module, config, modules: dict | Partition | None 
 
 
 def check_deepspeed_support(cfg: dict, agvm_cfg: AGVMConfig) -> None:
-    """Refuse, before DeepSpeed builds anything, the settings AGVM cannot measure exactly
-    (:mod:`agvm_ds.config.support`, the table the launcher's config check reads), at the
-    world size this process group has or the launcher announced (``WORLD_SIZE``)."""
+    """Refuse, before DeepSpeed builds anything, what AGVM cannot run exactly: an
+    ``agvm.estimator`` that cannot split this run (e.g. ``micro`` with one micro-batch on one
+    rank) and the settings of :mod:`agvm_ds.config.support` — the checks the launcher's config
+    check makes — at the world size this process group has or the launcher announced
+    (``WORLD_SIZE``). The accumulation count comes from the batch keys as DeepSpeed derives
+    it; inconsistent batch keys are left to DeepSpeed's own check."""
+    if not agvm_cfg.enabled:
+        return
     from agvm_ds import collectives
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -135,9 +142,12 @@ def check_deepspeed_support(cfg: dict, agvm_cfg: AGVMConfig) -> None:
         env = os.environ.get("WORLD_SIZE", "")
         world = int(env) if env.isdigit() else 1
     ds = copy.deepcopy(cfg)
-    resolve_batch(ds, world)  # the accumulation count DeepSpeed will derive, and its batch check
+    try:
+        resolve_batch(ds, world)
+    except ConfigError:
+        ds.pop("gradient_accumulation_steps", None)  # DeepSpeed will refuse the batch keys itself
     check_supported(ds, agvm_cfg.estimator, world, agvm_cfg.enabled)
-    untested = version_warning() if agvm_cfg.enabled else None
+    untested = version_warning()
     if untested and collectives.rank() == 0:
         logging.getLogger("agvm_ds").warning(untested)
 

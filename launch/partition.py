@@ -6,7 +6,8 @@
 The model named by the file's ``model`` section is built on the *meta* device (shapes only,
 no memory, no checkpoint loading), so even the 1B configuration reports in seconds.
 Exit status: 0 for a valid partition, 1 when parameters are unassigned / ambiguous or a
-module matches nothing (the report is still printed), 2 for a bad config.
+module matches nothing (the report is still printed), 2 for a bad config (one ``error:``
+line). With ``--json``, stdout holds the JSON object only; everything else goes to stderr.
 """
 
 from __future__ import annotations
@@ -44,6 +45,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     start = time.time()
+    out = sys.stdout
+    if args.json:
+        # stdout is the JSON only: libraries' lines (DeepSpeed's logger binds sys.stdout when
+        # it is first imported, e.g. its accelerator warning) go to stderr until it is printed
+        sys.stdout = sys.stderr
+    try:
+        return _report(args, start, out)
+    finally:
+        sys.stdout = out
+
+
+def _report(args: argparse.Namespace, start: float, out) -> int:
     import torch
 
     import agvm_ds  # noqa: F401  (torchvision compat before timm)
@@ -61,17 +74,17 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_section(ModelConfig, raw["model"], "model")
         with torch.device("meta"):
             model = build_model(cfg.model_spec(), check_partition=False)
+        report = partition_report(model, raw, _world_size(raw, args.world_size))  # reads the agvm section
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    report = partition_report(model, raw, _world_size(raw, args.world_size))
     report["config"] = str(path)
     report["seconds"] = round(time.time() - start, 2)
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps(report), file=out, flush=True)
     else:
-        print(format_report(report))
-        print(f"(built on the meta device in {report['seconds']} s)")
+        print(format_report(report), file=out)
+        print(f"(built on the meta device in {report['seconds']} s)", file=out)
     return 1 if report["problems"] else 0
 
 

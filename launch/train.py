@@ -28,10 +28,15 @@ import sys
 import time
 from pathlib import Path
 
+STARTED = time.time()  # the end-of-run summary's wall time counts from here
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 #: how long ranks other than 0 wait before exiting on a run-file error (see ``main``)
 ERROR_GRACE_S = 10.0
+#: how long a rank that fails on its own waits, after closing its connections, before its
+#: ``error:`` line: the other ranks' collectives fail meanwhile and say so first, so the
+#: console ends with the line that explains the failure
+LAST_WORD_S = 2.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -89,8 +94,11 @@ def main(argv: list[str] | None = None, console=None) -> int:
             if tag_dir is not None:
                 check_resumable(tag_dir, args.resume, layout(int(os.environ.get("WORLD_SIZE", "1")),
                                                              run.zero_stage, run.micro_batch, run.grad_accum))
-        except ConfigError as err:
-            print(f"error: {err}", file=sys.stderr)
+        except ConfigError as err:  # the same verdict on every rank: one line, from rank 0
+            if rank0:
+                print(f"error: {err}", file=sys.stderr, flush=True)
+            elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                time.sleep(ERROR_GRACE_S)
             return 2
 
     from agvm_ds.train.distributed import init_distributed, teardown
@@ -101,15 +109,53 @@ def main(argv: list[str] | None = None, console=None) -> int:
         from agvm_ds.train.loop import USER_ERRORS, train
 
         try:
-            code = train(run, out_dir, args.resume, rank, world)
+            code = train(run, out_dir, args.resume, rank, world, started=STARTED)
         except USER_ERRORS as err:
-            if rank == 0 or not getattr(err, "same_on_every_rank", False):  # one line, not one per rank
-                print(f"error: {err}", file=sys.stderr, flush=True)
             code = 2
+            if getattr(err, "same_on_every_rank", False):  # one line for the job, from rank 0
+                if rank == 0:
+                    print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
+                elif world > 1:
+                    time.sleep(ERROR_GRACE_S)  # let rank 0's line out before the launcher stops us
+            else:  # this rank's own failure (a file that fails to decode mid-run)
+                teardown(False)  # the others' collectives fail now and say so first
+                if world > 1:
+                    time.sleep(LAST_WORD_S)
+                print(f"error: {one_line(err)}" + (f" (rank {rank})" if world > 1 else ""),
+                      file=sys.stderr, flush=True)
+        except Exception as err:  # noqa: BLE001 - re-raised unless another rank failed first
+            if console is None or world < 2 or not peer_failed(err):
+                raise
+            console.log_exception()  # the traceback goes to this rank's log only
+            print(f"[agvm-ds] rank {rank} stopped: another rank failed (its error line follows); "
+                  f"traceback in {console.path}", file=sys.stderr, flush=True)
+            code = 1
         ok = code == 0
         return code
     finally:
         teardown(ok)
+
+
+def one_line(err: BaseException) -> str:
+    """The message of a user error on one line: a data loader worker re-raises it with the
+    worker's traceback inside the message; only its last line (the original message) is kept."""
+    text = str(err)
+    if "Original Traceback" in text:
+        last = [line for line in text.strip().splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith("Error") else last
+    return " ".join(text.split("\n"))
+
+
+def peer_failed(err: BaseException) -> bool:
+    """Whether ``err`` is a collective that failed because another rank went away (gloo /
+    NCCL report a closed or reset connection, or a process group that is gone)."""
+    import torch.distributed as tdist
+
+    if isinstance(err, getattr(tdist, "DistError", ())):
+        return True
+    text = str(err).lower()
+    return any(s in text for s in ("connection closed by peer", "connection reset by peer", "broken pipe",
+                                   "gloo", "nccl", "process group", "socket"))
 
 
 def _main_with_console() -> int:

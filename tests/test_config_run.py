@@ -151,6 +151,9 @@ LAUNCH_CASES = {
     "unknown key": (lambda c: c["train"].update(bogsu=1), "train.bogsu"),
     "bad value": (lambda c: c["agvm"].update(interval=0), "agvm.interval"),
     "inconsistent batch": (lambda c: c.update(train_batch_size=7), "train_batch_size (7)"),
+    # issue 24 item 4: before, the core refused NaN after the data and the model were built
+    # (a ValueError traceback, exit 1)
+    "NaN": (lambda c: c["agvm"].update(clamp=[0.5, float("nan")]), "agvm.clamp.1: must be a finite number"),
 }
 
 

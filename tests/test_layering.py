@@ -193,13 +193,12 @@ def _string_comparisons(path: Path, names: set[str]) -> list[int]:
     return lines
 
 
-def test_the_estimator_name_is_compared_only_in_the_support_table():
-    names = {"micro", "ranks"}
+def test_the_estimator_name_is_compared_only_where_the_estimator_is_chosen():
+    # config.agvm.choose_estimator: the config check, the launcher and initialize all ask it
+    names = {"micro", "ranks"}  # ("auto" is also the name of other settings)
     found = {str(p.relative_to(REPO)): _string_comparisons(p, names) for p in PACKAGE.rglob("*.py")}
     found = {k: v for k, v in found.items() if v}
-    # the support table resolves which split a run uses (micro at GAS 1 → ranks), for the
-    # config check and the estimators alike
-    assert list(found) == ["agvm_ds/config/support.py"], found
+    assert list(found) == ["agvm_ds/config/agvm.py"], found
 
 
 def test_resolving_a_run_leaves_the_run_file_as_loaded(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -49,7 +50,11 @@ def env(**extra: str) -> dict:
 
 def run_train(config: Path, out: Path, *args: str, launcher: str = "torchrun",
               extra_env: dict | None = None, timeout: float = 600, ranks: int = 2) -> subprocess.CompletedProcess:
-    """Run ``launch/train.py`` on ``ranks`` CPU ranks through ``torchrun`` or ``deepspeed``."""
+    """Run ``launch/train.py`` on ``ranks`` CPU ranks through ``torchrun`` or ``deepspeed``.
+
+    A run still going after ``timeout`` seconds (a hang) is killed with all its ranks and
+    comes back with ``returncode`` -9 and ``timed_out`` set, so the test fails on its
+    assertion instead of leaving rank processes behind."""
     if launcher == "torchrun":
         cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(ranks)]
     elif launcher == "deepspeed":
@@ -59,8 +64,25 @@ def run_train(config: Path, out: Path, *args: str, launcher: str = "torchrun",
     else:
         cmd = [sys.executable]
     cmd += [str(TRAIN), "--deepspeed_config", str(config), "--output_dir", str(out), *args]
-    return subprocess.run(cmd, cwd=REPO, env=env(**(extra_env or {})), capture_output=True,
-                          text=True, timeout=timeout)
+    return run_command(cmd, timeout=timeout, extra_env=extra_env)
+
+
+def run_command(cmd: list[str], timeout: float = 600, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd)`` from the repo root in the test environment, in its own process
+    group: on timeout the whole group (launcher and ranks) is killed (``returncode`` -9,
+    ``timed_out`` True)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(**(extra_env or {})), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    timed_out = False
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+    done = subprocess.CompletedProcess(cmd, -9 if timed_out else proc.returncode, out, err)
+    done.timed_out = timed_out
+    return done
 
 
 def metrics(out: Path) -> list[dict]:
@@ -72,4 +94,5 @@ def mu_series(rows: list[dict]) -> dict[tuple[int, str], float]:
 
 
 def tail(proc: subprocess.CompletedProcess, n: int = 3000) -> str:
-    return f"rc={proc.returncode}\n--- stdout\n{proc.stdout[-n:]}\n--- stderr\n{proc.stderr[-n:]}"
+    hung = " (timed out: killed)" if getattr(proc, "timed_out", False) else ""
+    return f"rc={proc.returncode}{hung}\n--- stdout\n{proc.stdout[-n:]}\n--- stderr\n{proc.stderr[-n:]}"

@@ -3,9 +3,17 @@
 Each JSON section gets one pydantic model with ``extra="forbid"`` and bounds in
 ``Field(ge=..., lt=...)``. :class:`ConfigError` is the single exception type user-facing
 code raises for a bad config; its message always names the offending key as a dotted path.
+Floats are finite everywhere (``allow_inf_nan=False``): JSON has no NaN or infinity, and
+Python's reader accepting them (``--override agvm.clamp.1=NaN``) must not let one through
+to the core, which would refuse it only after the data and the model are built. An unknown
+key at any depth is answered with the closest known key of its section (``did you mean``).
 """
 
 from __future__ import annotations
+
+import difflib
+import typing
+from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -17,17 +25,59 @@ __all__ = ["ConfigError", "ConfigModel", "format_validation_error", "parse_secti
 class ConfigModel(BaseModel):
     # frozen: a section is validated once, when the run file is read, and never edited
     # afterwards (derived values go into a new object: agvm_ds.train.resolve)
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
 
-def format_validation_error(err: ValidationError, section: str) -> str:
-    """One line per problem, each starting with the full dotted key path."""
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation can hold (``Optional[X]``, ``list[X]``, ``X | Y`` …)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    found = []
+    for arg in typing.get_args(annotation):
+        found += _models_in(arg)
+    return found
+
+
+def _known_keys(model: Optional[type[BaseModel]], path: tuple) -> list[str]:
+    """The keys the object at ``path`` (a pydantic error location) inside ``model`` accepts."""
+    candidates = [model] if model is not None else []
+    for part in path:
+        if isinstance(part, int):
+            continue  # a list or tuple item: same candidate models
+        nxt = []
+        for cls in candidates:
+            field = cls.model_fields.get(part)
+            if field is None:
+                field = next((f for f in cls.model_fields.values() if f.alias == part), None)
+            if field is not None:
+                nxt += _models_in(field.annotation)
+        candidates = nxt
+    keys: list[str] = []
+    for cls in candidates:
+        for name, field in cls.model_fields.items():
+            keys += [name] + ([field.alias] if field.alias else [])
+    return keys
+
+
+def did_you_mean(key: str, known: list[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``known`` keys, or ``""``."""
+    close = difflib.get_close_matches(str(key), sorted(set(known)), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def format_validation_error(err: ValidationError, section: str, model: Optional[type[BaseModel]] = None) -> str:
+    """One line per problem, each starting with the full dotted key path; an unknown key
+    names the closest key its section knows when ``model`` (the validated class) is given."""
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in (section, *e["loc"]) if p != "")
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+            if e["loc"]:
+                msg += did_you_mean(e["loc"][-1], _known_keys(model, tuple(e["loc"][:-1])))
+        elif e["type"] == "finite_number":
+            msg = f"must be a finite number, got {e.get('input')!r}"
         lines.append(f"{loc}: {msg}")
     return "; ".join(lines)
 
@@ -37,4 +87,4 @@ def parse_section(model: type[BaseModel], data, section: str):
     try:
         return model.model_validate({} if data is None else data)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, section)) from None
+        raise ConfigError(format_validation_error(err, section, model)) from None

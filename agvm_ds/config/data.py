@@ -58,6 +58,9 @@ class DataConfig(ConfigModel):
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     skip_invalid_boxes: bool = Field(False, description="drop (and log) boxes outside the "
                                      "image or with zero area instead of failing")
+    filter_empty: bool = Field(True, description="training skips images without (non-crowd) "
+                               "annotations, as detectron2 and mmdetection do by default; false "
+                               "trains on them as pure background (detection / instance tasks)")
 
     @field_validator("min_size")
     @classmethod

@@ -4,10 +4,14 @@
 (dotted path into the JSON, value JSON-parsed with a fallback to a plain string), drops
 comment keys (any key starting with ``_``, at any depth), validates the four agvm-ds
 sections with pydantic (``extra="forbid"``), checks DeepSpeed's batch keys and the base
-optimizer against :mod:`agvm_ds.optim.registry` (ZeRO stage, ``agvm.precondition``), refuses
-the DeepSpeed settings AGVM cannot measure exactly (:mod:`agvm_ds.config.support`) and
-imports the package of every enabled DeepSpeed monitor (:func:`check_monitors`) — all
-before any distributed work, so a bad file fails in about a second.
+optimizer against :mod:`agvm_ds.optim.registry` (ZeRO stage, ``agvm.precondition``) and
+imports the package of every enabled DeepSpeed monitor (:func:`check_monitors`), refuses the
+DeepSpeed settings AGVM cannot measure exactly (:mod:`agvm_ds.config.support`), then runs
+the checks across sections in :mod:`agvm_ds.config.checks` (no NaN/infinity anywhere, the
+base optimizer's own argument checks, what a given world size needs, AGVM that would never
+act) — all before any distributed work, so a bad file fails in about a second. Checked
+with a world size, a file passes here exactly when the launcher accepts it on that many
+ranks (as far as the file alone decides: data on disk is read later).
 
 Errors are :class:`agvm_ds.config.base.ConfigError` whose message names the file or the
 dotted key. Every other top-level section goes to DeepSpeed unchanged.
@@ -35,6 +39,7 @@ from typing import Any, Optional
 
 from agvm_ds.config.agvm import AGVMConfig
 from agvm_ds.config.base import ConfigError, parse_section
+from agvm_ds.config.checks import check_finite, run_checks
 from agvm_ds.config.data import DataConfig
 from agvm_ds.config.files import OWN_SECTIONS, apply_override, read_json, strip_comments
 from agvm_ds.config.model import ModelConfig
@@ -262,7 +267,7 @@ def _check_deepspeed_sections(ds: dict, train: TrainConfig, warnings: list[str])
         try:
             DeepSpeedZeroConfig(**zero)
         except ValidationError as err:
-            raise ConfigError(format_validation_error(err, "zero_optimization")) from None
+            raise ConfigError(format_validation_error(err, "zero_optimization", DeepSpeedZeroConfig)) from None
     check_precision(ds)
     check_monitors(ds)
 
@@ -270,6 +275,7 @@ def _check_deepspeed_sections(ds: dict, train: TrainConfig, warnings: list[str])
 def validate_run_dict(raw: dict, path: Path, world_size: Optional[int] = None) -> RunConfig:
     """Validate an already-read (and overridden) run dict. See :func:`load_run_config`."""
     raw = strip_comments(raw)
+    check_finite(raw)  # NaN / infinity anywhere, DeepSpeed's sections included
     for sec in OWN_SECTIONS:
         if sec in raw and raw[sec] is not None and not isinstance(raw[sec], dict):
             raise ConfigError(f"{sec}: must be an object")
@@ -293,8 +299,11 @@ def validate_run_dict(raw: dict, path: Path, world_size: Optional[int] = None) -
     check_supported(ds, agvm.estimator, ws if world_size is not None else None, agvm.enabled)
     if agvm.enabled and (untested := version_warning()):
         warnings.append(untested)
-    return RunConfig(path=path, name=path.stem, deepspeed=ds, agvm=agvm, model=model,
-                     data=data, train=train, world_size=ws, warnings=warnings)
+    run = RunConfig(path=path, name=path.stem, deepspeed=ds, agvm=agvm, model=model,
+                    data=data, train=train, world_size=ws, warnings=warnings)
+    # the checks across sections, the world size and the base optimizer (config/checks.py)
+    warnings.extend(run_checks(run))
+    return run
 
 
 def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None,

@@ -252,9 +252,13 @@ class ModelSpec(ConfigModel):
 def resolve_spec_path(path: str | Path) -> Path:
     """A spec path as given, relative to the repo root, or a bare name in ``models/``."""
     p = Path(path).expanduser()
-    candidates = [p] if p.is_absolute() else [REPO_ROOT / p, Path.cwd() / p,
-                                              REPO_ROOT / "models" / p,
-                                              REPO_ROOT / "models" / f"{p}.json"]
+    if p.is_absolute():
+        candidates = [p]
+    else:
+        candidates = [REPO_ROOT / p, Path.cwd() / p]
+        if len(p.parts) == 1:  # a bare name: models/<name> or models/<name>.json
+            candidates += [REPO_ROOT / "models" / p] + ([REPO_ROOT / "models" / f"{p}.json"]
+                                                        if p.suffix != ".json" else [])
     candidates = list(dict.fromkeys(candidates))
     for c in candidates:
         if c.is_file():
@@ -295,4 +299,4 @@ def load_spec(spec: "ModelSpec | dict | str | Path", overrides: dict[str, Any] |
     try:
         return ModelSpec.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(f"{where}: {format_validation_error(err, '')}") from None
+        raise ConfigError(f"{where}: {format_validation_error(err, '', ModelSpec)}") from None

@@ -11,8 +11,9 @@ must be one the conformance matrix ran and found exact.
 :func:`check_supported` is the one reader, called by the launcher's config check
 (:func:`agvm_ds.config.run.validate_run_dict`, also ``python -m agvm_ds.config.run``) and by
 ``agvm_ds.initialize`` before ``deepspeed.initialize``. :func:`resolve_estimator` is the one
-place that turns the configured ``agvm.estimator`` into the split a run really uses (``micro``
-with one micro-batch per step measures by ranks), so the table and the estimators agree.
+reader of the configured ``agvm.estimator`` here: it asks
+:func:`agvm_ds.config.agvm.choose_estimator` (``auto``, and ``micro`` with one micro-batch per
+step measuring by ranks), as the estimators do, so the table and the estimators agree.
 
 Notes:
     :data:`SUPPORT` rows are matched in order; the first refused row that applies wins.
@@ -26,23 +27,20 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Callable, Optional
 
+from agvm_ds.config.agvm import choose_estimator
 from agvm_ds.errors import ConfigError
 
 def resolve_estimator(configured: str, grad_accum: Optional[int], world: Optional[int]) -> str:
     """The split a run with ``grad_accum`` micro-batches per step on ``world`` ranks measures
-    with (``None``: not known yet; the answer is then the configured name unless the known
-    part already decides). Raises :class:`ConfigError` (``agvm.estimator: …``) when no split exists."""
-    name = configured
-    if name == "micro" and grad_accum is not None and grad_accum < 2:
-        if world is not None and world < 2:
-            raise ConfigError("agvm.estimator: 'micro' needs gradient_accumulation_steps >= 2 on a single "
-                              "rank (there is only one micro-batch to compare); raise "
-                              "gradient_accumulation_steps or run on >= 2 ranks")
-        name = "ranks"
-    if name == "ranks" and world is not None and world < 2:
-        raise ConfigError("agvm.estimator: 'ranks' needs at least 2 data-parallel ranks; use 'micro' with "
-                          "gradient_accumulation_steps >= 2")
-    return name
+    with (:func:`agvm_ds.config.agvm.choose_estimator`, the one place the choice is made), or
+    the configured name while either count is not known yet. Raises :class:`ConfigError`
+    (``agvm.estimator: …``) when nothing can split the run."""
+    if grad_accum is None or world is None:
+        return configured
+    try:
+        return choose_estimator(configured, grad_accum, world)[0]
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 #: DeepSpeed's spellings of fp16 (its DtypeEnum); autocast without a dtype is bf16
@@ -165,7 +163,8 @@ SUPPORT: tuple[Row, ...] = (
         lambda s: s.precision.startswith("bf16"), "exact", "measured within bf16's rounding"),
     Row("fp16", "DeepSpeed fp16 with loss scaling: the optimizer's loss scale is divided out",
         lambda s: s.precision == "fp16", "exact",
-        "the CPU accelerator refuses fp16; on GPUs check with agvm_ds.selfcheck"),
+        "measured in bench/conformance.py (DeepSpeed's fp16 optimizers run on CPU there with the "
+        "accelerator's fp16 probe patched); on GPUs check with agvm_ds.selfcheck"),
 )
 
 

@@ -27,13 +27,14 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "agvm_ds" / "data"
 
 
-def dataset_root(cfg: DataConfig) -> Path:
-    """The dataset folder: ``cfg.root``, or the synthetic benchmark (generated if needed)."""
+def dataset_root(cfg: DataConfig, announce=None) -> Path:
+    """The dataset folder: ``cfg.root``, or the synthetic benchmark (generated if needed;
+    ``announce(line)`` is told when a generation starts and ends)."""
     if cfg.root is not None:
         return Path(cfg.root).expanduser()
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     s = cfg.synthetic
-    return ensure_synthetic(cache, s.train, s.val, s.seed, s.size, s.workers)
+    return ensure_synthetic(cache, s.train, s.val, s.seed, s.size, s.workers, announce=announce)
 
 
 def build_transform(cfg: DataConfig, train: bool) -> Transform:
@@ -47,22 +48,26 @@ def build_dataset(cfg: DataConfig, split: str, train: bool):
 
     ``split`` is a split name used in the path templates (e.g. ``"val2017"``); the role
     names ``"train"`` and ``"val"`` map to ``cfg.train_split`` / ``cfg.val_split``.
-    ``train=True`` enables random flip / multi-scale and skips images without annotations.
+    ``train=True`` enables random flip / multi-scale and, with ``data.filter_empty`` (the
+    default), skips images without annotations.
     """
     if isinstance(cfg, dict):
         cfg = DataConfig.model_validate(cfg)
     split = {"train": cfg.train_split, "val": cfg.val_split}.get(split, split)
     root = dataset_root(cfg)
     transform = build_transform(cfg, train)
+    # which image files already passed the header check (agvm_ds.data.headers)
+    headers = (Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()) / "image_headers"
     if cfg.task == "semantic":
         return SemanticSegDataset(root, split, image_dir=cfg.image_dir, label_dir=cfg.sem_seg_dir,
                                   ann_file=cfg.ann_file, num_classes=cfg.semantic_classes,
                                   reduce_zero_label=cfg.reduce_zero_label, transform=transform,
-                                  image_memo_bytes=cfg.image_memo_mb << 20)
+                                  image_memo_bytes=cfg.image_memo_mb << 20, header_cache=headers)
     return CocoDataset(root, split, task=cfg.task, image_dir=cfg.image_dir, ann_file=cfg.ann_file,
                        transform=transform, train=train,
                        skip_invalid_boxes=cfg.skip_invalid_boxes,
-                       image_memo_bytes=cfg.image_memo_mb << 20)
+                       image_memo_bytes=cfg.image_memo_mb << 20, filter_empty=cfg.filter_empty,
+                       header_cache=headers)
 
 
 def build_loader(cfg: DataConfig, dataset, batch_size: int, train: bool,

@@ -9,7 +9,9 @@ a run is far more expensive than a one-off check: every problem raises
 What COCO users expect to be *skipped* is skipped, with a log line giving the counts:
 crowd annotations (``iscrowd=1``) never become training targets (pycocotools still sees
 them, so evaluation treats them as "ignore" regions), and in training, images left without
-any annotation are dropped. Boxes outside the image or with zero area are errors unless
+any annotation are dropped (``filter_empty``, on by default as in detectron2 and mmdetection;
+off, they train as pure background). Every listed image's header is checked before training
+(:mod:`agvm_ds.data.headers`). Boxes outside the image or with zero area are errors unless
 ``skip_invalid_boxes=True`` (then they are dropped and counted, like mmdet/detectron2 do).
 """
 
@@ -22,7 +24,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -31,6 +33,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from agvm_ds.data.errors import DatasetError
+from agvm_ds.data.headers import check_headers
 from agvm_ds.data.memo import ImageMemo
 
 logger = logging.getLogger(__name__)
@@ -186,7 +189,8 @@ class CocoDataset(torch.utils.data.Dataset):
                  image_dir: str = "{split}", ann_file: str = "annotations/instances_{split}.json",
                  transform: Callable | None = None, train: bool = False,
                  skip_invalid_boxes: bool = False, check_files: bool = True,
-                 image_memo_bytes: int = 0):
+                 image_memo_bytes: int = 0, filter_empty: bool = True,
+                 header_cache: Optional[Path] = None):
         if task not in ("detection", "instance"):
             raise ValueError(f"CocoDataset: task must be 'detection' or 'instance', got {task!r}")
         from agvm_ds.data.transforms import Transform  # local: transforms imports nothing here
@@ -207,18 +211,19 @@ class CocoDataset(torch.utils.data.Dataset):
             anns = self.coco.imgToAnns.get(image_id, [])
             n_crowd = sum(1 for a in anns if a.get("iscrowd", 0))
             crowd += n_crowd
-            if train and len(anns) == n_crowd:
+            if train and filter_empty and len(anns) == n_crowd:
                 empty += 1
                 continue
             ids.append(image_id)
         if crowd:
             logger.info("%s: %d crowd annotation(s) are not used as targets", self.ann_file, crowd)
         if empty:
-            logger.info("%s: skipped %d training image(s) without (non-crowd) annotations",
-                        self.ann_file, empty)
+            logger.info("%s: skipped %d training image(s) without (non-crowd) annotations "
+                        "(data.filter_empty)", self.ann_file, empty)
         if not ids:
             raise DatasetError(f"{self.ann_file}: no usable images"
-                               + (" (training skips images without annotations)" if train else ""))
+                               + (" (training skips images without annotations unless data.filter_empty "
+                                  "is false)" if train and filter_empty else ""))
         self.ids = ids
         if task == "instance":
             for image_id in ids:
@@ -226,10 +231,13 @@ class CocoDataset(torch.utils.data.Dataset):
                     if not a.get("iscrowd", 0) and not a.get("segmentation"):
                         raise DatasetError(f"{self.ann_file}: annotation id {a['id']} (image "
                                            f"{image_id}) has no segmentation (task 'instance')")
+        self._header_cache = header_cache
         if check_files:
             self._check_files()
 
     def _check_files(self) -> None:
+        """The image folder exists, no listed file is missing, and every listed file's header
+        is an image of the declared size (:func:`agvm_ds.data.headers.check_headers`, cached)."""
         if not self.image_root.is_dir():
             raise DatasetError(f"{self.image_root}: image folder not found (annotations: "
                                f"{self.ann_file})")
@@ -241,6 +249,9 @@ class CocoDataset(torch.utils.data.Dataset):
             raise DatasetError(f"{self.image_root / missing[0]}: image file not found "
                                f"({len(missing)} of {len(self.ids)} listed in {self.ann_file} "
                                "are missing)")
+        check_headers(self.image_root, ((self.coco.imgs[i]["file_name"],
+                                         (self.coco.imgs[i]["width"], self.coco.imgs[i]["height"]))
+                                        for i in self.ids), str(self.ann_file), self._header_cache)
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -27,6 +27,7 @@ from PIL import Image
 
 from agvm_ds.data.coco import coco_from_dict, read_json
 from agvm_ds.data.errors import DatasetError
+from agvm_ds.data.headers import check_headers
 from agvm_ds.data.memo import ImageMemo
 from agvm_ds.data.transforms import IGNORE_INDEX, Transform
 
@@ -49,7 +50,8 @@ class SemanticSegDataset(torch.utils.data.Dataset):
                  num_classes: int | None = None,
                  classes_file: str = "annotations/semantic_classes.json",
                  reduce_zero_label: bool = False, transform: Callable | None = None,
-                 check_files: bool = True, image_memo_bytes: int = 0):
+                 check_files: bool = True, image_memo_bytes: int = 0,
+                 header_cache: Path | None = None):
         self.root, self.split = Path(root), split
         self.image_root = self.root / image_dir.format(split=split)
         self.label_root = self.root / label_dir.format(split=split)
@@ -79,6 +81,10 @@ class SemanticSegDataset(torch.utils.data.Dataset):
                 for path in (self.image_path(image_id), self.label_path(image_id)):
                     if not path.is_file():
                         raise DatasetError(f"{path}: file not found (split {split!r})")
+            listing = str(ann_path if self.coco is not None else self.label_root)
+            check_headers(self.image_root, ((self._files[i], None) for i in self.ids), listing, header_cache)
+            check_headers(self.label_root, ((Path(self._files[i]).stem + ".png", None) for i in self.ids),
+                          f"{self.label_root} (label maps)", header_cache)
 
     @staticmethod
     def _class_names(num_classes: int | None, classes_file: Path) -> list[str]:

@@ -43,21 +43,23 @@ def build_model(run: RunConfig, num_classes: Optional[int] = None) -> nn.Module:
     return build_network(run.model.model_spec())
 
 
-def build_datasets(run: RunConfig, rank: int = 0, need_val: bool = True):
+def build_datasets(run: RunConfig, rank: int = 0, need_val: bool = True, announce=None):
     """(train set, val set or None) for the ``data`` section.
 
     With ``data.root`` null the synthetic benchmark is generated on first use; rank 0 does
-    it while the others wait at a barrier (the generator also holds a file lock).
+    it (telling ``announce(line)`` when it starts and ends) while the others wait at a
+    barrier (the generator also holds a file lock).
     """
     from agvm_ds import collectives
     from agvm_ds.data import build_dataset
 
-    if run.data.root is None and collectives.world() > 1:
+    if run.data.root is None:
         if rank == 0:
             from agvm_ds.data.build import dataset_root
 
-            dataset_root(run.data)
-        collectives.barrier()
+            dataset_root(run.data, announce=announce)
+        if collectives.world() > 1:
+            collectives.barrier()
     train = build_dataset(run.data, "train", train=True)
     val = build_dataset(run.data, "val", train=False) if need_val else None
     return train, val

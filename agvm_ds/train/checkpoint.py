@@ -11,9 +11,12 @@ first; DeepSpeed writes through :class:`~agvm_ds.checkpoint_engine.SafeCheckpoin
 which reports the paths it wrote; each rank reads its files back for size and CRC-32 (about
 4 GB/s from the page cache: 2 ms per save of the quickstart's 11.5 MB tag); rank 0
 gathers them, writes the marker (temp file + rename) and only then prunes to
-``keep_checkpoints``. A save killed part-way leaves a tag without a marker and every older
+``keep_checkpoints`` (never the tag just written, nor the one the run resumed from). A save killed part-way leaves a tag without a marker and every older
 tag untouched; files are not fsync'ed: after a power loss a tag whose data did not reach
 the disk fails its checksum instead.
+
+Timelines: a run that resumes from a checkpoint that is not the newest (or starts afresh in
+a folder that holds checkpoints) starts a new timeline (:mod:`agvm_ds.train.timeline`).
 
 Resuming: :func:`resolve_resume` (cheap, rank-local: marker JSON, file sizes) picks the
 tag; ``--resume auto`` takes the newest complete one and skips, with a ``warning:`` line
@@ -135,11 +138,14 @@ def complete_tags(ckpt_dir: Path) -> list[tuple[int, Path]]:
 
 # --------------------------------------------------------------------------- saving
 def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any],
-                    keep: int = 0, extra: Optional[Callable[[Path], list]] = None) -> Path:
+                    keep: int = 0, extra: Optional[Callable[[Path], list]] = None,
+                    protect: tuple[Path, ...] = ()) -> Path:
     """Save ``step`` on every rank (collective); mark it complete; prune to ``keep`` (0 = all).
 
     ``extra(tag_dir)`` writes further files of this rank (e.g. the elastic state) and returns
-    their paths, which the marker then lists and checksums like DeepSpeed's.
+    their paths, which the marker then lists and checksums like DeepSpeed's. Pruning keeps
+    the newest ``keep`` complete tags and never deletes the tag just written or one in
+    ``protect`` (the checkpoint the run resumed from).
 
     ``engine`` must use :class:`SafeCheckpointEngine` (``agvm_ds.initialize`` installs it).
     """
@@ -177,8 +183,10 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict[str, A
         tmp.write_text(json.dumps(record, indent=1))
         tmp.replace(tag_dir / MARKER)
         if keep > 0:  # only now: the new tag is complete before any older one goes
+            kept = {tag_dir.resolve(), *(Path(p).resolve() for p in protect)}
             for _, old in complete_tags(ckpt_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                if old.resolve() not in kept:
+                    shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return tag_dir
 

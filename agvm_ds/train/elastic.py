@@ -31,9 +31,10 @@ Limitations:
     Supported: fp32 weights, ZeRO stage 0, 2 or 3 without offload, ``SGD`` or ``AdamW``,
     the same ZeRO stage, micro batch and global batch on both sides (so the accumulation
     count absorbs the world size change), AGVM off or with an estimator whose halves do not
-    depend on the world size (``micro`` with gradient_accumulation_steps >= 2; ``ranks``,
-    and ``micro`` with one micro-batch per step, split by rank). Anything else is refused
-    before training (``CheckpointError``). ZeRO-1 is refused only because it is untested here. Loading
+    depend on the world size: the ``micro`` split (``micro`` or ``auto`` with
+    gradient_accumulation_steps >= 2 on both sides). The ``ranks`` split — ``ranks``, and
+    ``micro`` / ``auto`` with one micro-batch per step — is refused, because its halves are
+    made of ranks. Anything else is refused before training (``CheckpointError``). ZeRO-1 is refused only because it is untested here. Loading
     reads all old ranks' files on every rank (P floats per state read per rank). BatchNorm
     running statistics continue from the saved (rank-averaged) values, but their later
     updates depend on how many micro-batches each rank sees, so they are not world-size

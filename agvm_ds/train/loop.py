@@ -49,7 +49,7 @@ from agvm_ds.train import build as B
 from agvm_ds.checkpoint_engine import CheckpointError
 from agvm_ds.train import elastic
 from agvm_ds.train.checkpoint import (layout, load_checkpoint, read_marker, save_checkpoint,
-                                      select_checkpoint)
+                                      select_checkpoint, tag_for)
 from agvm_ds.train.distributed import maybe_inject_fault
 from agvm_ds.train.evaluate import evaluate
 from agvm_ds.train.metrics import (LossLog, MetricsWriter, agvm_model_fields, agvm_record,
@@ -59,6 +59,8 @@ from agvm_ds.train.sampler import (SeededDataset, StepBatchSampler, StepSampler,
                                    seed_all)
 from agvm_ds.train.resolve import ResolvedRun, resolve_run
 from agvm_ds.train.schedule import LrSchedule, build_lr_schedule, clip_norm_at
+from agvm_ds.train.summary import bar_mu, eval_line, peak_rss_bytes, summary_lines
+from agvm_ds.train.timeline import begin_timeline
 
 logger = logging.getLogger("agvm_ds.train")
 
@@ -84,6 +86,7 @@ class Job:
     clip_now: Optional[float] = None  # the clipping threshold currently set on the engine
     last_update: Optional[int] = None  # step of the last AGVM update already logged
     elastic_saves: bool = False  # checkpoints also write world-size-independent files
+    resumed_from: Optional[Path] = None  # the checkpoint this run continues: never pruned
 
     @property
     def run(self) -> RunConfig:
@@ -110,6 +113,12 @@ class Job:
             print(f"[agvm-ds] {msg}", flush=True)
 
 
+def job_say(rank: int, msg: str) -> None:
+    """An ``[agvm-ds]`` line on rank 0 (what :meth:`Job.say` prints, before a job exists)."""
+    if rank == 0:
+        print(f"[agvm-ds] {msg}", flush=True)
+
+
 def build_job(run: RunConfig, out_dir: Path, rank: int, world: int) -> Job:
     """Data, schedule, sampler, model and the AGVM DeepSpeed engine for this rank."""
     tcfg = run.train
@@ -117,7 +126,7 @@ def build_job(run: RunConfig, out_dir: Path, rank: int, world: int) -> Job:
     seed_all(mix_seed(tcfg.seed, rank))
     # the synthetic benchmark is generated once, by rank 0, under a file lock
     need_val = tcfg.eval_at_end or tcfg.eval_every > 0
-    train_set, val_set = B.build_datasets(run, rank, need_val=need_val)
+    train_set, val_set = B.build_datasets(run, rank, need_val=need_val, announce=lambda line: job_say(rank, line))
     resolved = resolve_run(run, out_dir, world, len(train_set), rank)
     if resolved.agvm.selfcheck:  # issue 23: exact on these ranks, or no training
         from agvm_ds.selfcheck import startup_check
@@ -133,6 +142,10 @@ def build_job(run: RunConfig, out_dir: Path, rank: int, world: int) -> Job:
               elastic_saves=elastic.unsupported(run, world) is None)  # once, not per checkpoint
     if resolved.lr_note:
         job.say(resolved.lr_note)
+    if rank == 0:
+        for warning in resolved.warnings:
+            if warning not in run.warnings:  # the config check's own are printed already
+                print(f"warning: {warning}", file=sys.stderr, flush=True)
 
     torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
     t0 = time.perf_counter()
@@ -205,8 +218,11 @@ def train_step(job: Job, step: int, batches: Iterator, losses_out: LossLog) -> d
     return record
 
 
-def train(run: RunConfig, out_dir: Path, resume: Optional[str], rank: int, world: int) -> int:
-    """Run the whole job on this rank; return 0 on success."""
+def train(run: RunConfig, out_dir: Path, resume: Optional[str], rank: int, world: int,
+          started: Optional[float] = None) -> int:
+    """Run the whole job on this rank; return 0 on success. ``started``: ``time.time()`` at
+    process start, for the end-of-run wall time (default: now)."""
+    started = time.time() if started is None else started
     # refusals (damaged, unsafe, other world size) come before anything is built
     tag_dir = select_checkpoint(resume, out_dir / "checkpoints",
                                 layout(world, run.zero_stage, run.micro_batch, run.grad_accum))
@@ -215,7 +231,14 @@ def train(run: RunConfig, out_dir: Path, resume: Optional[str], rank: int, world
         if why is not None:
             raise CheckpointError(f"--resume {resume}: saved with {_saved_world(tag_dir)} ranks, this run "
                                   f"has {world}; resuming on another number of ranks does not support {why}")
-    job = build_job(run, out_dir, rank, world)
+    begin_timeline(out_dir / "checkpoints", tag_dir, resume, rank)
+    try:
+        job = build_job(run, out_dir, rank, world)
+    except USER_ERRORS as err:
+        # every rank reads the same files and the same run file: one verdict, one line
+        err.same_on_every_rank = True
+        raise
+    job.resumed_from = tag_dir
     start = resume_job(job, tag_dir)
     tcfg, engine, total = run.train, job.engine, job.total_steps
     loader = torch.utils.data.DataLoader(
@@ -225,8 +248,10 @@ def train(run: RunConfig, out_dir: Path, resume: Optional[str], rank: int, world
         pin_memory=torch.device(engine.device).type == "cuda")
     batches = iter(loader)
     resolved = job.resolved
-    agvm_on = (f"on from step {resolved.agvm.start_step} ({resolved.estimator.name} estimator)"
-               if resolved.estimator else "off")
+    agvm_on = ("off" if resolved.estimator is None else
+               f"on from step {resolved.agvm.start_step} ({resolved.estimator.name} estimator)"
+               if resolved.agvm_active else
+               f"never active (starts at step {resolved.agvm.start_step} of {total}; see the warning)")
     job.say(f"{run.name}: {total} steps ({job.sampler.steps_per_epoch}/epoch), warmup "
             f"{job.warmup}, global batch {run.global_batch} = {run.micro_batch} x "
             f"{run.grad_accum} x {world} ranks, ZeRO-{run.zero_stage}, AGVM {agvm_on}")
@@ -237,6 +262,7 @@ def train(run: RunConfig, out_dir: Path, resume: Optional[str], rank: int, world
     last_saved = start if start else -1
     stats = None
     engine.train()
+    train_t0 = time.perf_counter()
     # Loss records wait on the device until a logged step, then one all-reduce and one host
     # sync complete them all (and before a checkpoint or an evaluation, so metrics.jsonl is
     # complete whenever a checkpoint exists).
@@ -252,7 +278,8 @@ def train(run: RunConfig, out_dir: Path, resume: Optional[str], rank: int, world
                 _write_records(pending, losses, writer, log_every=tcfg.log_every)
                 record = pending[-1]
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.3g}",
-                                img_s=f"{record['images_per_s']:.1f}", refresh=False)
+                                img_s=f"{record['images_per_s']:.1f}",
+                                **bar_mu(agvm_ds.modulation(engine)), refresh=False)
                 pending = []
             bar.update(1)
             if saving:
@@ -261,15 +288,25 @@ def train(run: RunConfig, out_dir: Path, resume: Optional[str], rank: int, world
             if evaluating:
                 _evaluate(job, done, writer, final=False)
         bar.close()
+        train_s = time.perf_counter() - train_t0
         if tcfg.checkpoint_at_end and last_saved != total:
             _save(job, total)
+            last_saved = total
         if tcfg.eval_at_end:
             stats = _evaluate(job, total, writer, final=True)
     finally:
         writer.close()
         bar.close()
-    _report_peak_memory(job)
+    peaks = collectives.gather_objects(peak_rss_bytes(), dst=0)  # every rank's, one gather
+    if rank == 0 and peaks is not None and all(p is not None for p in peaks):
+        job.say("peak RSS per rank (VmHWM): " + ", ".join(f"{p / 2 ** 30:.2f}" for p in peaks) + " GiB")
     _finish(job, stats)
+    if rank == 0:
+        last = job.ckpt_dir / tag_for(last_saved) if last_saved > 0 else None
+        for line in summary_lines(total, total - start, train_s, time.time() - started,
+                                  agvm_ds.modulation(engine), resolved.agvm_active, stats,
+                                  last if last is not None and last.is_dir() else None, out_dir):
+            job.say(line)
     return 0
 
 
@@ -296,30 +333,6 @@ def _finish(job: Job, stats: Optional[dict]) -> None:
     noise = noise_scale_line(agvm_ds.modulation(job.engine), job.run.global_batch)
     if noise:
         job.say(noise)
-    if stats is not None:
-        job.say("eval: " + ", ".join(f"{k}={v:.4f}" for k, v in stats.items()
-                                     if isinstance(v, float) and not k.endswith("_s")))
-    job.say(f"outputs in {job.out_dir}")
-
-
-def _peak_rss_bytes() -> Optional[int]:
-    """This process's peak resident set size (``VmHWM``; Linux only, else None)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _report_peak_memory(job: Job) -> None:
-    """Rank 0 prints every rank's peak RSS (one object gather; all ranks must call it)."""
-    peaks = collectives.gather_objects(_peak_rss_bytes(), dst=0)
-    if peaks is not None and all(p is not None for p in peaks):
-        job.say("peak RSS per rank (VmHWM): " + ", ".join(f"{p / 2 ** 30:.2f}" for p in peaks)
-                + " GiB")
 
 
 def _save(job: Job, steps_done: int) -> None:
@@ -331,8 +344,12 @@ def _save(job: Job, steps_done: int) -> None:
     # a world-size-independent copy of the state too, where the elastic path supports the run
     extra = None if not job.elastic_saves else (
         lambda tag_dir: elastic.save_state(job.engine, tag_dir, steps_done))
-    save_checkpoint(job.engine, job.ckpt_dir, steps_done, state, job.run.train.keep_checkpoints,
-                    extra=extra)
+    t0 = time.perf_counter()
+    tag_dir = save_checkpoint(job.engine, job.ckpt_dir, steps_done, state, job.run.train.keep_checkpoints,
+                              extra=extra, protect=(job.resumed_from,) if job.resumed_from is not None else ())
+    if job.rank == 0:
+        size = sum(int(e.get("size", 0)) for e in read_marker(tag_dir).get("files", {}).values())
+        job.say(f"checkpoint saved: {tag_dir} ({size / 2 ** 20:.1f} MiB, {time.perf_counter() - t0:.1f} s)")
 
 
 def _evaluate(job: Job, step: int, writer: MetricsWriter, final: bool) -> Optional[dict]:
@@ -350,8 +367,8 @@ def _evaluate(job: Job, step: int, writer: MetricsWriter, final: bool) -> Option
         if final:
             (job.out_dir / "eval.json").write_text(json.dumps(stats, indent=2))
         writer.write_eval(step, stats)
-        job.say(f"eval at step {step}: " + ", ".join(
-            f"{k}={v:.4f}" for k, v in stats.items() if k.endswith(("AP", "mIoU"))))
+        if not final:  # the final one is in the end-of-run summary
+            job.say(eval_line(step, stats))
     collectives.barrier()
     return stats
 

@@ -3,7 +3,8 @@
 The run file (:class:`~agvm_ds.config.run.RunConfig`) says what the user wrote; a job also
 needs values that depend on the dataset and the world: the number of steps and of warmup
 steps, the learning rate after the batch-scaling rule, the step AGVM starts at (the end of
-warmup unless ``agvm.start_step`` is set), the estimator that can split this run, and
+warmup unless ``agvm.start_step`` is set) and whether it comes before the last step (a
+``warning:`` otherwise: AGVM would never act), the estimator that can split this run, and
 where the DeepSpeed monitors write. They are
 worked out here, into a new frozen :class:`ResolvedRun`; the run file itself is never
 edited, so what ``config.json`` records is exactly what the job used.
@@ -18,6 +19,7 @@ from typing import Any, Optional
 
 from agvm_ds.config.agvm import AGVMConfig
 from agvm_ds.config.base import ConfigError
+from agvm_ds.config.checks import agvm_inactive
 from agvm_ds.config.run import RunConfig
 from agvm_ds.core.estimators import Estimator, build_estimator
 from agvm_ds.train.schedule import resolve_steps, scaled_lr
@@ -45,6 +47,13 @@ class ResolvedRun:
     estimator: Optional[Estimator] = None
     #: a line to log when the batch-scaling rule chose the lr, else None
     lr_note: Optional[str] = None
+    #: ``warning:`` lines about the derived values (AGVM that would never act)
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def agvm_active(self) -> bool:
+        """Whether AGVM scales a learning rate at some step of this run."""
+        return self.estimator is not None and self.agvm.start_step < self.total_steps
 
     def record(self) -> dict[str, Any]:
         """The resolved run as JSON-able data (``config.json`` in the output dir)."""
@@ -92,6 +101,7 @@ def resolve_run(run: RunConfig, out_dir: Path, world: int, dataset_len: int, ran
     agvm = run.agvm
     if agvm.start_step is None:
         agvm = agvm.model_copy(update={"start_step": warmup})
+    inactive = agvm_inactive(agvm, total, agvm.start_step, from_warmup=run.agvm.start_step is None)
     estimator = None
     if agvm.enabled:
         try:  # the engine chooses the same one from the same three numbers (agvm_ds.api)
@@ -99,4 +109,5 @@ def resolve_run(run: RunConfig, out_dir: Path, world: int, dataset_len: int, ran
         except ValueError as err:
             raise ConfigError(str(err)) from None
     return ResolvedRun(run=run, world=world, total_steps=total, warmup_steps=warmup, base_lr=lr,
-                       agvm=agvm, deepspeed=ds, estimator=estimator, lr_note=note)
+                       agvm=agvm, deepspeed=ds, estimator=estimator, lr_note=note,
+                       warnings=(inactive,) if inactive else ())

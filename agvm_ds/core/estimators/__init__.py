@@ -1,19 +1,21 @@
 """The estimators of AGVM's two gradient halves, one class per file, chosen once per run.
 
-:func:`build_estimator` builds the estimator a run measures with: which split that is
-(``micro`` with one micro-batch per step falls back to ``ranks``), or why there is none (an
-``agvm.estimator:`` refusal), is decided by the support table's
-:func:`~agvm_ds.config.support.resolve_estimator`, which the config check reads too. The controller then only calls the object's hooks
-(:class:`~agvm_ds.core.estimators.base.Estimator`). A new estimator is one new file and
-one entry in :data:`ESTIMATORS`.
+:func:`build_estimator` builds the estimator the ``agvm.estimator`` name selects for the
+accumulation count and the world size; the choice itself (``auto``; ``micro`` falling back
+to the ``ranks`` split with one micro-batch per step on several ranks; the refusal, an
+``agvm.estimator:`` message naming the fix, when nothing can split the run) is
+:func:`agvm_ds.config.agvm.choose_estimator`'s, so the config check of a run file for a
+given world size refuses exactly what the launcher and ``agvm_ds.initialize`` refuse.
+The controller then only calls the object's hooks
+(:class:`~agvm_ds.core.estimators.base.Estimator`). A new estimator is one new file, one
+entry in :data:`ESTIMATORS` and its rule in ``choose_estimator``.
 """
 
 from __future__ import annotations
 
 import logging
 
-from agvm_ds.config.agvm import AGVMConfig
-from agvm_ds.config.support import resolve_estimator
+from agvm_ds.config.agvm import AGVMConfig, choose_estimator
 from agvm_ds.core.estimators.base import Estimator
 from agvm_ds.core.estimators.micro import MicroEstimator
 from agvm_ds.core.estimators.ranks import RanksEstimator
@@ -37,12 +39,11 @@ def build_estimator(cfg: AGVMConfig, grad_accum: int, world_size: int, rank: int
     only asks what the run would use, as elastic resume does).
 
     Raises:
-        ConfigError: the configured estimator cannot split this run (``agvm.estimator: …``).
+        ValueError: the configured estimator cannot split this run (``agvm.estimator: …``).
     """
-    name = resolve_estimator(cfg.estimator, int(grad_accum), int(world_size))
-    if name != cfg.estimator and announce and rank == 0:
-        log.warning("agvm: gradient_accumulation_steps=%d, so the %r estimator splits by %r",
-                    grad_accum, cfg.estimator, name)
+    name, fallback = choose_estimator(cfg.estimator, grad_accum, world_size)
+    if fallback and announce and rank == 0:
+        log.warning("agvm: gradient_accumulation_steps=1, so the 'micro' estimator splits by ranks")
     return ESTIMATORS[name](int(grad_accum), int(world_size), int(rank))
 
 

@@ -8,7 +8,9 @@ RoIs per image, a quarter foreground at most.
 
 Mask head: four 3x3 convs, a 2x transposed conv and a per-class 1x1 predictor giving
 ``2S x 2S`` mask logits; only the ground-truth class's channel is trained (binary
-cross-entropy against RoIAligned ground-truth masks), so classes do not compete.
+cross-entropy against RoIAligned ground-truth masks), so classes do not compete. A
+micro-batch without a foreground RoI still runs the mask head (one dummy RoI, zero weight):
+every rank runs every head every step, which ZeRO-3's parameter gathers need.
 """
 
 from __future__ import annotations
@@ -146,8 +148,16 @@ class ROIMaskHead(nn.Module):
     def losses(self, feats, fg_boxes, fg_classes, fg_gt_idx, targets) -> dict[str, Tensor]:
         classes = torch.cat(fg_classes)
         if len(classes) == 0:
-            return {"loss_mask": sum(p.sum() for p in self.parameters()) * 0.0
-                    + sum(f.sum() for f in feats) * 0.0}
+            # No foreground RoI in this micro-batch: run the head anyway, on one dummy RoI,
+            # with a zero weight. Every rank must run the same modules' forward every step:
+            # ZeRO-3 gathers a module's parameters in its forward hook, so a rank that skips
+            # the head while another runs it waits in a different collective (a hang); and
+            # the gradient is an exact zero, the same as no loss at all.
+            s = float(feats[0].shape[-1])
+            dummy = [feats[0].new_tensor([[0.0, 0.0, s, s]])] + [feats[0].new_zeros(0, 4)
+                                                                for _ in fg_boxes[1:]]
+            logits = self._logits(feats, dummy, classes.new_zeros(1))
+            return {"loss_mask": logits.sum() * 0.0}
         logits = self._logits(feats, fg_boxes, classes)
         size = logits.shape[-1]
         tgt = torch.cat([mask_targets(t["masks"], g, b, size)
