@@ -72,6 +72,13 @@ def test_no_room_imports_a_floor_above_it():
     assert _violations(PACKAGE) == []
 
 
+def _is_type_checking_block(node) -> bool:
+    test = getattr(node, "test", None)
+    return isinstance(node, ast.If) and (
+        (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
+        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
+
+
 def _module_graph(root: Path) -> dict[str, set[str]]:
     """Module → the agvm_ds modules it imports (at any depth of the file), by dotted name;
     ``from agvm_ds.x import y`` counts as importing ``agvm_ds.x.y`` when that is a module."""
@@ -81,7 +88,11 @@ def _module_graph(root: Path) -> dict[str, set[str]]:
     for name, path in names.items():
         deps = set()
         tree = ast.parse(path.read_text())
+        type_only = {id(n) for block in ast.walk(tree) if _is_type_checking_block(block)
+                     for stmt in block.body for n in ast.walk(stmt)}
         for node in ast.walk(tree):
+            if id(node) in type_only:  # annotations only: never executed, not an arrow
+                continue
             targets = []
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
@@ -153,6 +164,9 @@ def test_the_cycle_check_sees_a_circle(tmp_path):
     (fake / "__init__.py").write_text("")
     (fake / "core" / "adapters.py").write_text("def f():\n    from agvm_ds.optim.layerwise import SegmentMap\n")
     (fake / "optim" / "layerwise.py").write_text("from agvm_ds.core import adapters\n")
+    (fake / "optim" / "typed.py").write_text(  # a type-only import is no arrow
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from agvm_ds.core.adapters import Piece\n")
+    (fake / "core" / "uses_typed.py").write_text("from agvm_ds.optim import typed\n")
     graph = _module_graph(fake)
     assert _cycles(graph) == [["agvm_ds.core.adapters", "agvm_ds.optim.layerwise"]]
     assert _cycles(_room_graph(graph)) == [["core", "optim"]]

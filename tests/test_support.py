@@ -80,11 +80,12 @@ def test_config_check_accepts_the_exact_neighbours(tmp_path, change, world):
     validate_run_dict(_run_dict(change), tmp_path / "run.json", world_size=world)
 
 
-def test_estimator_resolution_is_the_table_s():
+def test_estimator_resolution_follows_choose_estimator():
     assert resolve_estimator("micro", 1, 2) == "ranks"
     assert resolve_estimator("micro", 2, 1) == "micro"
-    assert resolve_estimator("micro", 1, None) == "ranks"
-    for args in (("micro", 1, 1), ("ranks", 4, 1)):
+    assert resolve_estimator("auto", 1, 2) == "ranks"
+    assert resolve_estimator("micro", 1, None) == "micro"  # world not known yet: as configured
+    for args in (("micro", 1, 1), ("ranks", 4, 1), ("auto", 1, 1)):
         with pytest.raises(ConfigError, match="^agvm.estimator: "):
             resolve_estimator(*args)
     # the table renders, and every refused row names a key and an alternative
