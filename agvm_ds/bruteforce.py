@@ -35,7 +35,7 @@ def _by_micro(world: int, gas: int) -> tuple[list, list]:
 
 
 #: ``agvm.estimator`` → its halves, written from the definitions (docs/agvm.md)
-SPLITS = {"micro": _by_micro, "ranks": _by_ranks}
+SPLITS = {"micro": _by_micro, "ranks": _by_ranks, "auto": _by_micro}  # auto: micro, by ranks at GAS 1
 
 
 def halves(world: int, gas: int, estimator: str) -> tuple[list, list]:

@@ -37,6 +37,7 @@ from torch import nn
 
 from agvm_ds import bruteforce as bf
 from agvm_ds.config.base import ConfigError
+from agvm_ds.config.run import BATCH_KEYS, resolve_batch
 
 MODULES = {"backbone": ["backbone."], "neck": ["neck."], "head": ["head."]}
 IN, HID, OUT, LEVELS = 6, 16, 3, 3
@@ -73,8 +74,13 @@ def selfcheck_config(run: dict, world: int) -> dict:
     if not isinstance(run.get("optimizer"), dict) or not isinstance(run["optimizer"].get("type"), str):
         raise ConfigError("optimizer.type: name the base optimizer (e.g. \"SGD\" or \"AdamW\")")
     cfg = {k: copy.deepcopy(run[k]) for k in KEPT if k in run}
-    cfg["train_micro_batch_size_per_gpu"] = min(int(cfg.get("train_micro_batch_size_per_gpu", 4)), 8)
-    gas = int(cfg.setdefault("gradient_accumulation_steps", 1))
+    # the accumulation count the job itself runs with at this world size (a file may give
+    # only train_batch_size and the micro batch); the micro batch is capped, the count kept
+    batch = {k: run[k] for k in BATCH_KEYS if k in run} or {"train_micro_batch_size_per_gpu": 4}
+    resolve_batch(batch, world)
+    gas = int(batch["gradient_accumulation_steps"])
+    cfg["train_micro_batch_size_per_gpu"] = min(int(batch["train_micro_batch_size_per_gpu"]), 8)
+    cfg["gradient_accumulation_steps"] = gas
     cfg["train_batch_size"] = cfg["train_micro_batch_size_per_gpu"] * gas * world
     cfg["optimizer"] = {"type": run["optimizer"]["type"], "params": dict(run["optimizer"].get("params", {}))}
     agvm = run.get("agvm") or {}

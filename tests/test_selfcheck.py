@@ -30,7 +30,7 @@ SGD_MICRO = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps":
              "zero_optimization": {"stage": 3, "reduce_bucket_size": 64, "stage3_param_persistence_threshold": 0},
              "bf16": {"enabled": True}, "agvm": {"estimator": "micro"}}
 CASES = [
-    (QUICKSTART, None),                                       # 0: the shipped quickstart (ZeRO-2, AdamW, ranks)
+    (QUICKSTART, None),                                       # 0: the shipped quickstart (ZeRO-2, AdamW, auto: ranks)
     (QUICKSTART, 1e-3),                                       # 1: the same, AGVM's <G1,G2> sums scaled by 1.001
     (_with(QUICKSTART, offload_optimizer={"device": "nvme", "nvme_path": "/tmp"}), None),  # 2: refused (support table)
     (SGD_MICRO, None),                                        # 3: ZeRO-3, bf16 (the low-precision bound), micro, GAS 3
@@ -51,7 +51,7 @@ def test_selfcheck_passes_on_quickstart_and_bf16_zero3(runs):
         assert "DeepSpeed averaged gradients vs plain all_reduce" in lines[0]
         assert "3 updates" in lines[1]
     assert runs[1][0] == (0, [])  # only rank 0 prints
-    assert "preconditioned cos" in runs[0][0][1][1] and "(ranks," in runs[0][0][1][1]
+    assert "preconditioned cos" in runs[0][0][1][1] and "(auto, split by ranks at GAS 1," in runs[0][0][1][1]
     assert "low-precision bound" in runs[0][3][1][1] and "(micro," in runs[0][3][1][1]
 
 
@@ -74,7 +74,7 @@ def test_selfcheck_command_line_single_rank(tmp_path):
     """``python -m agvm_ds.selfcheck`` without a launcher is one rank, where the 'ranks'
     estimator has no split: exit 2 with one line; an unreadable file likewise."""
     path = tmp_path / "run.json"
-    path.write_text(json.dumps(QUICKSTART))
+    path.write_text(json.dumps({**QUICKSTART, "agvm": {**QUICKSTART.get("agvm", {}), "estimator": "ranks"}}))
     env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
