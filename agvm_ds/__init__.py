@@ -13,5 +13,6 @@ __version__ = "0.1.0"
 # Explicit, so static tools and readers can follow the front door. DeepSpeed itself is
 # imported only inside ``initialize`` (it costs seconds and config/data/model work needs none).
 from agvm_ds.api import initialize, modulation, set_gradient_clipping  # noqa: E402
+from agvm_ds.partition import infer_partition  # noqa: E402
 
-__all__ = ["initialize", "modulation", "set_gradient_clipping", "__version__"]
+__all__ = ["initialize", "infer_partition", "modulation", "set_gradient_clipping", "__version__"]
