@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 
 import torch
 
@@ -56,7 +57,7 @@ def read_agvm_section(cfg: dict, agvm: AGVMConfig | None) -> AGVMConfig:
 
 def initialize(model: torch.nn.Module, config, modules: dict | Partition | None = None, model_parameters=None,
                training_data=None, lr_scheduler=None, collate_fn=None, *, agvm: AGVMConfig | None = None,
-               norm_bias_decay: bool = False, **kwargs):
+               norm_bias_decay: bool | None = None, **kwargs):
     """``deepspeed.initialize`` with AGVM; returns ``(engine, optimizer, loader, scheduler)``.
 
     Args:
@@ -70,11 +71,13 @@ def initialize(model: torch.nn.Module, config, modules: dict | Partition | None 
             or a :class:`~agvm_ds.partition.Partition` already resolved, used as is (how the
             launcher keeps the partition it cut its groups from without resolving it again).
         model_parameters: optional param groups; each is split per module and tagged.
-        norm_bias_decay: only without ``model_parameters``. False (the default) exempts the
-            parameters of norm layers, biases, other 1-d parameters and the position tables
-            a model lists (``no_weight_decay()``) from ``optimizer.params.weight_decay``,
-            detectron2 / timm style; True decays every parameter, exactly as
-            ``deepspeed.initialize`` with the same JSON would.
+        norm_bias_decay: only without ``model_parameters``. False (the default, or the run
+            file's ``train.norm_bias_decay``) exempts the parameters of norm layers, biases,
+            other 1-d parameters and the position tables a model lists
+            (``no_weight_decay()``) from ``optimizer.params.weight_decay``, detectron2 / timm
+            style; True decays every parameter, exactly as ``deepspeed.initialize`` with the
+            same JSON would. The run file's other launcher settings (``model``, ``data``, the
+            rest of ``train``) are the launcher's: named in one ``warning:`` line and ignored.
         agvm: the typed ``agvm`` section (:class:`~agvm_ds.config.agvm.AGVMConfig`, already
             validated) instead of a section in ``config`` — how the launcher passes its
             resolved run without a dict round trip.
@@ -87,8 +90,8 @@ def initialize(model: torch.nn.Module, config, modules: dict | Partition | None 
     cfg = read_config(config)
     agvm_cfg = read_agvm_section(cfg, agvm)
     check_precision(cfg)  # DeepSpeed would refuse these only from deep inside initialize
-    for key in OWN_SECTIONS:
-        cfg.pop(key, None)
+    norm_bias_decay = launcher_sections(cfg, norm_bias_decay)
+    flush_subnormals()
     opt_section = cfg.pop("optimizer", None)
     row, precondition = check_base_optimizer(opt_section, cfg, agvm_cfg)
     partition = build_partition(model, modules, agvm_cfg)
@@ -107,6 +110,45 @@ def initialize(model: torch.nn.Module, config, modules: dict | Partition | None 
                                                       collate_fn=collate_fn, **kwargs)
     attach_agvm(engine, base, optimizer, modulator, agvm_cfg, precondition, measured)
     return engine, opt, loader, sched
+
+
+def launcher_sections(cfg: dict, norm_bias_decay: bool | None) -> bool:
+    """Pop the launcher's sections (``model``, ``data``, ``train``) from ``cfg``; return the
+    ``norm_bias_decay`` that applies (the argument, else ``train.norm_bias_decay``, else
+    False). The settings only the launcher can honour are named in one ``warning:`` line
+    (rank 0); an unknown ``train`` key or two different ``norm_bias_decay`` are refused."""
+    from agvm_ds.config.train import TrainConfig
+
+    train = cfg.pop("train", None) or {}
+    ignored = [key for key in ("model", "data") if cfg.pop(key, None) is not None]
+    for key in OWN_SECTIONS:
+        cfg.pop(key, None)
+    if not isinstance(train, dict):
+        raise ConfigError(f"train: expected an object, got {type(train).__name__}")
+    unknown = sorted(set(train) - set(TrainConfig.model_fields))
+    if unknown:
+        raise ConfigError(f"train.{unknown[0]}: unknown key")
+    from_file = train.get("norm_bias_decay")
+    if from_file is not None and not isinstance(from_file, bool):
+        raise ConfigError(f"train.norm_bias_decay: expected true or false, got {from_file!r}")
+    if norm_bias_decay is not None and from_file is not None and norm_bias_decay != from_file:
+        raise ConfigError(f"train.norm_bias_decay: {from_file} in the config but norm_bias_decay="
+                          f"{norm_bias_decay} as the argument")
+    ignored += [f"train.{k}" for k in train if k != "norm_bias_decay"]
+    if ignored and os.environ.get("RANK", "0") == "0":
+        print(f"warning: agvm_ds.initialize ignores {', '.join(ignored)} (launcher settings: "
+              f"launch/train.py honours them; in your own loop the model, data and schedule are yours)",
+              file=sys.stderr, flush=True)
+    return bool(norm_bias_decay if norm_bias_decay is not None else from_file)
+
+
+def flush_subnormals() -> bool:
+    """Flush subnormal floats to zero on CPU (``torch.set_flush_denormal``) unless
+    ``AGVM_DS_FLUSH_DENORMAL=0``: on CPU they made whole detector training steps 4–7× slower
+    without changing the losses (docs/benchmarks.md). True when flushing is on."""
+    if os.environ.get("AGVM_DS_FLUSH_DENORMAL", "1") == "0":
+        return False
+    return bool(torch.set_flush_denormal(True))
 
 
 def check_base_optimizer(opt_section, cfg: dict, agvm_cfg: AGVMConfig):
