@@ -28,6 +28,7 @@ from agvm_ds.config.files import OWN_SECTIONS, read_json, strip_comments
 from agvm_ds.config.run import check_precision
 from agvm_ds.core.modulator import Modulator
 from agvm_ds.core.optimizer import AGVM
+from agvm_ds.layouts import GENERIC
 from agvm_ds.optim import registry
 from agvm_ds.partition import (Partition, PartitionError, groups_from_parameters, param_groups,
                                resolve_partition)
@@ -61,7 +62,9 @@ def initialize(model: torch.nn.Module, config, modules: dict | Partition | None 
     """``deepspeed.initialize`` with AGVM; returns ``(engine, optimizer, loader, scheduler)``.
 
     Args:
-        model: the model; its ``agvm_modules`` / ``agvm_anchor`` give the default partition.
+        model: the model; its ``agvm_modules`` / ``agvm_anchor`` give the default partition,
+            else :func:`agvm_ds.infer_partition` reads it from the model's structure
+            (torchvision, detectron2, DETR, mmdetection layouts; a generic fallback).
         config: the run config (dict or JSON path): DeepSpeed's sections plus ``agvm``
             (keys starting with ``_`` are comments, as in run files). The
             ``optimizer`` section names the *base* optimizer: a row of
@@ -177,6 +180,13 @@ def build_partition(model: torch.nn.Module, modules, agvm_cfg: AGVMConfig) -> Pa
             partition = partition.with_anchor(agvm_cfg.anchor)
         except PartitionError as err:  # "anchor: unknown module ..." -> the key agvm.anchor
             raise ConfigError(f"agvm.{err}") from None
+    if partition.source not in ("given", "declared") and os.environ.get("RANK", "0") == "0":
+        cut = f"{', '.join(partition.order)} (anchor {partition.anchor}); pass modules= to choose others"
+        if partition.source == GENERIC:
+            print(f"warning: agvm modules: no known layout fits {type(model).__name__}; the generic fallback "
+                  f"(one module per top-level child) cut {cut}", file=sys.stderr, flush=True)
+        else:
+            print(f"[agvm-ds] agvm modules inferred ({partition.source}): {cut}", flush=True)
     return partition
 
 

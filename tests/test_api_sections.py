@@ -65,3 +65,20 @@ def test_subnormals_flushed_unless_told_not_to(monkeypatch):
             assert float(tiny * 1.0) == 0.0
     finally:
         torch.set_flush_denormal(False)
+
+
+def test_an_inferred_partition_is_announced_in_one_line(capsys):
+    from agvm_ds.api import build_partition
+    from agvm_ds.config.agvm import AGVMConfig
+
+    model = nn.ModuleDict({"backbone": nn.Linear(2, 2), "decode_head": nn.Linear(2, 2)})  # mmseg-style
+    assert build_partition(model, None, AGVMConfig()).order == ("backbone", "decode")
+    out = capsys.readouterr()
+    assert out.out == "[agvm-ds] agvm modules inferred (mmdetection / mmsegmentation): backbone, decode " \
+                      "(anchor backbone); pass modules= to choose others\n"
+    odd = nn.ModuleDict({"trunk": nn.Linear(2, 2), "out": nn.Linear(2, 2)})
+    assert build_partition(odd, None, AGVMConfig(anchor="out")).anchor == "out"
+    assert capsys.readouterr().err.startswith("warning: agvm modules: no known layout fits ModuleDict; "
+                                              "the generic fallback (one module per top-level child) cut trunk, out")
+    build_partition(odd, {"a": ["trunk."], "b": ["out."]}, AGVMConfig())
+    assert capsys.readouterr() == ("", "")
