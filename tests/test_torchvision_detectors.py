@@ -20,10 +20,12 @@ EXPECTED = {"fasterrcnn_mobilenet": ["backbone", "fpn", "rpn", "roi_box"],
             "maskrcnn_r50": ["backbone", "fpn", "rpn", "roi_box", "roi_mask"],
             "retinanet_r50": ["backbone", "fpn", "cls_head", "reg_head"]}
 # ``ranks`` halves (rank 0 vs rank 1) with one micro-batch: one forward/backward per step; the
-# small Faster R-CNN also runs two steps of ``micro`` halves (2 micro-batches) under ZeRO-3
-CASES = [dict(name=n, stage=s, check=True, gas=1, estimator="ranks") for n in EXPECTED for s in (2, 3)]
+# MobileNet Faster R-CNN also runs two steps of ``micro`` halves (2 micro-batches) under ZeRO-3.
+# The brute force (``check``) runs on the Faster R-CNN and the RetinaNet (issue 26, item 5); the
+# R50 R-CNNs share their code paths and are checked for inferred modules and a finite μ only.
+BRUTE_FORCE = ("fasterrcnn_mobilenet", "retinanet_r50")
+CASES = [dict(name=n, stage=s, check=n in BRUTE_FORCE, gas=1, estimator="ranks") for n in EXPECTED for s in (2, 3)]
 CASES[1].update(steps=2, gas=2, estimator="micro")
-CASES[-1].update(steps=2)
 
 
 def _expected_mu(cos_by_step, anchor="backbone"):
@@ -56,8 +58,11 @@ def test_torchvision_detectors_train_under_zero2_and_zero3_with_inferred_modules
 
 
 def test_reported_cos_and_mu_match_brute_force(runs):
-    moved = 0
+    moved, checked = 0, 0
     for case, *ranks in zip(CASES, *runs):
+        if not case["check"]:
+            continue
+        checked += 1
         steps = case.get("steps", 1)
         for r in ranks:
             assert len(r["reference"]) == len(r["reports"]) == steps
@@ -70,4 +75,4 @@ def test_reported_cos_and_mu_match_brute_force(runs):
                 for m, v in mu.items():
                     assert abs(r["reports"][t]["mu"][m] - v) <= 1e-4 * v, (case, t, m)
         moved += any(abs(v - 1) > 1e-2 for v in ranks[0]["reports"][-1]["mu"].values())
-    assert moved == len(CASES), "μ never moved in some case: the comparison is vacuous there"
+    assert checked == 4 and moved == checked, "μ never moved in some case: the comparison is vacuous there"
