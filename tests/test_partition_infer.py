@@ -176,3 +176,21 @@ def test_two_modules_claiming_one_prefix_are_both_named():
     tie = {"backbone": ["backbone"], "rest": ["neck.", "rpn_head.", "roi_head"], "roi": ["roi_head."]}
     with pytest.raises(PartitionError, match=r"modules 'rest' and 'roi' both claim prefix 'roi_head\.'"):
         resolve_partition(model, tie)
+
+
+def test_partition_cli_prints_the_table_for_any_importable_model(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "launch" / "partition.py"
+    spec = importlib.util.spec_from_file_location("partition_cli_any", path)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    code = cli.main(["--model", "torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn", "--json"])
+    out = capsys.readouterr().out
+    report = __import__("json").loads(out)
+    assert code == 0 and report["layout"].startswith("torchvision R-CNN") and report["problems"] == []
+    assert list(report["modules"]) == ["backbone", "fpn", "rpn", "roi_box"] and report["unassigned_params"] == 0
+    assert cli.main(["--model", "torchvision.models.detection.no_such_builder"]) == 2
+    assert capsys.readouterr().err.startswith("error: --model: cannot import 'torchvision.models.detection.no_such")
+    assert cli.main([]) == 2 and "give --deepspeed_config or --model" in capsys.readouterr().err
