@@ -71,18 +71,25 @@ class _AfterTorchvisionImport(importlib.abc.MetaPathFinder):
     """One-shot import hook: lets torchvision import as usual, then runs
     :func:`agvm_ds.ops.torchvision_fallback.install` (which acts only without compiled ops)."""
 
+    _finding = False  # set while the ordinary finders look torchvision up (no recursion)
+
     def find_spec(self, name, path, target=None):
-        if name != "torchvision":
+        if name != "torchvision" or self._finding:
             return None
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
+        self._finding = True
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self._finding = False
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         exec_module = spec.loader.exec_module
 
         def exec_then_install(module):
             exec_module(module)
+            # only now: a mere find_spec("torchvision") (an availability check) keeps the hook
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
             _install_fallback()
 
         spec.loader.exec_module = exec_then_install

@@ -29,8 +29,11 @@ def _eager_roi_align():
 
 def test_import_agvm_ds_first_then_torchvision_detectors_find_the_ops():
     """A fresh process in the documented order: the hook installs right after torchvision's
-    import, and a torchvision Faster R-CNN runs its NMS-heavy inference without any patching."""
-    code = ("import agvm_ds, torch, torchvision\n"
+    import (not at a mere availability check before it), and a torchvision Faster R-CNN runs its
+    NMS-heavy inference without any patching."""
+    code = ("import importlib.util, agvm_ds, torch\n"
+            "assert importlib.util.find_spec('torchvision')  # an availability check (transformers does one)\n"
+            "import torchvision\n"
             "from torchvision.extension import _has_ops\n"
             "from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn as f\n"
             "m = f(weights=None, weights_backbone=None, num_classes=3, min_size=64, max_size=64).eval()\n"
