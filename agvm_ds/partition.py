@@ -185,22 +185,23 @@ def _near(model: nn.Module, prefix: str) -> str:
 
 
 def _overlaps(modules: "OrderedDict[str, list[str]]", ambiguous: list[str]) -> list[str]:
-    """One line per pair of modules that claim the same prefix, or tie on a parameter."""
-    lines = []
-    seen: dict[str, str] = {}
+    """One line per pair of modules that claim the same prefix (with or without its dot) or
+    tie on a parameter."""
+    lines, pairs = [], set()
+    first_claim: dict[str, str] = {}
     for m, prefixes in modules.items():
         for pre in prefixes:
-            key = pre.rstrip(".")
-            if key in seen and seen[key] != m and not any(key in line for line in lines):
-                lines.append(f"modules {seen[key]!r} and {m!r} both claim prefix {pre!r}")
-            seen.setdefault(key, m)
+            other = first_claim.setdefault(pre.rstrip("."), m)
+            if other != m and (other, m) not in pairs:
+                pairs.add((other, m))
+                lines.append(f"modules {other!r} and {m!r} both claim prefix {pre!r}")
     for name in ambiguous:
         claim = [(len(p), m, p) for m, ps in modules.items() for p in ps if _matches(name, p)]
         best = max(c[0] for c in claim)
-        tied = [(m, p) for n, m, p in claim if n == best]
-        line = f"modules {tied[0][0]!r} ({tied[0][1]!r}) and {tied[1][0]!r} ({tied[1][1]!r}) both claim {name!r}"
-        if not any(f"{tied[0][0]!r} and {tied[1][0]!r}" in x for x in lines):
-            lines.append(line)
+        (_, a, pa), (_, b, pb) = [c for c in claim if c[0] == best][:2]
+        if (a, b) not in pairs:
+            pairs.add((a, b))
+            lines.append(f"modules {a!r} ({pa!r}) and {b!r} ({pb!r}) both claim {name!r}")
     return lines
 
 
