@@ -108,7 +108,9 @@ def run(rank, world, name, stage, steps=1, gas=2, estimator="micro", check=False
     start = time.perf_counter()
     model = build(name)
     inferred = agvm_ds.infer_partition(model)
+    built = time.perf_counter()
     engine, *_ = agvm_ds.initialize(model=model, config=config(stage, gas, estimator, extra))
+    ready = time.perf_counter()
     owner = owner_of([n for n, p in engine.module.named_parameters() if p.requires_grad], inferred.modules)
     rec = GradRecorder(list(engine.module.named_parameters()), keep=lambda t: True) if check else None
     losses, reports, reference = [], [], []
@@ -130,7 +132,7 @@ def run(rank, world, name, stage, steps=1, gas=2, estimator="micro", check=False
     out = {"name": name, "stage": stage, "layout": inferred.layout, "order": list(engine.agvm.modulator.modules),
            "losses": losses, "reports": reports, "reference": reference,
            "finite": all(math.isfinite(v) for v in losses), "estimator": engine.agvm.estimator.name,
-           "seconds": time.perf_counter() - start}
+           "seconds": {"build": built - start, "initialize": ready - built, "steps": time.perf_counter() - ready}}
     engine.destroy()
     return out
 
