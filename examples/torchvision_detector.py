@@ -26,6 +26,7 @@ import agvm_ds  # first: on CPU-only torch it makes torchvision importable and l
 import argparse
 import contextlib
 import io
+import itertools
 import json
 import os
 import sys
@@ -175,10 +176,12 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     log = open(args.out / "metrics.jsonl", "a") if rank == 0 else None
     while step < args.steps:
-        sampler.set_epoch(step // max(len(loader), 1))
-        for images, targets in loader:
+        epoch, done = divmod(step, len(loader))
+        sampler.set_epoch(epoch)  # the same shuffle on every rank, a new one per epoch
+        for images, targets in itertools.islice(loader, done, None):  # a resumed epoch skips what it saw
             losses = engine(images, targets)  # torchvision's loss dict in training mode
             loss = sum(losses.values())
+            lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves it in engine.step)
             engine.backward(loss)
             engine.step()
             step += 1
@@ -186,7 +189,7 @@ def main() -> int:
             if rank == 0:
                 mu = {m: round(s["mu"], 4) for m, s in agvm["modules"].items()}
                 record = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in losses.items()},
-                          "lr": engine.get_lr()[0], "agvm_step": agvm["step"], "mu": mu}
+                          "lr": lr, "agvm_step": agvm["step"], "mu": mu}
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 if step % 10 == 0 or step == args.steps:
