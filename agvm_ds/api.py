@@ -94,7 +94,6 @@ def initialize(model: torch.nn.Module, config, modules: dict | Partition | None 
     agvm_cfg = read_agvm_section(cfg, agvm)
     check_precision(cfg)  # DeepSpeed would refuse these only from deep inside initialize
     norm_bias_decay = launcher_sections(cfg, norm_bias_decay)
-    flush_subnormals()
     opt_section = cfg.pop("optimizer", None)
     row, precondition = check_base_optimizer(opt_section, cfg, agvm_cfg)
     partition = build_partition(model, modules, agvm_cfg)
@@ -108,6 +107,7 @@ def initialize(model: torch.nn.Module, config, modules: dict | Partition | None 
     measured = [(list(g["params"]), g) for g in base.param_groups]
 
     cfg["zero_allow_untested_optimizer"] = True
+    flush_subnormals()  # process-wide, so only once nothing more is refused
     engine, opt, loader, sched = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg,
                                                       training_data=training_data, lr_scheduler=lr_scheduler,
                                                       collate_fn=collate_fn, **kwargs)
