@@ -26,6 +26,7 @@ EXPECTED = {"fasterrcnn_mobilenet": ["backbone", "fpn", "rpn", "roi_box"],
 BRUTE_FORCE = ("fasterrcnn_mobilenet", "retinanet_r50")
 CASES = [dict(name=n, stage=s, check=n in BRUTE_FORCE, gas=1, estimator="ranks") for n in EXPECTED for s in (2, 3)]
 CASES[1].update(steps=2, gas=2, estimator="micro")
+CASES[2].update(extra={"train": {"norm_bias_decay": True}})  # a run file's switch, honoured by initialize
 
 
 def _expected_mu(cos_by_step, anchor="backbone"):
@@ -51,6 +52,9 @@ def test_torchvision_detectors_train_under_zero2_and_zero3_with_inferred_modules
         assert r0["layout"].startswith("torchvision") and r0["order"] == EXPECTED[case["name"]], r0["order"]
         assert r0["finite"] and r1["finite"], (case, r0["losses"], r1["losses"])
         assert r0["estimator"] == case["estimator"]
+        assert r0["subnormals_flushed"] and r1["subnormals_flushed"]
+        # weight decay 1e-4 on every group with train.norm_bias_decay, else norms/biases exempt
+        assert r0["weight_decays"] == ([1e-4] if "extra" in case else [0.0, 1e-4]), (case, r0["weight_decays"])
         for rep0, rep1 in zip(r0["reports"], r1["reports"]):
             assert rep0["skipped"] == 0 and set(rep0["modules"]) == set(r0["order"])
             assert len(r0["order"]) >= 3 and all(math.isfinite(s["mu"]) for s in rep0["modules"].values())

@@ -132,6 +132,8 @@ def run(rank, world, name, stage, steps=1, gas=2, estimator="micro", check=False
     out = {"name": name, "stage": stage, "layout": inferred.layout, "order": list(engine.agvm.modulator.modules),
            "losses": losses, "reports": reports, "reference": reference,
            "finite": all(math.isfinite(v) for v in losses), "estimator": engine.agvm.estimator.name,
+           "subnormals_flushed": float(torch.tensor([1e-39]) * 1.0) == 0.0,  # initialize's CPU default
+           "weight_decays": sorted({g.get("weight_decay") for g in engine.optimizer.optimizer.param_groups}),
            "seconds": {"build": built - start, "initialize": ready - built, "steps": time.perf_counter() - ready}}
     engine.destroy()
     return out
