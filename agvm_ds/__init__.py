@@ -14,8 +14,9 @@ __version__ = "0.1.0"
 # Explicit, so static tools and readers can follow the front door. DeepSpeed itself is
 # imported only inside ``initialize`` (it costs seconds and config/data/model work needs none).
 from agvm_ds.api import initialize, modulation, set_gradient_clipping  # noqa: E402
+from agvm_ds.partition import infer_partition  # noqa: E402
 
 # After training (issue 25): a trained network from an export or a checkpoint of any ZeRO stage.
 from agvm_ds.inference import load_model  # noqa: E402
 
-__all__ = ["initialize", "modulation", "set_gradient_clipping", "load_model", "__version__"]
+__all__ = ["initialize", "infer_partition", "modulation", "set_gradient_clipping", "load_model", "__version__"]

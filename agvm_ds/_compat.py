@@ -9,13 +9,16 @@ notices that (its has-ops flag becomes False) but still registers fake kernels f
 The fix is guarded: it only acts when torchvision is installed, not yet imported, and its
 extension really fails to load. It then declares the two operator *schemas* (no kernels),
 so torchvision's import-time registrations succeed. torchvision's compiled ops stay
-unavailable (``torchvision.ops.nms`` still refuses), which is why agvm-ds ships its own
-detection ops in plain torch (:mod:`agvm_ds.ops`). With a working torchvision (CUDA torch,
-or a matching CPU build) nothing here runs.
+unavailable, which is why agvm-ds ships its own detection ops in plain torch
+(:mod:`agvm_ds.ops`); once torchvision is imported, :func:`after_torchvision_import` points
+torchvision's ``nms`` / ``batched_nms`` / ``roi_align`` at them
+(:mod:`agvm_ds.ops.torchvision_fallback`), so torchvision's own detectors train too. With a
+working torchvision (CUDA torch, or a matching CPU build) nothing here acts.
 """
 
 from __future__ import annotations
 
+import importlib.abc
 import importlib.util
 import os
 import sys
@@ -64,4 +67,50 @@ def ensure_torchvision_importable() -> bool:
     return True
 
 
+class _AfterTorchvisionImport(importlib.abc.MetaPathFinder):
+    """One-shot import hook: lets torchvision import as usual, then runs
+    :func:`agvm_ds.ops.torchvision_fallback.install` (which acts only without compiled ops)."""
+
+    _finding = False  # set while the ordinary finders look torchvision up (no recursion)
+
+    def find_spec(self, name, path, target=None):
+        if name != "torchvision" or self._finding:
+            return None
+        self._finding = True
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self._finding = False
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_install(module):
+            exec_module(module)
+            # only now: a mere find_spec("torchvision") (an availability check) keeps the hook
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+            _install_fallback()
+
+        spec.loader.exec_module = exec_then_install
+        return spec
+
+
+def _install_fallback() -> None:
+    from agvm_ds.ops.torchvision_fallback import install
+
+    install()
+
+
+def after_torchvision_import() -> None:
+    """Install the ops fallback now if torchvision is already imported, else right after its
+    first import. Only where its extension failed to load (``applied``): elsewhere nothing
+    is hooked at all."""
+    if "torchvision.ops" in sys.modules:
+        _install_fallback()
+    elif applied and not any(isinstance(f, _AfterTorchvisionImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterTorchvisionImport())
+
+
 ensure_torchvision_importable()
+after_torchvision_import()

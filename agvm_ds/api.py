@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import sys
 
 import torch
 
@@ -30,6 +31,7 @@ from agvm_ds.config.run import check_precision, resolve_batch
 from agvm_ds.config.support import check_supported, version_warning
 from agvm_ds.core.modulator import Modulator
 from agvm_ds.core.optimizer import AGVM
+from agvm_ds.layouts import GENERIC
 from agvm_ds.optim import registry
 from agvm_ds.partition import (Partition, PartitionError, groups_from_parameters, param_groups,
                                resolve_partition)
@@ -59,11 +61,13 @@ def read_agvm_section(cfg: dict, agvm: AGVMConfig | None) -> AGVMConfig:
 
 def initialize(model: torch.nn.Module, config, modules: dict | Partition | None = None, model_parameters=None,
                training_data=None, lr_scheduler=None, collate_fn=None, *, agvm: AGVMConfig | None = None,
-               norm_bias_decay: bool = False, **kwargs):
+               norm_bias_decay: bool | None = None, **kwargs):
     """``deepspeed.initialize`` with AGVM; returns ``(engine, optimizer, loader, scheduler)``.
 
     Args:
-        model: the model; its ``agvm_modules`` / ``agvm_anchor`` give the default partition.
+        model: the model; its ``agvm_modules`` / ``agvm_anchor`` give the default partition,
+            else :func:`agvm_ds.infer_partition` reads it from the model's structure
+            (torchvision, detectron2, DETR, mmdetection layouts; a generic fallback).
         config: the run config (dict or JSON path): DeepSpeed's sections plus ``agvm``
             (keys starting with ``_`` are comments, as in run files). The
             ``optimizer`` section names the *base* optimizer: a row of
@@ -73,11 +77,13 @@ def initialize(model: torch.nn.Module, config, modules: dict | Partition | None 
             or a :class:`~agvm_ds.partition.Partition` already resolved, used as is (how the
             launcher keeps the partition it cut its groups from without resolving it again).
         model_parameters: optional param groups; each is split per module and tagged.
-        norm_bias_decay: only without ``model_parameters``. False (the default) exempts the
-            parameters of norm layers, biases, other 1-d parameters and the position tables
-            a model lists (``no_weight_decay()``) from ``optimizer.params.weight_decay``,
-            detectron2 / timm style; True decays every parameter, exactly as
-            ``deepspeed.initialize`` with the same JSON would.
+        norm_bias_decay: only without ``model_parameters``. False (the default, or the run
+            file's ``train.norm_bias_decay``) exempts the parameters of norm layers, biases,
+            other 1-d parameters and the position tables a model lists
+            (``no_weight_decay()``) from ``optimizer.params.weight_decay``, detectron2 / timm
+            style; True decays every parameter, exactly as ``deepspeed.initialize`` with the
+            same JSON would. The run file's other launcher settings (``model``, ``data``, the
+            rest of ``train``) are the launcher's: named in one ``warning:`` line and ignored.
         agvm: the typed ``agvm`` section (:class:`~agvm_ds.config.agvm.AGVMConfig`, already
             validated) instead of a section in ``config`` — how the launcher passes its
             resolved run without a dict round trip.
@@ -99,8 +105,7 @@ def initialize(model: torch.nn.Module, config, modules: dict | Partition | None 
     check_finite(cfg)  # NaN / infinity anywhere (Python's JSON reader accepts them)
     agvm_cfg = read_agvm_section(cfg, agvm)
     check_precision(cfg)  # DeepSpeed would refuse these only from deep inside initialize
-    for key in OWN_SECTIONS:
-        cfg.pop(key, None)
+    norm_bias_decay = launcher_sections(cfg, norm_bias_decay)
     check_deepspeed_support(cfg, agvm_cfg)
     opt_section = cfg.pop("optimizer", None)
     row, precondition = check_base_optimizer(opt_section, cfg, agvm_cfg)
@@ -118,6 +123,7 @@ def initialize(model: torch.nn.Module, config, modules: dict | Partition | None 
     # AGVM (or its base) is always a client optimizer: ZeRO-Offload then needs this off (the
     # support table refuses an explicit true under offload)
     cfg["zero_force_ds_cpu_optimizer"] = False
+    flush_subnormals()  # process-wide, so only once nothing more is refused
     engine, opt, loader, sched = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg,
                                                       training_data=training_data, lr_scheduler=lr_scheduler,
                                                       collate_fn=collate_fn, **kwargs)
@@ -152,6 +158,45 @@ def check_deepspeed_support(cfg: dict, agvm_cfg: AGVMConfig) -> None:
         logging.getLogger("agvm_ds").warning(untested)
 
 
+def launcher_sections(cfg: dict, norm_bias_decay: bool | None) -> bool:
+    """Pop the launcher's sections (``model``, ``data``, ``train``) from ``cfg``; return the
+    ``norm_bias_decay`` that applies (the argument, else ``train.norm_bias_decay``, else
+    False). The settings only the launcher can honour are named in one ``warning:`` line
+    (rank 0); an unknown ``train`` key or two different ``norm_bias_decay`` are refused."""
+    from agvm_ds.config.train import TrainConfig
+
+    train = cfg.pop("train", None) or {}
+    ignored = [key for key in ("model", "data") if cfg.pop(key, None) is not None]
+    for key in OWN_SECTIONS:
+        cfg.pop(key, None)
+    if not isinstance(train, dict):
+        raise ConfigError(f"train: expected an object, got {type(train).__name__}")
+    unknown = sorted(set(train) - set(TrainConfig.model_fields))
+    if unknown:
+        raise ConfigError(f"train.{unknown[0]}: unknown key")
+    from_file = train.get("norm_bias_decay")
+    if from_file is not None and not isinstance(from_file, bool):
+        raise ConfigError(f"train.norm_bias_decay: expected true or false, got {from_file!r}")
+    if norm_bias_decay is not None and from_file is not None and norm_bias_decay != from_file:
+        raise ConfigError(f"train.norm_bias_decay: {from_file} in the config but norm_bias_decay="
+                          f"{norm_bias_decay} as the argument")
+    ignored += [f"train.{k}" for k in train if k != "norm_bias_decay"]
+    if ignored and os.environ.get("RANK", "0") == "0":
+        print(f"warning: agvm_ds.initialize ignores {', '.join(ignored)} (launcher settings: "
+              f"launch/train.py honours them; in your own loop the model, data and schedule are yours)",
+              file=sys.stderr, flush=True)
+    return bool(norm_bias_decay if norm_bias_decay is not None else from_file)
+
+
+def flush_subnormals() -> bool:
+    """Flush subnormal floats to zero on CPU (``torch.set_flush_denormal``) unless
+    ``AGVM_DS_FLUSH_DENORMAL=0``: on CPU they made whole detector training steps 4–7× slower
+    without changing the losses (docs/benchmarks.md). True when flushing is on."""
+    if os.environ.get("AGVM_DS_FLUSH_DENORMAL", "1") == "0":
+        return False
+    return bool(torch.set_flush_denormal(True))
+
+
 def check_base_optimizer(opt_section, cfg: dict, agvm_cfg: AGVMConfig):
     """The registry row of the base optimizer, and the row again when Φ is taken on
     Adam-preconditioned halves (None otherwise): refused when the base is wrong under this
@@ -178,6 +223,13 @@ def build_partition(model: torch.nn.Module, modules, agvm_cfg: AGVMConfig) -> Pa
             partition = partition.with_anchor(agvm_cfg.anchor)
         except PartitionError as err:  # "anchor: unknown module ..." -> the key agvm.anchor
             raise ConfigError(f"agvm.{err}") from None
+    if partition.source not in ("given", "declared") and os.environ.get("RANK", "0") == "0":
+        cut = f"{', '.join(partition.order)} (anchor {partition.anchor}); pass modules= to choose others"
+        if partition.source == GENERIC:
+            print(f"warning: agvm modules: no known layout fits {type(model).__name__}; the generic fallback "
+                  f"(one module per top-level child) cut {cut}", file=sys.stderr, flush=True)
+        else:
+            print(f"[agvm-ds] agvm modules inferred ({partition.source}): {cut}", flush=True)
     return partition
 
 

@@ -25,8 +25,10 @@ from typing import Any, Mapping
 
 from torch import nn
 
-__all__ = ["NORM_TYPES", "PartitionError", "Partition", "classify_parameters", "resolve_partition",
-           "listed_no_decay", "param_groups", "groups_from_parameters"]
+from agvm_ds.layouts import GENERIC, LAYOUTS, has_path
+
+__all__ = ["NORM_TYPES", "PartitionError", "Partition", "InferredPartition", "classify_parameters",
+           "infer_partition", "resolve_partition", "listed_no_decay", "param_groups", "groups_from_parameters"]
 
 # Norm layers get no weight decay (see param_groups); keep this tuple complete.
 # FrozenBatchNorm2d is absent on purpose: it owns no parameters, and a residual branch must
@@ -53,6 +55,7 @@ class Partition:
     owner: "OrderedDict[str, str]"
     order: tuple[str, ...]
     anchor: str
+    source: str = "given"  # "given" (modules=), "declared" (agvm_modules) or an inferred layout's name
 
     def with_anchor(self, anchor: str) -> "Partition":
         """The same partition with another anchor; the anchor must be one of its modules."""
@@ -101,13 +104,105 @@ def classify_parameters(model: nn.Module, modules: Mapping[str, list[str] | str]
     return owner, unassigned, ambiguous, empty
 
 
-def _declared_modules(model: nn.Module) -> tuple["OrderedDict[str, list[str]]", str]:
-    """The partition and anchor a model declares (``agvm_modules`` / ``agvm_anchor``)."""
+@dataclasses.dataclass(frozen=True)
+class InferredPartition:
+    """What :func:`infer_partition` found: ``modules`` (name → prefixes, anchor first), the
+    ``anchor``, the ``layout`` that fitted (:mod:`agvm_ds.layouts`; ``"generic"`` for the
+    fallback) and the layouts tried before it, each with why it did not fit."""
+
+    modules: "OrderedDict[str, list[str]]"
+    anchor: str
+    layout: str
+    rejected: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def generic(self) -> bool:
+        return self.layout == GENERIC
+
+
+def infer_partition(model: nn.Module) -> InferredPartition:
+    """The AGVM partition of a model that declares none, read from its attribute names.
+
+    The layouts of :data:`agvm_ds.layouts.LAYOUTS` (torchvision, detectron2, DETR,
+    mmdetection) are tried in order; the first whose required submodules exist and whose
+    modules, once those without trainable parameters are dropped, leave no trainable
+    parameter out (and keep at least two modules) wins. Otherwise the generic fallback:
+    one module per top-level child (or top-level parameter) that holds trainable
+    parameters, ``backbone`` as the anchor when there is one. Raises
+    :class:`PartitionError` when the model has no trainable parameter at all.
+    """
+    rejected = []
+    for layout in LAYOUTS:
+        if not all(has_path(model, path) for path in layout.requires):
+            continue
+        modules = OrderedDict((m, [f"{p}." for p in paths if has_path(model, p)]) for m, paths in layout.modules)
+        modules = OrderedDict((m, ps) for m, ps in modules.items() if ps)
+        owner, unassigned, ambiguous, empty = classify_parameters(model, modules)
+        live = OrderedDict((m, ps) for m, ps in modules.items() if m not in empty)
+        if unassigned or ambiguous or len(live) < 2:
+            why = (f"{len(unassigned)} trainable parameter(s) outside its modules, e.g. {unassigned[0]}"
+                   if unassigned else f"only {len(live)} module(s) hold trainable parameters")
+            rejected.append((layout.name, why))
+            continue
+        anchor = layout.anchor if layout.anchor in live else next(iter(live))
+        return InferredPartition(live, anchor, layout.name, tuple(rejected))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise PartitionError(f"{type(model).__name__} has no trainable parameter")
+    modules = OrderedDict()
+    for name in trainable:
+        top = name.split(".", 1)[0]
+        modules.setdefault(top, [f"{top}."])
+    anchor = "backbone" if "backbone" in modules else next(iter(modules))
+    modules.move_to_end(anchor, last=False)
+    return InferredPartition(modules, anchor, GENERIC, tuple(rejected))
+
+
+def _declared_or_inferred(model: nn.Module) -> tuple["OrderedDict[str, list[str]]", str, str]:
+    """The partition and anchor a model declares (``agvm_modules`` / ``agvm_anchor``), else
+    the inferred one; and where it came from."""
     modules = getattr(model, "agvm_modules", None)
-    if not modules:
-        raise PartitionError(f"{type(model).__name__} declares no `agvm_modules`; pass modules= explicitly")
-    anchor = getattr(model, "agvm_anchor", None) or next(iter(modules))
-    return OrderedDict(modules), anchor
+    if modules:
+        return OrderedDict(modules), getattr(model, "agvm_anchor", None) or next(iter(modules)), "declared"
+    inferred = infer_partition(model)
+    return inferred.modules, inferred.anchor, inferred.layout
+
+
+def _dead_prefixes(model: nn.Module, modules: "OrderedDict[str, list[str]]") -> list[tuple[str, str]]:
+    """(module, prefix) for every prefix that matches no parameter at all (frozen ones count)."""
+    names = [n for n, _ in model.named_parameters()]
+    return [(m, pre) for m, prefixes in modules.items() for pre in prefixes
+            if not any(_matches(n, pre) for n in names)]
+
+
+def _near(model: nn.Module, prefix: str) -> str:
+    """``(did you mean 'x.'?)`` when a submodule path is close to a dead prefix."""
+    import difflib
+
+    paths = [f"{n}." for n, _ in model.named_modules() if n]
+    close = difflib.get_close_matches(prefix if prefix.endswith(".") else prefix + ".", paths, n=1, cutoff=0.8)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _overlaps(modules: "OrderedDict[str, list[str]]", ambiguous: list[str]) -> list[str]:
+    """One line per pair of modules that claim the same prefix (with or without its dot) or
+    tie on a parameter."""
+    lines, pairs = [], set()
+    first_claim: dict[str, str] = {}
+    for m, prefixes in modules.items():
+        for pre in prefixes:
+            other = first_claim.setdefault(pre.rstrip("."), m)
+            if other != m and (other, m) not in pairs:
+                pairs.add((other, m))
+                lines.append(f"modules {other!r} and {m!r} both claim prefix {pre!r}")
+    for name in ambiguous:
+        claim = [(len(p), m, p) for m, ps in modules.items() for p in ps if _matches(name, p)]
+        best = max(c[0] for c in claim)
+        (_, a, pa), (_, b, pb) = [c for c in claim if c[0] == best][:2]
+        if (a, b) not in pairs:
+            pairs.add((a, b))
+            lines.append(f"modules {a!r} ({pa!r}) and {b!r} ({pb!r}) both claim {name!r}")
+    return lines
 
 
 def resolve_partition(model: nn.Module, modules: Mapping[str, list[str] | str] | None = None,
@@ -115,28 +210,38 @@ def resolve_partition(model: nn.Module, modules: Mapping[str, list[str] | str] |
     """The model's :class:`Partition`; raise :class:`PartitionError` where the rules fail.
 
     ``modules`` defaults to the model's ``agvm_modules`` (and the anchor to its
-    ``agvm_anchor``); given explicitly, its first module is the anchor unless ``anchor``
-    names another one.
+    ``agvm_anchor``), else to :func:`infer_partition`'s; given explicitly, its first module
+    is the anchor unless ``anchor`` names another one. Errors name the dead prefix (one that
+    matches no parameter) and the two modules that claim the same parameters.
     """
+    source = "given"
     if modules is None:
-        modules, declared = _declared_modules(model)
+        modules, declared, source = _declared_or_inferred(model)
         anchor = anchor if anchor is not None else declared
     if not modules:
         raise PartitionError("the module partition is empty")
-    modules = OrderedDict(modules)
+    modules = OrderedDict((m, [p] if isinstance(p, str) else list(p)) for m, p in modules.items())
     anchor = anchor if anchor is not None else next(iter(modules))
     if anchor not in modules:
         raise PartitionError(f"anchor: unknown module {anchor!r} (modules: {list(modules)})")
     owner, unassigned, ambiguous, empty = classify_parameters(model, modules)
-    if ambiguous:
-        raise PartitionError(f"parameter(s) {ambiguous[:8]} match two modules with equally long prefixes")
+    orphans = ""
     if unassigned:
         shown = ", ".join(unassigned[:8]) + (" …" if len(unassigned) > 8 else "")
-        raise PartitionError(f"{len(unassigned)} trainable parameter(s) belong to no module: {shown} "
-                             f"(no single module claims them, so AGVM would never modulate them)")
+        orphans = (f"{len(unassigned)} trainable parameter(s) belong to no module: {shown} "
+                   f"(no single module claims them, so AGVM would never modulate them)")
+    dead = _dead_prefixes(model, modules)
+    if dead:
+        named = "; ".join(f"module {m!r}: prefix {p!r} matches no parameter{_near(model, p)}" for m, p in dead)
+        raise PartitionError(named + (f"; {orphans}" if orphans else ""))
+    overlaps = _overlaps(modules, ambiguous)
+    if overlaps:
+        raise PartitionError("; ".join(overlaps) + " with equally long prefixes (each parameter needs one owner)")
+    if unassigned:
+        raise PartitionError(orphans)
     if empty:
         raise PartitionError(f"module(s) {empty} match no trainable parameter (prefixes {[modules[m] for m in empty]})")
-    return Partition(owner=owner, order=tuple(modules), anchor=anchor)
+    return Partition(owner=owner, order=tuple(modules), anchor=anchor, source=source)
 
 
 # Parameter (leaf) names that are embeddings/tables, not weights: timm lists them in

@@ -30,7 +30,7 @@ from typing import Any
 from torch import nn
 
 from agvm_ds.models.build import assign_modules, partition_problems
-from agvm_ds.partition import param_groups, resolve_partition
+from agvm_ds.partition import PartitionError, infer_partition, param_groups, resolve_partition
 
 __all__ = ["optimizer_state_bytes", "zero_memory", "partition_report", "format_report"]
 
@@ -106,15 +106,31 @@ def agvm_update_step_bytes(ds_config: dict, num_params: int, largest_param: int,
             "stream_buffers": 4 * buffer_elements(int(bucket), num_params) if streams else 0}
 
 
-def partition_report(model: nn.Module, ds_config: dict, world_size: int) -> dict[str, Any]:
-    """Everything ``launch/partition.py`` prints, as one JSON-able dict."""
-    modules = model.agvm_modules
+def partition_report(model: nn.Module, ds_config: dict | None = None, world_size: int = 1,
+                     modules: dict | None = None) -> dict[str, Any]:
+    """Everything ``launch/partition.py`` prints, as one JSON-able dict, for any model:
+    ``modules`` as given, else the model's ``agvm_modules``, else :func:`infer_partition`'s
+    (``"layout"`` says which; ``"generic"`` for the fallback)."""
+    ds_config = ds_config or {}
+    anchor, layout = None, "given" if modules is not None else "declared"
+    if modules is None and getattr(model, "agvm_modules", None):
+        modules, anchor = model.agvm_modules, getattr(model, "agvm_anchor", None)
+    elif modules is None:
+        inferred = infer_partition(model)
+        modules, anchor, layout = inferred.modules, inferred.anchor, inferred.layout
+    modules = {m: [p] if isinstance(p, str) else list(p) for m, p in modules.items()}
+    anchor = anchor or next(iter(modules))
     owners = assign_modules(model, modules)
     params = dict(model.named_parameters())
     count = lambda names: int(sum(params[n].numel() for n in names))  # noqa: E731
     unassigned = owners.pop("<unassigned>")
     ambiguous = owners.pop("<ambiguous>")
     problems = partition_problems(model, modules)
+    if not problems:  # the rules training applies (dead prefixes, overlapping modules)
+        try:
+            resolve_partition(model, modules, anchor)
+        except PartitionError as err:
+            problems = [str(err)]
     opt = ds_config.get("optimizer") or {}
     wd = float((opt.get("params") or {}).get("weight_decay", 0.0))
     norm_bias_decay = bool((ds_config.get("train") or {}).get("norm_bias_decay", False))
@@ -123,7 +139,8 @@ def partition_report(model: nn.Module, ds_config: dict, world_size: int) -> dict
                                       for m, n in owners.items()}
     groups = []
     if not problems:  # groups exist only for a valid partition (training refuses the others)
-        for g in param_groups(model, resolve_partition(model), wd, norm_bias_decay=norm_bias_decay):
+        partition = resolve_partition(model, modules, anchor)
+        for g in param_groups(model, partition, wd, norm_bias_decay=norm_bias_decay):
             entry = {"module": g["module"], "weight_decay": g["weight_decay"],
                      "params": int(sum(p.numel() for p in g["params"])), "tensors": len(g["params"])}
             groups.append(entry)
@@ -135,9 +152,10 @@ def partition_report(model: nn.Module, ds_config: dict, world_size: int) -> dict
     grad_fp32 = str((ds_config.get("data_types") or {}).get("grad_accum_dtype", "")).lower() in ("fp32", "float32")
     stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
     return {
-        "model": getattr(model.spec, "name", type(model).__name__),
-        "architecture": getattr(model.spec, "architecture", None),
-        "anchor": model.agvm_anchor,
+        "model": getattr(getattr(model, "spec", None), "name", type(model).__name__),
+        "architecture": getattr(getattr(model, "spec", None), "architecture", None),
+        "anchor": anchor,
+        "layout": layout,
         "total_params": trainable,
         "frozen_params": int(sum(p.numel() for p in params.values() if not p.requires_grad)),
         "modules": report_modules,
@@ -164,7 +182,9 @@ def _gib(b: float) -> str:
 def format_report(r: dict[str, Any]) -> str:
     """A human-readable table of :func:`partition_report`'s dict."""
     total = max(r["total_params"], 1)
-    lines = [f"model {r['model']} ({r['architecture']}), anchor: {r['anchor']}",
+    source = {"declared": "", "given": ", modules as given"}.get(r.get("layout"), f", modules inferred: {r.get('layout')}")
+    arch = f" ({r['architecture']})" if r.get("architecture") else ""
+    lines = [f"model {r['model']}{arch}, anchor: {r['anchor']}{source}",
              f"{'module':<12}{'params':>16}{'share':>9}  groups (weight_decay: params)"]
     for name, m in r["modules"].items():
         gs = ", ".join(f"wd={g['weight_decay']:g}: {g['params']:,} in {g['tensors']}" for g in m["groups"])

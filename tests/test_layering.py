@@ -25,6 +25,7 @@ FORBIDDEN = {
     "config": ("models", "train", "core", "data", "evaluation", "api"),
     "data": ("evaluation", "models", "train", "core", "api"),
     "partition": ("models", "core", "train", "data", "evaluation", "api", "optim"),
+    "layouts": ("partition", "models", "core", "train", "data", "evaluation", "api", "optim", "config"),
     "core": ("train", "models", "data", "evaluation", "api"),
     "models": ("train", "core", "data", "evaluation", "api"),
     # optim/: base optimizers and their exact layer-wise norms; refusals use agvm_ds.errors
