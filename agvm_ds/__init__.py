@@ -7,6 +7,10 @@ checkpoint) with ``predict(images)``.
 """
 
 from agvm_ds import _compat  # noqa: F401  (must run before anything imports torchvision)
+from agvm_ds.ops.torchvision_fallback import install as _install_torchvision_fallback  # noqa: E402
+
+# torchvision's nms / roi_align on agvm-ds's kernels, only where its compiled ops are missing
+_compat.after_torchvision_import(_install_torchvision_fallback)
 
 __version__ = "0.1.0"
 

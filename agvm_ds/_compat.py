@@ -90,27 +90,32 @@ class _AfterTorchvisionImport(importlib.abc.MetaPathFinder):
             # only now: a mere find_spec("torchvision") (an availability check) keeps the hook
             if self in sys.meta_path:
                 sys.meta_path.remove(self)
-            _install_fallback()
+            _run_installer()
 
         spec.loader.exec_module = exec_then_install
         return spec
 
 
-def _install_fallback() -> None:
-    from agvm_ds.ops.torchvision_fallback import install
+#: what runs once torchvision is imported (agvm_ds/__init__.py hands in the ops fallback; this
+#: ground-floor module never imports agvm_ds.ops, which imports it)
+_installer = None
 
-    install()
+
+def _run_installer() -> None:
+    if _installer is not None:
+        _installer()
 
 
-def after_torchvision_import() -> None:
-    """Install the ops fallback now if torchvision is already imported, else right after its
-    first import. Only where its extension failed to load (``applied``): elsewhere nothing
-    is hooked at all."""
+def after_torchvision_import(installer) -> None:
+    """Run ``installer`` (:func:`agvm_ds.ops.torchvision_fallback.install`) now if torchvision
+    is already imported, else right after its first import. Only where its extension failed
+    to load (``applied``) is an import hook placed: elsewhere nothing is hooked at all."""
+    global _installer
+    _installer = installer
     if "torchvision.ops" in sys.modules:
-        _install_fallback()
+        _run_installer()
     elif applied and not any(isinstance(f, _AfterTorchvisionImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _AfterTorchvisionImport())
 
 
 ensure_torchvision_importable()
-after_torchvision_import()
