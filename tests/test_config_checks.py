@@ -207,3 +207,21 @@ def test_partition_json_is_the_only_stdout_and_a_bad_agvm_section_exits_2(tmp_pa
     out, err = capsys.readouterr()
     assert json.loads(out)["model"] == "retinanet_uninet_tiny"
     assert "a library's line" in err and "a library's print" in err
+
+
+def test_a_data_error_from_a_loader_worker_is_one_line():
+    """A DataLoader worker re-raises a rank's DatasetError with the worker's traceback in the
+    message; the launcher's ``error:`` line keeps only the original message (item 6)."""
+    sys.path.insert(0, str(REPO / "launch"))
+    import train as launch_train
+
+    from agvm_ds.data.errors import DatasetError
+
+    msg = "/data/x.png: cannot read image (image file is truncated)"
+    wrapped = DatasetError(f"Caught DatasetError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+                           f"call last):\n  File \"coco.py\", line 1, in _decode\n"
+                           f"agvm_ds.data.errors.DatasetError: {msg}\n")
+    assert launch_train.one_line(wrapped) == msg
+    assert launch_train.one_line(DatasetError(msg)) == msg
+    assert launch_train.peer_failed(RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer"))
+    assert not launch_train.peer_failed(ValueError("a bug of our own"))
