@@ -107,7 +107,9 @@ def runs(tmp_path_factory):
             assert "resumed from" in proc.stdout, (name, c, tail(proc))
     sgd2 = configs[2, "sgd"]
     bare = _strip_elastic(_tag(out["R2", (2, "sgd")], CUT), root / "bare" / "step_0000003")
-    refusals = [(sgd2, ["optimizer.type=Adam"], root / "x_adam", str(_tag(out["R2", (2, "sgd")], CUT)),
+    # Adam takes no momentum: the whole section, or the config check refuses the arguments
+    adam = 'optimizer={"type": "Adam", "params": {"lr": 0.001}}'
+    refusals = [(sgd2, [adam], root / "x_adam", str(_tag(out["R2", (2, "sgd")], CUT)),
                  "does not support optimizer.type 'adam'"),
                 (sgd2, ["train_batch_size=4", "gradient_accumulation_steps=2"], root / "x_gas", str(_tag(out["R2", (2, "sgd")], CUT)),
                  r"same micro and global batch \(saved 2 x 2 x 2 = 8, this run 2 x 2 x 1 = 4\)"),
@@ -247,7 +249,7 @@ def test_unsupported_runs_name_the_key(tmp_path):
     assert unsupported(load_run_config(config, [], world_size=2)) is None
     for overrides, key in ((["zero_optimization.stage=1"], "zero_optimization.stage"),
                            (["bf16.enabled=true"], "bf16"),
-                           (["optimizer.type=Adam"], "optimizer.type"),
+                           (['optimizer={"type": "Adam", "params": {"lr": 0.001}}'], "optimizer.type"),
                            (["agvm.estimator=ranks"], "agvm.estimator")):
         why = unsupported(load_run_config(config, overrides, world_size=2))
         assert why is not None and why.startswith(key), (overrides, why)

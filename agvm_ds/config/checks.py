@@ -94,6 +94,8 @@ def check_world(run: "RunConfig") -> None:
     data = run.data
     if data.root is None:
         want = SYNTHETIC_CLASSES + (1 if data.task == "semantic" else 0)
+        if data.task == "semantic" and data.semantic_classes is not None:
+            want = data.semantic_classes  # the dataset takes the count it is given
         if run.model.num_classes != want:
             raise ConfigError(f"model.num_classes: {run.model.num_classes} but the embedded benchmark "
                               f"(data.root: null, task {data.task!r}) has {want} classes")
