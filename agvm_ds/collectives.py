@@ -78,6 +78,18 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum(t).div_(n)
 
 
+def all_gather(t: torch.Tensor, group=None) -> list[torch.Tensor]:
+    """Every rank's ``t`` (same shape on every rank of ``group``; ``None``: the default
+    group), in rank order, on the collective device."""
+    n = world() if group is None else dist.get_world_size(group)
+    if n == 1:
+        return [t]
+    src = _on_device(t)
+    parts = [torch.empty_like(src) for _ in range(n)]
+    dist.all_gather(parts, src, group=group)
+    return parts
+
+
 def barrier() -> None:
     if world() > 1:
         dist.barrier()

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from agvm_ds import bruteforce as bf
+from agvm_ds import collectives
 from agvm_ds.config.base import ConfigError
 from agvm_ds.config.run import BATCH_KEYS, resolve_batch
 
@@ -161,7 +162,6 @@ def averaged_grads(engine, names) -> dict:
 
 
 def _zero12_grads(zo) -> dict:
-    import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
     out = {}
@@ -179,10 +179,7 @@ def _zero12_grads(zo) -> dict:
         part = part.to(get_accelerator().current_device_name())  # offload keeps it on the CPU; NCCL needs the device
         if part.numel() != ps:
             raise RuntimeError(f"selfcheck: ZeRO partition {gi} holds {part.numel()} elements, expected {ps}")
-        group = zo.real_dp_process_group[gi]
-        parts = [torch.empty_like(part) for _ in range(dist.get_world_size(group=group))]
-        dist.all_gather(parts, part.contiguous(), group=group)
-        full = torch.cat(parts)
+        full = torch.cat(collectives.all_gather(part, group=zo.real_dp_process_group[gi]))
         for p, off in zip(params, zo.round_robin_bit16_offsets[gi]):
             out[id(p)] = full[int(off):int(off) + p.numel()]
     return out
@@ -255,12 +252,10 @@ def run(cfg: dict, rank: int, world: int, steps: int = 4) -> list[tuple[bool, fl
     allsteps, plain = {}, {}
     for t, micro in sorted(rec.steps.items()):
         flat = torch.stack([torch.cat([mb[n] for n in names]) for mb in micro])  # [gas, P]
-        parts = [torch.empty_like(flat) for _ in range(world)]
-        dist.all_gather(parts, flat.contiguous())
+        parts = collectives.all_gather(flat)
         sizes = [rec.numel[n] for n in names]
         allsteps[t] = {(r, k): dict(zip(names, parts[r][k].split(sizes))) for r in range(world) for k in range(gas)}
-        summed = flat.sum(0)
-        dist.all_reduce(summed)
+        summed = collectives.all_reduce_sum(flat.sum(0))
         plain[t] = dict(zip(names, (summed / world).split(sizes)))
     return bf.compare(allsteps, plain, ds_grads, reports, skipped, world, gas, estimator, owner, anchor,
                       cfg["agvm"], adam, unit, steps)
@@ -300,7 +295,7 @@ def selfcheck(run_dict: dict, rank: int, world: int, steps: int = 4, say=print) 
             say(f"{'ok  ' if ok else 'FAIL'} {line}")
     code = 0 if all(ok for ok, *_ in results) else 1
     if dist.is_initialized():
-        dist.barrier()
+        collectives.barrier()
     return code
 
 

@@ -129,6 +129,9 @@ def main(argv: list[str] | None = None, console=None) -> int:
             console.log_exception()  # the traceback goes to this rank's log only
             print(f"[agvm-ds] rank {rank} stopped: another rank failed (its error line follows); "
                   f"traceback in {console.path}", file=sys.stderr, flush=True)
+            # stay up until the failing rank has printed (it waits LAST_WORD_S): exiting now
+            # would let the launcher stop it before its line is out; its exit ends the wait
+            time.sleep(ERROR_GRACE_S)
             code = 1
         ok = code == 0
         return code
@@ -149,9 +152,11 @@ def one_line(err: BaseException) -> str:
 def peer_failed(err: BaseException) -> bool:
     """Whether ``err`` is a collective that failed because another rank went away (gloo /
     NCCL report a closed or reset connection, or a process group that is gone)."""
-    import torch.distributed as tdist
-
-    if isinstance(err, getattr(tdist, "DistError", ())):
+    try:
+        from torch.distributed import DistError
+    except ImportError:  # an older torch
+        DistError = ()
+    if isinstance(err, DistError):
         return True
     text = str(err).lower()
     return any(s in text for s in ("connection closed by peer", "connection reset by peer", "broken pipe",

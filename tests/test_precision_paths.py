@@ -311,7 +311,7 @@ def test_bf16_fp32_accumulation_without_zero_is_refused_before_startup():
     # no process group exists here: the refusal must come before DeepSpeed starts
     with pytest.raises(ConfigError, match=r"^data_types\.grad_accum_dtype: 'fp32' .*zero_optimization\.stage"):
         agvm_ds.initialize(model=build_model(), config=cfg, modules=MODULES)
-    run = {**cfg, "model": {"spec": "models/retinanet_uninet_tiny.json", "num_classes": 3}, "train": {"max_steps": 1},
+    run = {**cfg, "model": {"spec": "models/retinanet_uninet_tiny.json", "num_classes": 6}, "train": {"max_steps": 1},
            "gradient_clipping": 0.0}
     run.pop("agvm")
     with pytest.raises(ConfigError, match=r"^data_types\.grad_accum_dtype"):
