@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None, console=None) -> int:
             console.log_exception()  # the traceback goes to this rank's log only
             print(f"[agvm-ds] rank {rank} stopped: another rank failed (its error line follows); "
                   f"traceback in {console.path}", file=sys.stderr, flush=True)
+            time.sleep(2 * LAST_WORD_S)  # the failing rank's line first; the launcher stops us then
             code = 1
         ok = code == 0
         return code
