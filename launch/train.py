@@ -129,9 +129,7 @@ def main(argv: list[str] | None = None, console=None) -> int:
             console.log_exception()  # the traceback goes to this rank's log only
             print(f"[agvm-ds] rank {rank} stopped: another rank failed (its error line follows); "
                   f"traceback in {console.path}", file=sys.stderr, flush=True)
-            # stay up until the failing rank has printed (it waits LAST_WORD_S): exiting now
-            # would let the launcher stop it before its line is out; its exit ends the wait
-            time.sleep(ERROR_GRACE_S)
+            time.sleep(2 * LAST_WORD_S)  # the failing rank's line first; the launcher stops us then
             code = 1
         ok = code == 0
         return code
@@ -152,11 +150,9 @@ def one_line(err: BaseException) -> str:
 def peer_failed(err: BaseException) -> bool:
     """Whether ``err`` is a collective that failed because another rank went away (gloo /
     NCCL report a closed or reset connection, or a process group that is gone)."""
-    try:
-        from torch.distributed import DistError
-    except ImportError:  # an older torch
-        DistError = ()
-    if isinstance(err, DistError):
+    import torch.distributed as tdist
+
+    if isinstance(err, getattr(tdist, "DistError", ())):
         return True
     text = str(err).lower()
     return any(s in text for s in ("connection closed by peer", "connection reset by peer", "broken pipe",

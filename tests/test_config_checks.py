@@ -28,6 +28,16 @@ from agvm_ds.config.run import validate_run_dict
 from train_helpers import REPO, TINY
 
 
+def _launch_script(name: str):
+    """``launch/<name>.py`` as a module (not put on sys.path: its name is not unique)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_launch_{name}", REPO / "launch" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _check(tmp_path, mutate=None, world_size=2):
     raw = copy.deepcopy(TINY)
     if mutate is not None:
@@ -177,8 +187,7 @@ def test_spec_not_found_names_each_place_once(tmp_path):
 
 
 def test_partition_json_is_the_only_stdout_and_a_bad_agvm_section_exits_2(tmp_path, capsys, monkeypatch):
-    sys.path.insert(0, str(REPO / "launch"))
-    import partition
+    partition = _launch_script("partition")
 
     import agvm_ds.report
 
@@ -212,8 +221,7 @@ def test_partition_json_is_the_only_stdout_and_a_bad_agvm_section_exits_2(tmp_pa
 def test_a_data_error_from_a_loader_worker_is_one_line():
     """A DataLoader worker re-raises a rank's DatasetError with the worker's traceback in the
     message; the launcher's ``error:`` line keeps only the original message (item 6)."""
-    sys.path.insert(0, str(REPO / "launch"))
-    import train as launch_train
+    launch_train = _launch_script("train")
 
     from agvm_ds.data.errors import DatasetError
 
