@@ -150,9 +150,11 @@ def one_line(err: BaseException) -> str:
 def peer_failed(err: BaseException) -> bool:
     """Whether ``err`` is a collective that failed because another rank went away (gloo /
     NCCL report a closed or reset connection, or a process group that is gone)."""
-    import torch.distributed as tdist
-
-    if isinstance(err, getattr(tdist, "DistError", ())):
+    try:
+        from torch.distributed import DistError
+    except ImportError:  # an older torch
+        DistError = ()
+    if isinstance(err, DistError):
         return True
     text = str(err).lower()
     return any(s in text for s in ("connection closed by peer", "connection reset by peer", "broken pipe",
