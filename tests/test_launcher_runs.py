@@ -166,7 +166,10 @@ def test_a_rank_dying_mid_run_has_the_last_word_and_a_run_without_agvm_steps_say
     assert ours[-2].startswith("[agvm-ds] rank 0 stopped: another rank failed"), ours
     # no rank's traceback on the console (torchrun's own failure report is the launcher's)
     assert 'launch/train.py", line' not in proc.stderr + proc.stdout, tail(proc)
-    assert "Connection closed by peer" in (tmp_path / "out" / "log_rank0.txt").read_text()
+    # rank 0's collective traceback is in its log; gloo words the failure differently with
+    # timing ("Connection closed by peer", or a wait on the remote worker that gives up)
+    log0 = (tmp_path / "out" / "log_rank0.txt").read_text()
+    assert "Traceback (most recent call last)" in log0 and ("gloo" in log0.lower() or "peer" in log0.lower()), log0[-2000:]
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: agvm.start_step")]
     assert len(warnings) == 1 and "99" in warnings[0] and "3 steps" in warnings[0], proc.stderr
     assert "AGVM never active" in proc.stdout
