@@ -30,6 +30,7 @@ from typing import Callable, Optional
 from agvm_ds.config.agvm import choose_estimator
 from agvm_ds.errors import ConfigError
 
+
 def resolve_estimator(configured: str, grad_accum: Optional[int], world: Optional[int]) -> str:
     """The split a run with ``grad_accum`` micro-batches per step on ``world`` ranks measures
     with (:func:`agvm_ds.config.agvm.choose_estimator`, the one place the choice is made), or
