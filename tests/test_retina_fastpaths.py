@@ -150,6 +150,17 @@ def tower_reference(tower, x):
     return x
 
 
+def naive_giou_pair(p, q):
+    """GIoU of two xyxy boxes from the definition: IoU minus the hull's uncovered fraction."""
+    iw = (torch.minimum(p[2], q[2]) - torch.maximum(p[0], q[0])).clamp(min=0)
+    ih = (torch.minimum(p[3], q[3]) - torch.maximum(p[1], q[1])).clamp(min=0)
+    inter = iw * ih
+    union = (p[2] - p[0]) * (p[3] - p[1]) + (q[2] - q[0]) * (q[3] - q[1]) - inter
+    hull = (torch.maximum(p[2], q[2]) - torch.minimum(p[0], q[0])) * (
+        torch.maximum(p[3], q[3]) - torch.minimum(p[1], q[1]))
+    return inter / union - (hull - union) / hull
+
+
 def reference_losses(head, feats, targets):
     """RetinaNet's training loss written per image: naive IoU and matching, a one-hot
     target, autograd focal loss, smooth-L1 on the encoded foreground boxes."""
@@ -176,14 +187,20 @@ def reference_losses(head, feats, targets):
                                                  s.focal_alpha, s.focal_gamma)
         if fg:
             a, gi = [j for j, _ in fg], [g_ for _, g_ in fg]
-            target = head.coder.encode(anchors[a], t["boxes"][gi].to(anchors.dtype))
-            loss_box = loss_box + smooth_l1_loss(deltas[i, a], target, s.smooth_l1_beta)
+            if s.box_loss == "giou":
+                pred = head.coder.decode(deltas[i, a], anchors[a])
+                for p_, q_ in zip(pred, t["boxes"][gi].to(anchors.dtype)):
+                    loss_box = loss_box + 1 - naive_giou_pair(p_, q_)
+            else:
+                target = head.coder.encode(anchors[a], t["boxes"][gi].to(anchors.dtype))
+                loss_box = loss_box + smooth_l1_loss(deltas[i, a], target, s.smooth_l1_beta)
         n_fg += len(fg)
     return {"loss_cls": loss_cls / max(n_fg, 1), "loss_box": loss_box / max(n_fg, 1)}
 
 
-def test_retina_head_losses_match_per_image_reference():
-    spec = load_spec("models/retinanet_uninet_tiny.json")
+@pytest.mark.parametrize("box_loss", ["smooth_l1", "giou"])
+def test_retina_head_losses_match_per_image_reference(box_loss):
+    spec = load_spec("models/retinanet_uninet_tiny.json", {"head.box_loss": box_loss})
     torch.manual_seed(5)
     head = RetinaHead(spec.head, 16, [8, 16, 32], 5)
     for m in head.modules():  # larger weights than the init, so the towers' ReLUs clip
