@@ -150,6 +150,18 @@ def tower_reference(tower, x):
     return x
 
 
+def naive_decode(d, a, weights, clamp):
+    """One xyxy box from deltas ``(dx, dy, dw, dh)`` on anchor ``a``: centre shifted by
+    ``dx * width``, sides scaled by ``exp(dw)``, each delta divided by its weight, ``dw`` and
+    ``dh`` capped at ``clamp`` (log(1000/16), as in Detectron)."""
+    wx, wy, ww, wh = weights
+    aw, ah = a[2] - a[0], a[3] - a[1]
+    cx, cy = a[0] + aw / 2 + d[0] / wx * aw, a[1] + ah / 2 + d[1] / wy * ah
+    w = torch.exp(torch.clamp(d[2] / ww, max=clamp)) * aw
+    h = torch.exp(torch.clamp(d[3] / wh, max=clamp)) * ah
+    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
+
+
 def naive_giou_pair(p, q):
     """GIoU of two xyxy boxes from the definition: IoU minus the hull's uncovered fraction."""
     iw = (torch.minimum(p[2], q[2]) - torch.maximum(p[0], q[0])).clamp(min=0)
@@ -188,9 +200,10 @@ def reference_losses(head, feats, targets):
         if fg:
             a, gi = [j for j, _ in fg], [g_ for _, g_ in fg]
             if s.box_loss == "giou":
-                pred = head.coder.decode(deltas[i, a], anchors[a])
-                for p_, q_ in zip(pred, t["boxes"][gi].to(anchors.dtype)):
-                    loss_box = loss_box + 1 - naive_giou_pair(p_, q_)
+                c = head.coder
+                for d_, a_, q_ in zip(deltas[i, a], anchors[a], t["boxes"][gi].to(anchors.dtype)):
+                    box = naive_decode(d_, a_, c.weights, c.scale_clamp)
+                    loss_box = loss_box + 1 - naive_giou_pair(box, q_)
             else:
                 target = head.coder.encode(anchors[a], t["boxes"][gi].to(anchors.dtype))
                 loss_box = loss_box + smooth_l1_loss(deltas[i, a], target, s.smooth_l1_beta)
@@ -201,6 +214,7 @@ def reference_losses(head, feats, targets):
 @pytest.mark.parametrize("box_loss", ["smooth_l1", "giou"])
 def test_retina_head_losses_match_per_image_reference(box_loss):
     spec = load_spec("models/retinanet_uninet_tiny.json", {"head.box_loss": box_loss})
+    assert spec.head.box_loss == box_loss
     torch.manual_seed(5)
     head = RetinaHead(spec.head, 16, [8, 16, 32], 5)
     for m in head.modules():  # larger weights than the init, so the towers' ReLUs clip

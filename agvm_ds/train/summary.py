@@ -3,9 +3,9 @@
 Printed by rank 0 after the last step, the final checkpoint and the final evaluation
 (:func:`agvm_ds.train.loop.train`)::
 
-    [agvm-ds] done: 900 steps in 187.3 s of training (208 ms/step), 231.0 s since start
-    [agvm-ds] final μ (update at step 891): backbone 1.000 (anchor), neck 1.423, head 1.871
-    [agvm-ds] eval at step 900: bbox_AP=0.5610, bbox_AP50=0.7640, bbox_AP75=0.6012
+    [agvm-ds] done: 900 steps in 158.7 s of training (176 ms/step), 180.1 s since start
+    [agvm-ds] final μ (update at step 890): backbone 1.000 (anchor), neck 1.023, head 1.052
+    [agvm-ds] eval at step 900: bbox_AP=0.6386, bbox_AP50=0.8292, bbox_AP75=0.7461
     [agvm-ds] checkpoint: runs/quickstart/checkpoints/step_0000900
     [agvm-ds] outputs in runs/quickstart
 
