@@ -9,7 +9,6 @@ annotated box: the anchors at IoU >= ``fg_iou`` per level (what the matcher make
 besides low-quality matches), the boxes that no anchor reaches at ``fg_iou`` (trained only
 through their single best anchor), and the level holding each box's best anchor. Anchors
 are laid on a ``--size`` x ``--size`` image, as the quickstart's fixed-size inputs are.
-IoU is computed here from the definition, not with the package's box ops.
 """
 
 from __future__ import annotations
@@ -25,17 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def iou(boxes: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
-    lt = torch.maximum(boxes[:, None, :2], anchors[None, :, :2])
-    rb = torch.minimum(boxes[:, None, 2:], anchors[None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # noqa: E731
-    return inter / (area(boxes)[:, None] + area(anchors)[None, :] - inter)
-
-
 def main(argv=None) -> int:
     from agvm_ds.config.spec import load_spec
     from agvm_ds.models.build import build_model
+    from agvm_ds.ops import box_iou
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ann", required=True, help="COCO instances JSON")
@@ -57,7 +49,7 @@ def main(argv=None) -> int:
             feats = model.neck(model.backbone(torch.zeros(1, 3, args.size, args.size)))
         per_level = [a.to(torch.float64) for a in head.anchors(feats)]
         level = torch.cat([torch.full((len(a),), i) for i, a in enumerate(per_level)])
-        m = iou(boxes, torch.cat(per_level))
+        m = box_iou(boxes, torch.cat(per_level))
         fg = m >= spec.head.fg_iou
         sizes = [f"{min((a[:, 2] - a[:, 0]).min().item(), (a[:, 3] - a[:, 1]).min().item()):.0f}-"
                  f"{max((a[:, 2] - a[:, 0]).max().item(), (a[:, 3] - a[:, 1]).max().item()):.0f}" for a in per_level]
