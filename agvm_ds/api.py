@@ -27,8 +27,8 @@ from agvm_ds.config.agvm import AGVMConfig
 from agvm_ds.config.base import ConfigError, parse_section
 from agvm_ds.config.checks import check_finite
 from agvm_ds.config.files import OWN_SECTIONS, read_json, strip_comments
-from agvm_ds.config.run import check_precision, resolve_batch
-from agvm_ds.config.support import check_supported, version_warning
+from agvm_ds.config.preflight import Preflight, check_optimizer_section, preflight
+from agvm_ds.config.run import resolve_batch
 from agvm_ds.core.modulator import Modulator
 from agvm_ds.core.optimizer import AGVM
 from agvm_ds.layouts import GENERIC
@@ -89,9 +89,10 @@ def initialize(model: torch.nn.Module, config, modules: dict | Partition | None 
             resolved run without a dict round trip.
     Raises:
         ConfigError: a bad ``agvm``/``optimizer`` section or partition, or DeepSpeed settings
-            AGVM cannot measure exactly (:mod:`agvm_ds.config.support`: optimizer offload,
-            ZeRO-1 ``overlap_comm`` with the ``ranks`` split …) — one line naming the key,
-            raised before ``deepspeed.initialize`` builds anything.
+            AGVM cannot measure exactly (:mod:`agvm_ds.config.preflight`: a key of
+            DeepSpeed's schema nobody measured, NVMe offload, ``gradient_allreduce_op: sum``,
+            ZeRO-0 fp16 …) — one line naming the key, raised before ``deepspeed.initialize``
+            builds anything.
 
     Note:
         DeepSpeed 0.19 clips the global gradient norm at 1.0 when ``gradient_clipping`` is
@@ -104,11 +105,11 @@ def initialize(model: torch.nn.Module, config, modules: dict | Partition | None 
     cfg = read_config(config)
     check_finite(cfg)  # NaN / infinity anywhere (Python's JSON reader accepts them)
     agvm_cfg = read_agvm_section(cfg, agvm)
-    check_precision(cfg)  # DeepSpeed would refuse these only from deep inside initialize
     norm_bias_decay = launcher_sections(cfg, norm_bias_decay)
-    check_deepspeed_support(cfg, agvm_cfg)
+    checked = check_deepspeed_support(cfg, agvm_cfg)
     opt_section = cfg.pop("optimizer", None)
-    row, precondition = check_base_optimizer(opt_section, cfg, agvm_cfg)
+    row = checked.optimizer
+    precondition = row if checked.precondition == "adam" else None  # the row names the second moment, β2, eps
     partition = build_partition(model, modules, agvm_cfg)
     groups = build_param_groups(model, partition, opt_section, model_parameters, norm_bias_decay)
     base = registry.build(row, opt_section, groups)
@@ -131,15 +132,13 @@ def initialize(model: torch.nn.Module, config, modules: dict | Partition | None 
     return engine, opt, loader, sched
 
 
-def check_deepspeed_support(cfg: dict, agvm_cfg: AGVMConfig) -> None:
-    """Refuse, before DeepSpeed builds anything, what AGVM cannot run exactly: an
-    ``agvm.estimator`` that cannot split this run (e.g. ``micro`` with one micro-batch on one
-    rank) and the settings of :mod:`agvm_ds.config.support` — the checks the launcher's config
-    check makes — at the world size this process group has or the launcher announced
-    (``WORLD_SIZE``). The accumulation count comes from the batch keys as DeepSpeed derives
-    it; inconsistent batch keys are left to DeepSpeed's own check."""
-    if not agvm_cfg.enabled:
-        return
+def check_deepspeed_support(cfg: dict, agvm_cfg: AGVMConfig) -> Preflight:
+    """The one preflight (:mod:`agvm_ds.config.preflight`: the allow-list over DeepSpeed's
+    schema, DeepSpeed's own parse, the estimator's split, the support table, the base
+    optimizer) at the world size this process group has or the launcher announced
+    (``WORLD_SIZE``), before DeepSpeed builds anything — the checks the launcher's config
+    check makes. The accumulation count comes from the batch keys as DeepSpeed derives it;
+    inconsistent batch keys are left to DeepSpeed's own check. Warnings are logged once."""
     from agvm_ds import collectives
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -147,15 +146,17 @@ def check_deepspeed_support(cfg: dict, agvm_cfg: AGVMConfig) -> None:
     else:
         env = os.environ.get("WORLD_SIZE", "")
         world = int(env) if env.isdigit() else 1
+    check_optimizer_section(cfg.get("optimizer"))
     ds = copy.deepcopy(cfg)
     try:
         resolve_batch(ds, world)
     except ConfigError:
         ds.pop("gradient_accumulation_steps", None)  # DeepSpeed will refuse the batch keys itself
-    check_supported(ds, agvm_cfg.estimator, world, agvm_cfg.enabled)
-    untested = version_warning()
-    if untested and collectives.rank() == 0:
-        logging.getLogger("agvm_ds").warning(untested)
+    checked = preflight(ds, agvm_cfg, world)
+    if collectives.rank() == 0:
+        for line in checked.warnings:
+            logging.getLogger("agvm_ds").warning(line)
+    return checked
 
 
 def launcher_sections(cfg: dict, norm_bias_decay: bool | None) -> bool:
@@ -195,20 +196,6 @@ def flush_subnormals() -> bool:
     if os.environ.get("AGVM_DS_FLUSH_DENORMAL", "1") == "0":
         return False
     return bool(torch.set_flush_denormal(True))
-
-
-def check_base_optimizer(opt_section, cfg: dict, agvm_cfg: AGVMConfig):
-    """The registry row of the base optimizer, and the row again when Φ is taken on
-    Adam-preconditioned halves (None otherwise): refused when the base is wrong under this
-    ZeRO stage or cannot honour ``agvm.precondition`` (as the launcher's config check does)."""
-    if opt_section is None:
-        raise ConfigError("optimizer: the section is required (it names AGVM's base optimizer)")
-    if not isinstance(opt_section, dict) or not isinstance(opt_section.get("type"), str):
-        raise ConfigError("optimizer.type: name the base optimizer (e.g. \"SGD\" or \"AdamW\")")
-    row = registry.find(opt_section["type"])
-    mode = registry.check(row, opt_section.get("params"), registry.zero_stage(cfg),
-                          agvm_cfg.precondition if agvm_cfg.enabled else "none")
-    return row, (row if mode == "adam" else None)  # the row names the second moment, β2, eps
 
 
 def build_partition(model: torch.nn.Module, modules, agvm_cfg: AGVMConfig) -> Partition:

@@ -31,6 +31,7 @@ from torch import nn
 
 from agvm_ds.models.build import assign_modules, partition_problems
 from agvm_ds.partition import PartitionError, infer_partition, param_groups, resolve_partition
+from agvm_ds.zero.settings import BATCH_KEYS, parse, precision_of, zero_stage
 
 __all__ = ["optimizer_state_bytes", "zero_memory", "partition_report", "format_report"]
 
@@ -50,11 +51,8 @@ def optimizer_state_bytes(opt: dict | None) -> tuple[int, str]:
 
 
 def _precision(ds: dict) -> str:
-    if (ds.get("bf16") or {}).get("enabled", False) or (ds.get("bfloat16") or {}).get("enabled", False):
-        return "bf16"
-    if (ds.get("fp16") or {}).get("enabled", False):
-        return "fp16"
-    return "fp32"
+    """The weights' dtype (``fp32``, ``bf16`` or ``fp16``) as DeepSpeed reads the sections."""
+    return precision_of(parse(ds)).weights
 
 
 def zero_memory(num_params: int, world_size: int, precision: str, opt_state: int,
@@ -80,6 +78,8 @@ def agvm_update_step_bytes(ds_config: dict, num_params: int, largest_param: int,
     ``stream_buffers`` (0 where nothing is streamed); empty when AGVM is off."""
     from agvm_ds.config.agvm import AGVMConfig
     from agvm_ds.config.base import parse_section
+    from agvm_ds.config.run import resolve_batch
+    from agvm_ds.errors import ConfigError
     from agvm_ds.core.estimators import build_estimator
     from agvm_ds.core.reducer import buffer_elements, default_bucket_size
 
@@ -87,18 +87,22 @@ def agvm_update_step_bytes(ds_config: dict, num_params: int, largest_param: int,
     if not agvm.enabled:
         return {}
     n = max(int(world_size), 1)
-    zero = ds_config.get("zero_optimization") or {}
-    stage = int(zero.get("stage", 0))
-    gas = int(ds_config.get("gradient_accumulation_steps", 1) or 1)
+    stage = zero_stage(ds_config)
+    # the accumulation count at this world size, as the launcher derives it (never a default)
+    batch = {k: ds_config[k] for k in BATCH_KEYS if k in ds_config}
+    if "gradient_accumulation_steps" not in batch:
+        try:
+            resolve_batch(batch, n)
+        except ConfigError as err:  # no batch keys (a --model report): no accumulation count to assume
+            return {"refused": str(err)}
+    gas = int(batch["gradient_accumulation_steps"])
     try:
         estimator = build_estimator(agvm, gas, n, 0, announce=False)
     except ValueError as err:  # the run itself would be refused at start-up
         return {"refused": str(err)}
     bucket = agvm.bucket_size
     if bucket is None:
-        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-
-        rbs = zero.get("reduce_bucket_size", DeepSpeedZeroConfig.model_fields["reduce_bucket_size"].default)
+        rbs = parse(ds_config).zero_config.reduce_bucket_size
         bucket = default_bucket_size(int(float(rbs)), largest_param)
     # ZeRO-2/3 reduce every micro-step, so micro copies its snapshot instead of streaming
     streams = estimator.streams(reduces_every_micro_step=stage >= 2)
@@ -149,8 +153,8 @@ def partition_report(model: nn.Module, ds_config: dict | None = None, world_size
     trainable = int(sum(p.numel() for p in params.values() if p.requires_grad))
     precision = _precision(ds_config)
     opt_bytes, opt_name = optimizer_state_bytes(opt)
-    grad_fp32 = str((ds_config.get("data_types") or {}).get("grad_accum_dtype", "")).lower() in ("fp32", "float32")
-    stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+    grad_fp32 = precision_of(parse(ds_config)).accum == "fp32"
+    stage = zero_stage(ds_config)
     return {
         "model": getattr(getattr(model, "spec", None), "name", type(model).__name__),
         "architecture": getattr(getattr(model, "spec", None), "architecture", None),

@@ -5,9 +5,10 @@ Run it under a launcher with the run file you train with::
     deepspeed --num_gpus 8 --module agvm_ds.selfcheck --deepspeed_config ds_configs/X.json
     torchrun --nproc_per_node 8 -m agvm_ds.selfcheck --deepspeed_config ds_configs/X.json
 
-It keeps the run file's DeepSpeed sections (ZeRO stage, offload, buckets, overlap_comm,
-precision, accumulation, micro-batch, communication dtype), the ``agvm`` section's estimator
-and preconditioning and the base optimizer, at the job's world size; replaces the model by
+It runs the run file's whole DeepSpeed config (every key; only the micro batch is capped and
+inert logging/file sections are left out, each named in its first line), the ``agvm``
+section's estimator and preconditioning and the base optimizer, at the job's world size;
+replaces the model by
 a small built-in one whose head is shared by three "FPN levels" (a parameter used several
 times per step, as detection heads are); runs a few steps with AGVM updating every step;
 and compares
@@ -38,14 +39,18 @@ from torch import nn
 from agvm_ds import bruteforce as bf
 from agvm_ds import collectives
 from agvm_ds.config.base import ConfigError
-from agvm_ds.config.run import BATCH_KEYS, resolve_batch
+from agvm_ds.config.files import OWN_SECTIONS
+from agvm_ds.config.preflight import check_optimizer_section
+from agvm_ds.config.run import resolve_batch
+from agvm_ds.zero.settings import BATCH_KEYS, parse, precision_of, zero_stage
 
 MODULES = {"backbone": ["backbone."], "neck": ["neck."], "head": ["head."]}
 IN, HID, OUT, LEVELS = 6, 16, 3, 3
-#: the DeepSpeed keys kept from the run file; everything else is the self-check's own
-KEPT = ("zero_optimization", "bf16", "fp16", "torch_autocast", "data_types", "gradient_accumulation_steps",
-        "train_micro_batch_size_per_gpu", "communication_data_type", "prescale_gradients",
-        "gradient_predivide_factor", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer")
+#: inert sections (agvm_ds.zero.schema) the self-check leaves out: they write files or logs
+#: (monitors, profilers, checkpoint options) or schedule the lr, and move no gradient
+DROPPED = ("tensorboard", "wandb", "csv_monitor", "comet", "flops_profiler", "comms_logger", "scheduler",
+           "checkpoint", "autotuning", "steps_per_print", "wall_clock_breakdown", "memory_breakdown", "dump_state")
+MICRO_CAP = 8
 UNIT = {torch.bfloat16: 2.0 ** -9, torch.float16: 2.0 ** -11}
 
 
@@ -70,25 +75,40 @@ def batch(step: int, rank: int, micro: int, bs: int):
 
 
 def selfcheck_config(run: dict, world: int) -> dict:
-    """The DeepSpeed config the self-check runs: the run file's gradient-path sections, the
-    base optimizer, AGVM updating every step from step 1, no clipping."""
-    if not isinstance(run.get("optimizer"), dict) or not isinstance(run["optimizer"].get("type"), str):
-        raise ConfigError("optimizer.type: name the base optimizer (e.g. \"SGD\" or \"AdamW\")")
-    cfg = {k: copy.deepcopy(run[k]) for k in KEPT if k in run}
+    """The DeepSpeed config the self-check runs: the run file's *whole* DeepSpeed config
+    (every key, so the self-check measures what the job runs), with only these replaced: the
+    micro batch capped at :data:`MICRO_CAP` (the accumulation count the job has at this world
+    size kept), AGVM updating every step from step 1, and the inert sections of
+    :data:`DROPPED` left out. :func:`replaced` names each change."""
+    check_optimizer_section(run.get("optimizer"))
+    cfg = {k: copy.deepcopy(v) for k, v in run.items() if k not in OWN_SECTIONS and k not in DROPPED}
     # the accumulation count the job itself runs with at this world size (a file may give
     # only train_batch_size and the micro batch); the micro batch is capped, the count kept
     batch = {k: run[k] for k in BATCH_KEYS if k in run} or {"train_micro_batch_size_per_gpu": 4}
     resolve_batch(batch, world)
     gas = int(batch["gradient_accumulation_steps"])
-    cfg["train_micro_batch_size_per_gpu"] = min(int(batch["train_micro_batch_size_per_gpu"]), 8)
+    cfg["train_micro_batch_size_per_gpu"] = min(int(batch["train_micro_batch_size_per_gpu"]), MICRO_CAP)
     cfg["gradient_accumulation_steps"] = gas
     cfg["train_batch_size"] = cfg["train_micro_batch_size_per_gpu"] * gas * world
     cfg["optimizer"] = {"type": run["optimizer"]["type"], "params": dict(run["optimizer"].get("params", {}))}
     agvm = run.get("agvm") or {}
     cfg["agvm"] = {"enabled": True, "interval": 1, "start_step": 1, "momentum": 0.5,
                    **{k: agvm[k] for k in ("estimator", "precondition", "clamp", "eps", "bucket_size") if k in agvm}}
-    cfg.update(gradient_clipping=0.0, steps_per_print=10**9, wall_clock_breakdown=False)
+    cfg.update(steps_per_print=10**9, wall_clock_breakdown=False)
     return cfg
+
+
+def replaced(run: dict, cfg: dict) -> list[str]:
+    """What the self-check's config (:func:`selfcheck_config`) changed of the run file's
+    DeepSpeed config, one phrase each: nothing that moves gradients is dropped."""
+    out = []
+    micro = run.get("train_micro_batch_size_per_gpu")
+    if micro is not None and micro != cfg["train_micro_batch_size_per_gpu"]:
+        out.append(f"micro batch {micro} -> {cfg['train_micro_batch_size_per_gpu']}")
+    dropped = sorted(k for k in run if k in DROPPED and k not in ("steps_per_print", "wall_clock_breakdown"))
+    if dropped:
+        out.append(f"left out (inert: logs, files, lr schedule): {', '.join(dropped)}")
+    return out
 
 
 class Recorder:
@@ -236,7 +256,7 @@ def run(cfg: dict, rank: int, world: int, steps: int = 4) -> list[tuple[bool, fl
     anchor = engine.agvm.modulator.anchor
     estimator = cfg["agvm"].get("estimator", "micro")
     row = registry.find(cfg["optimizer"]["type"])
-    mode = registry.check(row, cfg["optimizer"]["params"], registry.zero_stage(cfg),
+    mode = registry.check(row, cfg["optimizer"]["params"], zero_stage(cfg),
                           cfg["agvm"].get("precondition", "auto"))
     adam = None
     if mode == "adam":
@@ -270,13 +290,12 @@ def registry_defaults(row) -> dict:
 
 
 def lowp(engine, cfg, dtype) -> bool:
-    """Whether gradients are summed or reduced in ``dtype`` anywhere on this path."""
-    name = {torch.bfloat16: ("bf16", "bfloat16"), torch.float16: ("fp16", "float16")}[dtype]
+    """Whether gradients are summed or reduced in ``dtype`` anywhere on this path (the
+    precision as :mod:`agvm_ds.zero.settings` reads the config)."""
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    prec = precision_of(parse({k: v for k, v in cfg.items() if k != "agvm"}))
     model = any(p.dtype == dtype for p in engine.module.parameters())
-    auto = (cfg.get("torch_autocast") or {}).get("enabled") and \
-        (cfg["torch_autocast"].get("dtype", "bfloat16").replace("torch.", "") in name)
-    comm = cfg.get("communication_data_type") in name
-    return bool(model or auto or comm)
+    return bool(model or prec.name == f"autocast-{name}" or prec.comm == name)
 
 
 def selfcheck(run_dict: dict, rank: int, world: int, steps: int = 4, say=print) -> int:
@@ -285,7 +304,11 @@ def selfcheck(run_dict: dict, rank: int, world: int, steps: int = 4, say=print) 
     import torch.distributed as dist
 
     try:
-        results = run(selfcheck_config(run_dict, world), rank, world, steps)
+        cfg = selfcheck_config(run_dict, world)
+        if rank == 0:
+            changes = replaced(run_dict, cfg)
+            say(f"runs the run file's DeepSpeed config{'; ' + '; '.join(changes) if changes else ' unchanged'}")
+        results = run(cfg, rank, world, steps)
     except ConfigError as err:  # the same verdict on every rank: one line for the job
         if rank == 0:
             say(f"error: {err}")

@@ -5,7 +5,7 @@ Every configuration is exact or refused — never silently different. This bench
 1. classifies every cell of the full product of :data:`FACTORS` without building an engine:
    *pruned* (DeepSpeed rejects it on this machine, or a switch DeepSpeed ignores at that
    stage makes it a duplicate of another cell — the reason is recorded), *refused* (agvm-ds's
-   own pre-engine checks, :mod:`agvm_ds.config.support` first, raise ``ConfigError``), or
+   own pre-engine checks, :mod:`agvm_ds.config.preflight`, raise ``ConfigError``), or
    runnable;
 2. runs a covering subset — every pair of factor values that some runnable cell has, at
    least once (a greedy pairwise covering array) plus the rows of issue 23's table — each
@@ -126,21 +126,15 @@ def ds_config(cell: dict) -> dict:
 
 def refused(cell: dict) -> str | None:
     """agvm-ds's pre-engine verdict (what ``agvm_ds.initialize`` checks before DeepSpeed)."""
-    from agvm_ds.api import check_base_optimizer, read_agvm_section
-    from agvm_ds.config.base import ConfigError
-    from agvm_ds.config.run import check_precision
-    from agvm_ds.config.support import refusal
+    from agvm_ds.api import read_agvm_section
+    from agvm_ds.config.preflight import preflight
+    from agvm_ds.errors import ConfigError
     from agvm_ds.selfcheck import selfcheck_config
 
-    cfg = selfcheck_config(ds_config(cell), cell["world"])
     try:
+        cfg = selfcheck_config(ds_config(cell), cell["world"])
         agvm = read_agvm_section(cfg, None)
-        check_precision(cfg)
-        ds = {k: v for k, v in cfg.items() if k not in ("agvm", "optimizer")}
-        why = refusal(ds, agvm.estimator, cell["world"], agvm.enabled)
-        if why:
-            return why
-        check_base_optimizer(cfg["optimizer"], ds, agvm)
+        preflight({k: v for k, v in cfg.items() if k != "agvm"}, agvm, cell["world"])
     except ConfigError as err:
         return str(err)
     return None
@@ -254,7 +248,7 @@ def write_doc(path: Path, total, prune, refuse, runnable, results, seconds, clas
     import deepspeed
     import torch
 
-    from agvm_ds.config.support import markdown
+    from agvm_ds.zero.support import markdown
 
     n_pruned, n_refused = sum(prune.values()), sum(refuse.values())
     verdicts = {v: sum(r["verdict"] == v for r in results) for v in ("exact", "refused", "THIRD KIND")}
@@ -308,7 +302,7 @@ def write_doc(path: Path, total, prune, refuse, runnable, results, seconds, clas
         else:
             detail = f"`{r.get('message', '')}`"
         L.append(f"{fmt_cell(r['cell'])} {r['verdict']} | {detail} | {r['seconds']} |")
-    L += ["", "## The support table (agvm_ds/config/support.py)", "", markdown(), ""]
+    L += ["", "## The support table (agvm_ds/zero/support.py)", "", markdown(), ""]
     path.write_text("\n".join(L))
 
 

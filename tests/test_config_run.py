@@ -97,7 +97,7 @@ def test_inconsistent_batch_keys(given, world, match):
     (lambda c: c["train"].update(max_steps=-1), r"train\.max_steps"),
     (lambda c: c["zero_optimization"].update(stgae=2), r"zero_optimization\.stgae"),
     (lambda c: c.update(zero_optimisation={"stage": 1}), r"zero_optimisation.*zero_optimization"),
-    (lambda c: c.pop("optimizer"), r"optimizer\.type"),
+    (lambda c: c.pop("optimizer"), r"optimizer: the section is required"),
     (lambda c: c["optimizer"]["params"].update(lr="fast"), r"optimizer\.params\.lr"),
     (lambda c: c.update(scheduler={"type": "WarmupLR"}), r"scheduler"),
     (lambda c: c.update(gradient_clipping=1.0), r"gradient_clipping"),

@@ -33,6 +33,9 @@ FORBIDDEN = {
     # the ground floor: DeepSpeed's flat partitions and the user-error type
     "zero_layout": ("config", "core", "optim", "train", "models", "data", "evaluation", "api", "partition"),
     "errors": ("config", "core", "optim", "train", "models", "data", "evaluation", "api", "partition"),
+    # DeepSpeed's settings, read once (issue 30): the one reader, the allow-list, the support table
+    "zero": ("config", "core", "optim", "train", "models", "data", "evaluation", "api", "partition", "inference",
+             "report", "selfcheck", "bruteforce"),
     # after training (issue 25): reads checkpoints and runs networks, never the training job
     "inference": ("train", "core", "api"),
 }
@@ -209,11 +212,11 @@ def _string_comparisons(path: Path, names: set[str]) -> list[int]:
 
 
 def test_the_estimator_name_is_compared_only_where_the_estimator_is_chosen():
-    # config.agvm.choose_estimator: the config check, the launcher and initialize all ask it
+    # zero.settings.choose_estimator: the config check, the launcher and initialize all ask it
     names = {"micro", "ranks"}  # ("auto" is also the name of other settings)
     found = {str(p.relative_to(REPO)): _string_comparisons(p, names) for p in PACKAGE.rglob("*.py")}
     found = {k: v for k, v in found.items() if v}
-    assert list(found) == ["agvm_ds/config/agvm.py"], found
+    assert list(found) == ["agvm_ds/zero/settings.py"], found
 
 
 def test_resolving_a_run_leaves_the_run_file_as_loaded(tmp_path):
@@ -239,3 +242,37 @@ def test_resolving_a_run_leaves_the_run_file_as_loaded(tmp_path):
         run.agvm.interval = 3  # the sections are frozen too
     with pytest.raises(dataclasses.FrozenInstanceError):
         run.agvm = resolved.agvm
+
+
+#: the keys that say where gradients live and in which dtype: read only in agvm_ds/zero/
+DEEPSPEED_SETTING_KEYS = {"zero_optimization", "bf16", "bfloat16", "fp16", "torch_autocast", "data_types",
+                          "grad_accum_dtype", "communication_data_type", "offload_optimizer", "offload_param",
+                          "stage"}
+
+
+def _setting_reads(path: Path) -> list[str]:
+    """``x["key"]`` / ``x.get("key")`` lookups of :data:`DEEPSPEED_SETTING_KEYS` in one file."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        key = None
+        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+            key = node.slice.value
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
+              and node.args and isinstance(node.args[0], ast.Constant)):
+            key = node.args[0].value
+        if key in DEEPSPEED_SETTING_KEYS:
+            out.append(f"{path.relative_to(REPO)}:{node.lineno}: reads {key!r}")
+    return out
+
+
+def test_the_zero_stage_and_precision_are_read_from_deepspeed_sections_in_one_room():
+    # issue 30: one reader of DeepSpeed's settings (agvm_ds/zero/settings.py); anywhere else a
+    # second reading could disagree with DeepSpeed's own (aliases, dtype spellings, defaults)
+    found = [hit for p in sorted(PACKAGE.rglob("*.py")) if _room(p, PACKAGE) != "zero" for hit in _setting_reads(p)]
+    assert found == []
+    planted = REPO / "tests" / "_planted_reader.py"
+    try:  # the check must see a reader planted outside the room
+        planted.write_text('def stage(ds):\n    return ds["zero_optimization"].get("stage", 0)\n')
+        assert len(_setting_reads(planted)) == 2
+    finally:
+        planted.unlink()

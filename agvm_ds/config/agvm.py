@@ -25,7 +25,7 @@ class AGVMConfig(ConfigModel):
 
     ``estimator``: ``"auto"`` (default) takes ``micro`` when a step has at least two
     micro-batches per rank and ``ranks`` when it has one micro-batch on two or more ranks
-    (:func:`choose_estimator`); a run with neither is refused, naming the fix. Every float
+    (:func:`agvm_ds.zero.settings.choose_estimator`); a run with neither is refused, naming the fix. Every float
     is finite (``allow_inf_nan`` is off for every config section).
     """
 
@@ -52,43 +52,3 @@ class AGVMConfig(ConfigModel):
         if lo > hi:
             raise ValueError(f"clamp lo ({lo}) must be <= hi ({hi})")
         return v
-
-
-def choose_estimator(name: str, grad_accum: int, world_size: int) -> tuple[str, bool]:
-    """The estimator ``agvm.estimator: name`` runs with at ``grad_accum`` micro-batches per
-    step and ``world_size`` data-parallel ranks, and whether that is ``micro`` falling back
-    to the ``ranks`` split (worth a log line). The one place the choice is made: the config
-    check (a run file checked for a world size), the launcher and ``agvm_ds.initialize``
-    (through :func:`agvm_ds.core.estimators.build_estimator`) all ask here.
-
-    Raises:
-        ValueError: no estimator of that name can split this run; the message starts
-            with ``agvm.estimator:`` and names the fix.
-    """
-    gas, world = int(grad_accum), int(world_size)
-    layout = f"gradient_accumulation_steps={gas} on {world} rank{'s' if world != 1 else ''}"
-    if name == "auto":
-        if gas >= 2:
-            return "micro", False
-        if world >= 2:
-            return "ranks", False
-        raise ValueError(f"agvm.estimator: 'auto' needs two gradient halves: at least 2 micro-batches per step "
-                         f"(gradient_accumulation_steps >= 2) or at least 2 data-parallel ranks; this run has "
-                         f"{layout}. Set train_batch_size to 2 x train_micro_batch_size_per_gpu and leave "
-                         f"gradient_accumulation_steps out (the accumulation count then follows the world "
-                         f"size), or set agvm.enabled: false")
-    if name == "micro":
-        if gas >= 2:
-            return "micro", False
-        if world >= 2:
-            return "ranks", True
-        raise ValueError(f"agvm.estimator: 'micro' needs gradient_accumulation_steps >= 2 on a single rank "
-                         f"(there is only one micro-batch to compare); this run has {layout}. Set "
-                         f"gradient_accumulation_steps to 2 or more (or train_batch_size to 2 x "
-                         f"train_micro_batch_size_per_gpu without gradient_accumulation_steps)")
-    if name == "ranks":
-        if world >= 2:
-            return "ranks", False
-        raise ValueError(f"agvm.estimator: 'ranks' needs at least 2 data-parallel ranks; this run has {layout}. "
-                         f"Use 'auto' or 'micro' with gradient_accumulation_steps >= 2, or launch 2 or more ranks")
-    raise ValueError(f"agvm.estimator: unknown estimator {name!r} (auto, micro or ranks)")

@@ -12,7 +12,7 @@ parsed (and the launcher, through it, before any heavy work):
   ``optimizer.params`` error here, not a traceback after the data and the model are built;
   with Adam-preconditioned halves its β2 must lie in (0, 1);
 * :func:`check_world` — what the launcher refuses for a given number of ranks: the AGVM
-  estimator that can split the run (:func:`agvm_ds.config.agvm.choose_estimator`), a
+  estimator that can split the run (:func:`agvm_ds.zero.settings.choose_estimator`), a
   synthetic training set smaller than one global batch, a class count the embedded
   benchmark does not have;
 * :func:`agvm_inactive` — a run whose AGVM would never scale a learning rate
@@ -30,7 +30,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Optional
 
-from agvm_ds.config.agvm import AGVMConfig, choose_estimator
+from agvm_ds.config.agvm import AGVMConfig
+from agvm_ds.zero.settings import choose_estimator
 from agvm_ds.config.base import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -3,10 +3,10 @@
 ``load_run_config(path, overrides)`` reads the JSON, applies ``--override key.path=value``
 (dotted path into the JSON, value JSON-parsed with a fallback to a plain string), drops
 comment keys (any key starting with ``_``, at any depth), validates the four agvm-ds
-sections with pydantic (``extra="forbid"``), checks DeepSpeed's batch keys and the base
-optimizer against :mod:`agvm_ds.optim.registry` (ZeRO stage, ``agvm.precondition``) and
-imports the package of every enabled DeepSpeed monitor (:func:`check_monitors`), refuses the
-DeepSpeed settings AGVM cannot measure exactly (:mod:`agvm_ds.config.support`), then runs
+sections with pydantic (``extra="forbid"``), checks DeepSpeed's batch keys, runs the one
+preflight (:mod:`agvm_ds.config.preflight`: the allow-list over DeepSpeed's schema, DeepSpeed's
+own parse, the support table, the estimator and the base optimizer), imports the package of
+every enabled DeepSpeed monitor (:func:`check_monitors`), then runs
 the checks across sections in :mod:`agvm_ds.config.checks` (no NaN/infinity anywhere, the
 base optimizer's own argument checks, what a given world size needs, AGVM that would never
 act) — all before any distributed work, so a bad file fails in about a second. Checked
@@ -24,12 +24,12 @@ Notes:
 
 Limitations:
     DeepSpeed ignores top-level keys it does not know. A key that is a near miss of a known
-    section (``zero_optimisation``) is an error here; any other unknown key only warns.
+    section (``zero_optimisation``) is an error here; any other unknown key only warns
+    (:func:`agvm_ds.zero.schema.check_keys`).
 """
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import os
 import sys
@@ -43,26 +43,9 @@ from agvm_ds.config.checks import check_finite, run_checks
 from agvm_ds.config.data import DataConfig
 from agvm_ds.config.files import OWN_SECTIONS, apply_override, read_json, strip_comments
 from agvm_ds.config.model import ModelConfig
-from agvm_ds.config.support import check_supported, version_warning
+from agvm_ds.config.preflight import Preflight, preflight
 from agvm_ds.config.train import TrainConfig
-BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu",
-              "gradient_accumulation_steps")
-# Top-level keys DeepSpeed 0.19 reads (used only to flag near-miss typos).
-DEEPSPEED_KEYS = frozenset("""
-train_batch_size train_micro_batch_size_per_gpu gradient_accumulation_steps optimizer
-scheduler fp16 bf16 bfloat16 amp torch_autocast zero_optimization
-zero_allow_untested_optimizer zero_force_ds_cpu_optimizer gradient_clipping
-prescale_gradients gradient_predivide_factor gradient_allreduce_op communication_data_type
-seq_parallel_communication_data_type steps_per_print wall_clock_breakdown memory_breakdown
-dump_state activation_checkpointing flops_profiler tensorboard wandb csv_monitor comet
-comms_logger checkpoint data_types dataloader_drop_last disable_allgather sparse_gradients
-elasticity aio nebula compression_training data_efficiency curriculum_learning pipeline
-tensor_parallel autotuning hybrid_engine timers compile graph_harvesting
-load_universal_checkpoint use_node_local_storage weight_quantization disable_python_gc
-log_level sparse_attention eigenvalue progressive_layer_drop quantize_training
-sequence_parallel_size zenflow
-""".split())
-
+from agvm_ds.zero.settings import BATCH_KEYS, zero_stage
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -81,6 +64,9 @@ class RunConfig:
     train: TrainConfig
     world_size: Optional[int] = None
     warnings: list[str] = field(default_factory=list)
+    #: what the preflight decided (agvm_ds.config.preflight): the parsed DeepSpeed setting,
+    #: the base optimizer's registry row and preconditioning
+    preflight: Optional[Preflight] = None
 
     @property
     def micro_batch(self) -> int:
@@ -96,7 +82,7 @@ class RunConfig:
 
     @property
     def zero_stage(self) -> int:
-        return int(self.deepspeed.get("zero_optimization", {}).get("stage", 0))
+        return self.preflight.stage if self.preflight is not None else zero_stage(self.deepspeed)
 
 
 def _positive_int(ds: dict, key: str) -> Optional[int]:
@@ -151,36 +137,6 @@ def resolve_batch(ds: dict, world_size: Optional[int]) -> Optional[int]:
     return ws
 
 
-_DTYPE_NAMES = {"fp32": ("fp32", "float32", "float", "torch.float32"),
-                "bf16": ("bf16", "bfloat16", "torch.bfloat16"),
-                "fp16": ("fp16", "float16", "half", "torch.float16")}
-
-
-def check_precision(ds: dict) -> None:
-    """Refuse, before start-up, the precision mixes DeepSpeed 0.19.8 has no optimizer for.
-
-    Without ZeRO, DeepSpeed accepts ``data_types.grad_accum_dtype`` only when it equals the
-    model's dtype (``_do_optimizer_sanity_check`` raises ``NotImplementedError`` otherwise,
-    from deep inside ``deepspeed.initialize``); bf16 weights with fp32 accumulation need ZeRO
-    stage >= 1 (stage 1 picks ``BF16_Optimizer``)."""
-    types = ds.get("data_types")
-    accum = types.get("grad_accum_dtype") if isinstance(types, dict) else None
-    if accum is None:
-        return
-    accum_name = next((k for k, names in _DTYPE_NAMES.items() if str(accum) in names), None)
-    if accum_name is None:
-        raise ConfigError(f"data_types.grad_accum_dtype: expected one of fp32, bf16, fp16, got {accum!r}")
-    zero = ds.get("zero_optimization")
-    stage = int(zero.get("stage", 0)) if isinstance(zero, dict) else int(bool(zero))
-    def enabled(key):
-        return isinstance(ds.get(key), dict) and bool(ds[key].get("enabled", False))
-
-    model = "fp16" if enabled("fp16") else "bf16" if enabled("bf16") or enabled("bfloat16") else "fp32"
-    if stage == 0 and accum_name != model:
-        raise ConfigError(f"data_types.grad_accum_dtype: {accum!r} differs from the {model} weights, which "
-                          f"DeepSpeed supports only under ZeRO (set zero_optimization.stage >= 1)")
-
-
 #: DeepSpeed monitor section -> (the modules DeepSpeed 0.19 imports for it, the pip extra,
 #: the minimum version DeepSpeed checks or None); csv_monitor needs nothing beyond DeepSpeed
 MONITOR_PACKAGES = {
@@ -226,26 +182,14 @@ def check_monitors(ds: dict) -> None:
                                       f"found {have}; pip install 'agvm-ds[{extra}]'")
 
 
-def _check_deepspeed_sections(ds: dict, train: TrainConfig, warnings: list[str]) -> None:
-    known = DEEPSPEED_KEYS | set(OWN_SECTIONS)
-    for key in ds:
-        if key in known:
-            continue
-        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
-        if close:
-            raise ConfigError(f"{key}: unknown top-level key (did you mean {close[0]!r}?)")
-        warnings.append(f"{key}: unknown top-level key, passed to DeepSpeed (which ignores it)")
-
+def _check_launcher_rules(ds: dict, train: TrainConfig) -> None:
+    """What the launcher adds to the preflight: a learning rate unless ``train.lr_scaling``
+    picks one, the schedule and the clipping owned by the ``train`` section."""
     opt = ds.get("optimizer")
-    if not isinstance(opt, dict) or not isinstance(opt.get("type"), str):
-        raise ConfigError("optimizer.type: name the base optimizer (SGD, AdamW, Lamb, Lars or "
-                          "any torch.optim class)")
-    params = opt.get("params", {})
-    if not isinstance(params, dict):
-        raise ConfigError("optimizer.params: must be an object")
-    lr = params.get("lr")
-    if train.lr_scaling is None and (isinstance(lr, bool) or not isinstance(lr, (int, float))
-                                     or lr <= 0):
+    params = opt.get("params", {}) if isinstance(opt, dict) else {}
+    lr = params.get("lr") if isinstance(params, dict) else None
+    if isinstance(opt, dict) and isinstance(params, dict) and train.lr_scaling is None and (
+            isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0):
         raise ConfigError(f"optimizer.params.lr: must be a positive number (or set "
                           f"train.lr_scaling), got {lr!r}")
     if "scheduler" in ds:
@@ -254,22 +198,6 @@ def _check_deepspeed_sections(ds: dict, train: TrainConfig, warnings: list[str])
     if train.grad_clip is not None and ds.get("gradient_clipping", 0.0) not in (0, 0.0):
         raise ConfigError("gradient_clipping: train.grad_clip owns clipping; set one of "
                           "gradient_clipping and train.grad_clip, not both")
-
-    zero = ds.get("zero_optimization")
-    if zero is not None:
-        if not isinstance(zero, dict):
-            raise ConfigError("zero_optimization: must be an object")
-        from pydantic import ValidationError
-
-        from agvm_ds.config.base import format_validation_error
-        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-
-        try:
-            DeepSpeedZeroConfig(**zero)
-        except ValidationError as err:
-            raise ConfigError(format_validation_error(err, "zero_optimization", DeepSpeedZeroConfig)) from None
-    check_precision(ds)
-    check_monitors(ds)
 
 
 def validate_run_dict(raw: dict, path: Path, world_size: Optional[int] = None) -> RunConfig:
@@ -286,21 +214,15 @@ def validate_run_dict(raw: dict, path: Path, world_size: Optional[int] = None) -
     model = parse_section(ModelConfig, raw.get("model"), "model")
     data = parse_section(DataConfig, raw.get("data"), "data")
     ds = {k: v for k, v in raw.items() if k not in OWN_SECTIONS}
-    warnings: list[str] = []
-    _check_deepspeed_sections(ds, train, warnings)
-    # The base optimizer against the registry: unknown names, whole-tensor optimizers under
-    # ZeRO >= 1 and an impossible agvm.precondition fail here, before any distributed work.
-    from agvm_ds.optim import registry
-
-    registry.check(registry.find(ds["optimizer"]["type"]), ds["optimizer"].get("params"),
-                   registry.zero_stage(ds), agvm.precondition if agvm.enabled else "none")
+    _check_launcher_rules(ds, train)
     ws = resolve_batch(ds, world_size)
-    # Exact or refused: the DeepSpeed settings AGVM cannot measure exactly, at this world size.
-    check_supported(ds, agvm.estimator, ws if world_size is not None else None, agvm.enabled)
-    if agvm.enabled and (untested := version_warning()):
-        warnings.append(untested)
+    # Exact or refused, once: the allow-list, DeepSpeed's own parse, the estimator's split at
+    # this world size, the support table and the base optimizer (agvm_ds.config.preflight)
+    checked = preflight(ds, agvm, ws if world_size is not None else None)
+    check_monitors(ds)
+    warnings = list(checked.warnings)
     run = RunConfig(path=path, name=path.stem, deepspeed=ds, agvm=agvm, model=model,
-                    data=data, train=train, world_size=ws, warnings=warnings)
+                    data=data, train=train, world_size=ws, warnings=warnings, preflight=checked)
     # the checks across sections, the world size and the base optimizer (config/checks.py)
     warnings.extend(run_checks(run))
     return run

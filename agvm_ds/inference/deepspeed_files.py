@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from agvm_ds.checkpoint_engine import CheckpointError, safe_load
+from agvm_ds.zero.settings import zero_stage
 
 MARKER = "agvm_ds_complete.json"
 _STAGE3_MODEL = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt$")
@@ -96,7 +97,7 @@ def read_weights(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict]
             raise CheckpointError(f"{files[0]}: has no 'module' state dict (not a DeepSpeed "
                                   "model-states file)")
         state = dict(module)
-        stage = int((saved.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0))
+        stage = zero_stage(saved.get("ds_config") or {})
         info = {"zero_stage": stage, "world_size": int(saved.get("dp_world_size", 1)),
                 "step": saved.get("global_steps")}
     info["checkpoint"] = str(tag_dir)

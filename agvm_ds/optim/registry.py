@@ -200,12 +200,6 @@ def info_for(optimizer) -> Optional[OptimizerInfo]:
     return _row_of_class(type(optimizer))
 
 
-def zero_stage(ds: dict) -> int:
-    """The ZeRO stage a DeepSpeed config asks for (0 without a section)."""
-    zero = ds.get("zero_optimization")
-    return int(zero.get("stage", 0)) if isinstance(zero, dict) else int(bool(zero))
-
-
 def check(row: OptimizerInfo, params: dict | None, stage: int, precondition: str) -> str:
     """Refuse a base that is wrong under ``stage`` or a precondition it cannot honour; return
     the preconditioning to use (``"adam"`` or ``"none"``)."""

@@ -51,6 +51,7 @@ import torch
 
 from agvm_ds import collectives
 from agvm_ds.checkpoint_engine import CheckpointError
+from agvm_ds.zero.settings import Setting
 
 FILE = "elastic_rank{}.pt"
 FORMAT = 1
@@ -63,15 +64,14 @@ def unsupported(run, world: Optional[int] = None) -> Optional[str]:
     """Why ``run`` (a RunConfig) on ``world`` ranks (default: the run's own world size) cannot
     save or resume elastically, or None."""
     ds = run.deepspeed
-    if run.zero_stage not in STAGES:
-        return f"zero_optimization.stage {run.zero_stage} (elastic resume supports ZeRO {STAGES})"
-    for key in ("fp16", "bf16", "bfloat16"):
-        if isinstance(ds.get(key), dict) and ds[key].get("enabled"):
-            return f"{key} (elastic resume supports fp32 weights only)"
-    zero = ds.get("zero_optimization") or {}
-    for key in ("offload_optimizer", "offload_param"):
-        dev = (zero.get(key) or {}).get("device", "none")
-        if dev not in (None, "none"):
+    setting = run.preflight.setting if run.preflight is not None else \
+        Setting.read(ds, run.agvm.estimator, None, resolve=False)
+    if setting.stage not in STAGES:
+        return f"zero_optimization.stage {setting.stage} (elastic resume supports ZeRO {STAGES})"
+    if setting.precision.weights != "fp32":
+        return f"{setting.precision.weights} (elastic resume supports fp32 weights only)"
+    for key, dev in (("offload_optimizer", setting.offload_optimizer), ("offload_param", setting.offload_param)):
+        if dev != "none":
             return f"zero_optimization.{key} (elastic resume does not support offload)"
     name = str((ds.get("optimizer") or {}).get("type", "")).strip().lower()
     if name not in OPTIMIZERS:

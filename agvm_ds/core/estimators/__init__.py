@@ -4,7 +4,7 @@
 accumulation count and the world size; the choice itself (``auto``; ``micro`` falling back
 to the ``ranks`` split with one micro-batch per step on several ranks; the refusal, an
 ``agvm.estimator:`` message naming the fix, when nothing can split the run) is
-:func:`agvm_ds.config.agvm.choose_estimator`'s, so the config check of a run file for a
+:func:`agvm_ds.zero.settings.choose_estimator`'s, so the config check of a run file for a
 given world size refuses exactly what the launcher and ``agvm_ds.initialize`` refuse.
 The controller then only calls the object's hooks
 (:class:`~agvm_ds.core.estimators.base.Estimator`). A new estimator is one new file, one
@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 
-from agvm_ds.config.agvm import AGVMConfig, choose_estimator
+from agvm_ds.config.agvm import AGVMConfig
+from agvm_ds.zero.settings import choose_estimator
 from agvm_ds.core.estimators.base import Estimator
 from agvm_ds.core.estimators.micro import MicroEstimator
 from agvm_ds.core.estimators.ranks import RanksEstimator
