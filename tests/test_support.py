@@ -1,4 +1,4 @@
-"""Exact or refused (agvm_ds/config/support.py): every row of issue 23's table, one by one.
+"""Exact or refused (agvm_ds/zero/support.py): every row of issue 23's table, one by one.
 
 | setting (issue 23) | here |
 |---|---|
@@ -24,7 +24,8 @@ import agvm_ds
 from agvm_ds.config.base import ConfigError
 from agvm_ds.config.run import main as check_main
 from agvm_ds.config.run import validate_run_dict
-from agvm_ds.config.support import SUPPORT, markdown, resolve_estimator
+from agvm_ds.zero.settings import resolve_estimator
+from agvm_ds.zero.support import SUPPORT, markdown
 from agvm_ds.testing.distributed import run_distributed
 
 from agvm_cases import MODULES, build_model, ds_config, train_many

@@ -494,12 +494,11 @@ def check_keys(ds: dict, agvm_enabled: bool = True) -> list[str]:
             continue
         if row.section:
             if path in TABLE and row.active(value):
-                raise ConfigError(f"{path}: {row.why}; AGVM refuses it (remove the section or set agvm.enabled "
-                                  f"false)")
+                raise ConfigError(f"{path}: {row.why} — remove the section or set agvm.enabled false")
             continue
         default = row.default if row.default is not ... else _default_of(path)
         if default is ... or not _same(value, default):
             shown = f"default {default!r}" if default is not ... else "its default"
-            raise ConfigError(f"{path}: {value!r} is not measured for AGVM ({row.why}); keep {shown} or set "
+            raise ConfigError(f"{path}: {value!r} is not measured for AGVM ({row.why}) — keep {shown} or set "
                               f"agvm.enabled false")
     return warnings

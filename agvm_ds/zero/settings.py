@@ -89,6 +89,7 @@ def parse(ds: dict):
         text = json.dumps(_as_world_one(ds), sort_keys=True)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"deepspeed config: not JSON-serialisable ({_one_line(err)})") from None
+    _reject_removed(ds)
     _validate_sections(ds)
     try:
         return _parse_json(text)
@@ -101,6 +102,17 @@ def parse(ds: dict):
         raise ConfigError(f"deepspeed config: DeepSpeed rejects it: {_one_line(err) or type(err).__name__}") from None
     except Exception as err:  # DeepSpeedConfigError (removed features) and friends: DeepSpeed's words
         raise ConfigError(f"deepspeed config: {_one_line(err) or type(err).__name__}") from None
+
+
+def _reject_removed(ds: dict) -> None:
+    """DeepSpeed's own refusal of the features it removed (``sparse_gradients``, MiCS …),
+    first, so its message is the one the user reads."""
+    from deepspeed.runtime.config import _reject_removed_config_keys
+
+    try:
+        _reject_removed_config_keys(ds)
+    except Exception as err:  # noqa: BLE001 - DeepSpeedConfigError: its message names the key
+        raise ConfigError(f"deepspeed config: {_one_line(err)}") from None
 
 
 def _validate_sections(ds: dict) -> None:
@@ -247,6 +259,9 @@ class Setting:
     predivide: float
     prescale: bool
     managed_accumulation: bool
+    #: ``zero_force_ds_cpu_optimizer`` as the user wrote it (DeepSpeed defaults it to true,
+    #: ``agvm_ds.initialize`` sets it false; only an explicit true is the user's)
+    force_ds_cpu_optimizer: bool = False
 
     @classmethod
     def read(cls, ds: dict, estimator: str, world: Optional[int], resolve: bool = True) -> "Setting":
@@ -267,4 +282,5 @@ class Setting:
                    estimator=resolve_estimator(estimator, gas, world if resolve else None), grad_accum=gas, world=world,
                    allreduce_op=str(parsed.gradient_allreduce_op), predivide=float(parsed.gradient_predivide_factor),
                    prescale=bool(parsed.prescale_gradients),
-                   managed_accumulation=bool(parsed.managed_gradient_accumulation))
+                   managed_accumulation=bool(parsed.managed_gradient_accumulation),
+                   force_ds_cpu_optimizer=ds.get("zero_force_ds_cpu_optimizer") is True)

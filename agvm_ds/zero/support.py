@@ -69,7 +69,7 @@ SUPPORT: tuple[Row, ...] = (
         "NVMe parameter offload is not covered by AGVM's exactness tests",
         "use offload_param.device cpu (exact), or set agvm.enabled false"),
     Row("zero_force_ds_cpu_optimizer", "zero_force_ds_cpu_optimizer true with optimizer offload",
-        lambda s: s.offload_optimizer != "none" and bool(s.parsed.zero_force_ds_cpu_optimizer), "refused",
+        lambda s: s.offload_optimizer != "none" and s.force_ds_cpu_optimizer, "refused",
         "AGVM hands DeepSpeed its base optimizer as a client optimizer, which this flag forbids under offload",
         "remove zero_force_ds_cpu_optimizer (agvm_ds sets it false)"),
     Row("fp16", "DeepSpeed fp16 without ZeRO (stage 0)", lambda s: s.stage == 0 and s.precision.name == "fp16",

@@ -4,7 +4,7 @@ One file per layout DeepSpeed 0.19 keeps gradients in (``stage0``, ``zero12``,
 ``bf16_optimizer``, ``stage3``; the common bookkeeping in ``base``); :func:`build_adapter`
 picks one per engine. The flat cut they share is :func:`agvm_ds.zero_layout.flat_cut`.
 Which DeepSpeed settings these layouts do *not* cover (offload, ZeRO-1 with overlap_comm
-for the ranks split …) is refused before start-up by :mod:`agvm_ds.config.support`.
+for the ranks split …) is refused before start-up by :mod:`agvm_ds.zero.support`.
 :func:`attach_controller` is the one seam between a statistics controller and its engine.
 """
 
@@ -15,6 +15,7 @@ from agvm_ds.core.adapters.bf16_optimizer import BF16OptimizerAdapter
 from agvm_ds.core.adapters.stage0 import Stage0Adapter
 from agvm_ds.core.adapters.stage3 import Stage3Adapter
 from agvm_ds.core.adapters.zero12 import Stage12Adapter, Stage12CompactAdapter, Stage12OffloadAdapter
+from agvm_ds.errors import ConfigError
 
 __all__ = ["BF16OptimizerAdapter", "Piece", "Stage0Adapter", "Stage12Adapter", "Stage12CompactAdapter", "Stage12OffloadAdapter",
            "Stage3Adapter", "StageAdapter", "attach_controller", "build_adapter", "set_engine_gradient_clipping"]
@@ -53,7 +54,18 @@ def attach_controller(engine, controller) -> None:
                           controller._after_optimizer_step, controller.adapter.engine_skipped_step)
     if controller.wants_forward_hook:
         engine.module.register_forward_pre_hook(controller._on_forward)
+    engine.set_gradient_accumulation_boundary = _refuse_manual_boundary
     engine.agvm = controller
+
+
+def _refuse_manual_boundary(*args, **kwargs):
+    """DeepSpeed's manual boundary (``engine.set_gradient_accumulation_boundary``) moves the
+    step DeepSpeed reduces on away from the every-``gradient_accumulation_steps`` rhythm AGVM's
+    halves are cut by; refused in one line at its first call, before any statistic is taken."""
+    raise ConfigError("engine.set_gradient_accumulation_boundary: AGVM's gradient halves follow DeepSpeed's "
+                      "managed boundary (every gradient_accumulation_steps micro-batches); a manual boundary "
+                      "is refused — call engine.backward and engine.step every micro-batch, or set agvm.enabled "
+                      "false")
 
 
 def _install_engine_hooks(engine, after_backward, before_reduction, after_step, engine_skipped):
