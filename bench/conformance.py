@@ -108,7 +108,7 @@ def ds_config(cell: dict) -> dict:
         zero["offload_optimizer"] = {"device": "cpu"}
     if cell["offload"] == "param":
         zero["offload_param"] = {"device": "cpu"}
-    cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": cell["gas"],
+    cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": cell["gas"], "gradient_clipping": 0.0,
            "zero_optimization": zero, "zero_force_ds_cpu_optimizer": False,
            "optimizer": {"type": cell["base"], "params": dict(OPTIMIZERS[cell["base"]])},
            "agvm": {"estimator": cell["estimator"]}}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 from agvm_cases import checkpoint_round_trip, train_many, unused_module
 from agvm_ds.testing.distributed import run_distributed
 from reference import expected_mu, replay
+from train_helpers import TINY, run_train, write_config
 
 STEPS = 5
 MU_TOL_BF16 = 0.02  # |μ(bf16 run) - μ(float64 cosines)|; measured max in the report
@@ -153,3 +156,24 @@ def test_other_base_optimizers_train_under_zero():
         assert any(abs(v - 1) > 1e-3 for v in res["reports"][-1]["mu"].values()), "μ never moved"
         for n, p in params_ref.items():
             assert float((torch.as_tensor(res["params"][n]) - p).norm()) <= 1e-5 * max(float(p.norm()), 1e-6), n
+
+
+def test_a_run_whose_steps_keep_being_skipped_stops_in_one_line(tmp_path):
+    # issue 30: DeepSpeed skipping every step (here: every loss NaN from step 3 on) would train
+    # nothing for the rest of the run; the launcher stops after train.max_consecutive_skips
+    cfg = copy.deepcopy(TINY)
+    cfg["train"].update(max_steps=12, checkpoint_every=2, max_consecutive_skips=3)
+    path = write_config(tmp_path / "run.json", cfg)
+    proc = run_train(path, tmp_path / "out", launcher="python", extra_env={"AGVM_DS_NAN_FROM_STEP": "2"},
+                     timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: train.max_consecutive_skips: DeepSpeed skipped the last "
+                                                     "3 optimizer steps in a row (up to step 5"), errors
+    assert "Traceback" not in proc.stderr
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) <= 5  # nothing trained past the streak
+    # the checkpoint from before the streak is intact and complete
+    from agvm_ds.train.checkpoint import complete_tags
+
+    assert [step for step, _ in complete_tags(tmp_path / "out" / "checkpoints")] == [2, 4]

@@ -309,7 +309,7 @@ def test_bf16_fp32_accumulation_without_zero_is_refused_before_startup():
 
     cfg = ds_config(0, 2, "sgd", "bf16", world=1, extra={"data_types": {"grad_accum_dtype": "fp32"}})
     # no process group exists here: the refusal must come before DeepSpeed starts
-    with pytest.raises(ConfigError, match=r"^data_types\.grad_accum_dtype: 'fp32' .*zero_optimization\.stage"):
+    with pytest.raises(ConfigError, match=r"^data_types\.grad_accum_dtype: .*only under ZeRO — set zero_optimization\.stage"):
         agvm_ds.initialize(model=build_model(), config=cfg, modules=MODULES)
     run = {**cfg, "model": {"spec": "models/retinanet_uninet_tiny.json", "num_classes": 6}, "train": {"max_steps": 1},
            "gradient_clipping": 0.0}

@@ -155,11 +155,15 @@ def test_selfcheck_runs_the_whole_deepspeed_config():
     run.pop("train_batch_size", None)
     run["gradient_accumulation_steps"] = 2
     cfg = selfcheck_config(run, 2)
-    for key in ("bfloat16", "gradient_clipping", "communication_data_type", "zero_optimization"):
+    for key in ("bfloat16", "communication_data_type", "zero_optimization"):
         assert cfg[key] == run[key], key  # kept as the run has it (the bf16 alias included)
     assert "tensorboard" not in cfg and cfg["train_micro_batch_size_per_gpu"] == 8
-    assert cfg["gradient_accumulation_steps"] == 2
-    assert replaced(run, cfg) == ["micro batch 16 -> 8", "left out (inert: logs, files, lr schedule): tensorboard"]
+    assert cfg["gradient_accumulation_steps"] == 2 and cfg["gradient_clipping"] == 0.0
+    assert replaced(run, cfg) == [
+        "micro batch 16 -> 8",
+        "gradient_clipping 0.5 -> 0 (clipping scales the update after AGVM's statistics; the brute force's Adam "
+        "moment is built from unclipped gradients)",
+        "left out (inert: logs, files, lr schedule): tensorboard"]
     # only inert sections may be left out: dropping one that moves gradients would make the
     # self-check measure another run than the job's
     assert all(schema.classification(k).kind in (schema.INERT, schema.AGVM) for k in DROPPED), DROPPED

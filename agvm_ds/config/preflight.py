@@ -12,7 +12,8 @@ classify its cells and (through ``initialize``) by the self-check. In order:
    ``initialize`` is one line here;
 3. the estimator's split at this world size (``agvm.estimator``);
 4. the support table over combinations (:mod:`agvm_ds.zero.support`);
-5. the base optimizer against the registry at this ZeRO stage, with ``agvm.precondition``.
+5. the ``scheduler`` section, which ``initialize`` hands to DeepSpeed;
+6. the base optimizer against the registry at this ZeRO stage, with ``agvm.precondition``.
 
 The result (:class:`Preflight`) is what the run keeps: the setting, the split, the base
 optimizer's registry row and preconditioning, and the warnings to print once.
@@ -62,12 +63,29 @@ def check_optimizer_section(opt: Any) -> dict:
     return opt
 
 
+def check_scheduler_section(sched: Any) -> None:
+    """A DeepSpeed ``scheduler`` section (``agvm_ds.initialize`` hands it to DeepSpeed): a
+    ``type`` DeepSpeed has and ``params`` as an object, else one line naming the key."""
+    if sched is None:
+        return
+    from deepspeed.runtime.lr_schedules import VALID_LR_SCHEDULES
+
+    if not isinstance(sched, dict):
+        raise ConfigError(f"scheduler: must be an object, got {sched!r}")
+    if sched.get("type") not in VALID_LR_SCHEDULES:
+        raise ConfigError(f"scheduler.type: {sched.get('type')!r} is not one of DeepSpeed's schedulers "
+                          f"({', '.join(VALID_LR_SCHEDULES)})")
+    if not isinstance(sched.get("params", {}), dict):
+        raise ConfigError("scheduler.params: must be an object")
+
+
 def preflight(ds: dict, agvm: AGVMConfig, world: Optional[int]) -> Preflight:
     """Refuse (raise :class:`ConfigError`, one line naming the key) what AGVM cannot run
     exactly, or DeepSpeed would reject, for the DeepSpeed sections ``ds`` on ``world`` ranks
     (None: not known yet — the estimator's split is then checked at start-up)."""
     warnings = schema.check_keys(ds, agvm.enabled)
     opt = check_optimizer_section(ds.get("optimizer"))
+    check_scheduler_section(ds.get("scheduler"))
     setting = Setting.read(ds, agvm.estimator, world, resolve=agvm.enabled)
     support.check(setting, agvm.enabled)
     row = registry.find(opt["type"])

@@ -101,6 +101,8 @@ class TrainConfig(ConfigModel):
     checkpoint_at_end: bool = True
     keep_checkpoints: int = Field(default=0, ge=0, description="keep the newest N; 0 = all")
     log_every: int = Field(default=1, ge=1, description="steps between monitor/progress updates")
+    max_consecutive_skips: int = Field(default=20, ge=0, description="stop after this many optimizer steps "
+                                       "skipped in a row (non-finite gradients); 0 = never")
     plot: bool = True
 
     @model_validator(mode="after")

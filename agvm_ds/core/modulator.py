@@ -32,7 +32,6 @@ is ≤ 0 — the noise still swamps |G|² (or tr Σ), and no ratio of the two me
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -210,7 +209,3 @@ def stats_from_halves(g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
     a, b = g1.double().reshape(-1), g2.double().reshape(-1)
     return torch.stack([torch.dot(a, b), torch.dot(a, a), torch.dot(b, b)])
 
-
-def cosine(stats: torch.Tensor) -> float:
-    s12, s11, s22 = (float(x) for x in stats)
-    return s12 / math.sqrt(s11 * s22)

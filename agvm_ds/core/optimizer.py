@@ -185,8 +185,3 @@ def build_base_optimizer(section: dict, param_groups: list[dict]) -> torch.optim
         raise ValueError("optimizer: the section needs a 'type' (e.g. \"SGD\" or \"AdamW\")")
     return registry.build(registry.find(str(section["type"])), section, param_groups)
 
-
-def is_adam_family(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether the base's registry row preconditions with an Adam second moment by default."""
-    row = registry.info_for(optimizer)
-    return row is not None and row.auto_precondition == "adam"

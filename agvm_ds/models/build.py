@@ -18,7 +18,7 @@ from agvm_ds.config.base import ConfigError
 from agvm_ds.config.spec import ModelSpec, load_spec
 from agvm_ds.partition import classify_parameters
 
-__all__ = ["build_model", "assign_modules", "partition_problems", "ARCHITECTURES"]
+__all__ = ["build_model", "assign_modules", "partition_problems"]
 
 
 def _architectures():
@@ -29,7 +29,6 @@ def _architectures():
             "semantic_fpn": SemanticFPN}
 
 
-ARCHITECTURES = ("retinanet", "faster_rcnn", "mask_rcnn", "semantic_fpn")
 
 
 def assign_modules(model: nn.Module, modules: dict[str, list[str]] | None = None) -> dict[str, list[str]]:

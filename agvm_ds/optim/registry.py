@@ -195,11 +195,6 @@ def _row_of_class(cls: type) -> Optional[OptimizerInfo]:
     return None
 
 
-def info_for(optimizer) -> Optional[OptimizerInfo]:
-    """The registered row of a built optimizer's class, else None."""
-    return _row_of_class(type(optimizer))
-
-
 def check(row: OptimizerInfo, params: dict | None, stage: int, precondition: str) -> str:
     """Refuse a base that is wrong under ``stage`` or a precondition it cannot honour; return
     the preconditioning to use (``"adam"`` or ``"none"``)."""

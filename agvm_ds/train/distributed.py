@@ -99,3 +99,13 @@ def maybe_inject_fault(steps_done: int, rank: int) -> None:
         print(f"[agvm-ds] AGVM_DS_FAULT_AT_STEP={at}: rank {rank} exits now", file=sys.stderr,
               flush=True)
         os._exit(FAULT_EXIT_CODE)
+
+
+def poison_loss(loss, steps_done: int):
+    """Test-only: with ``AGVM_DS_NAN_FROM_STEP=N`` every loss from step ``N`` on (0-based) is
+    NaN, so every later optimizer step is skipped (``train.max_consecutive_skips``)."""
+    at = os.environ.get("AGVM_DS_NAN_FROM_STEP")
+    if at is None or steps_done < int(at):
+        return loss
+    return loss * float("nan")
+

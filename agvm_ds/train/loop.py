@@ -50,7 +50,7 @@ from agvm_ds.checkpoint_engine import CheckpointError
 from agvm_ds.train import elastic
 from agvm_ds.train.checkpoint import (layout, load_checkpoint, read_marker, save_checkpoint,
                                       select_checkpoint, tag_for)
-from agvm_ds.train.distributed import maybe_inject_fault
+from agvm_ds.train.distributed import maybe_inject_fault, poison_loss
 from agvm_ds.train.evaluate import evaluate
 from agvm_ds.train.metrics import (LossLog, MetricsWriter, agvm_model_fields, agvm_record,
                                    noise_scale_line, read_metrics)
@@ -87,6 +87,7 @@ class Job:
     last_update: Optional[int] = None  # step of the last AGVM update already logged
     elastic_saves: bool = False  # checkpoints also write world-size-independent files
     resumed_from: Optional[Path] = None  # the checkpoint this run continues: never pruned
+    skip_streak: int = 0  # optimizer steps DeepSpeed skipped in a row (train.max_consecutive_skips)
 
     @property
     def run(self) -> RunConfig:
@@ -195,15 +196,18 @@ def train_step(job: Job, step: int, batches: Iterator, losses_out: LossLog) -> d
         agvm_ds.set_gradient_clipping(engine, clip)
         job.clip_now = clip
     parts = []
+    skipped_before = engine.skipped_steps  # a host counter DeepSpeed keeps: no sync
     for micro in range(run.grad_accum):
         images, targets = _to_device(*next(batches), engine.device, job.dtype)
         # seeded by the global micro-block, not (micro, rank): world-size independent
         seed_all(mix_seed(run.train.seed, step, job.sampler.block(micro), 0xA6))
         losses = engine(images, targets)
-        engine.backward(sum(losses.values()))
+        engine.backward(poison_loss(sum(losses.values()), step))
         engine.step()
         parts.append({k: v.detach() for k, v in losses.items()})
     losses_out.add(parts)
+    job.skip_streak = job.skip_streak + 1 if engine.skipped_steps > skipped_before else 0
+    check_skip_streak(job.skip_streak, step, run.train.max_consecutive_skips)
     dt = time.perf_counter() - t0
     record: dict[str, Any] = {"step": step + 1, "epoch": job.sampler.position(step)["epoch"],
                               "lr": job.base_lr * factor, "step_time_s": dt,
@@ -311,6 +315,22 @@ def train(run: RunConfig, out_dir: Path, resume: Optional[str], rank: int, world
 
 
 # --------------------------------------------------------------------------- helpers
+class StepsSkipped(ConfigError):
+    """DeepSpeed skipped ``train.max_consecutive_skips`` optimizer steps in a row: the run
+    stops with one line instead of training nothing (every rank sees the same skips)."""
+
+    same_on_every_rank = True
+
+
+def check_skip_streak(streak: int, step: int, limit: int) -> None:
+    """Raise :class:`StepsSkipped` once ``streak`` consecutive steps were skipped (0: never)."""
+    if limit and streak >= limit:
+        raise StepsSkipped(f"train.max_consecutive_skips: DeepSpeed skipped the last {streak} optimizer steps in a "
+                           f"row (up to step {step + 1}: non-finite gradients, or a loss scale that keeps "
+                           f"overflowing), so the run would train nothing; stopping. Look for NaN/inf in the "
+                           f"data or loss, lower the lr, or raise train.max_consecutive_skips")
+
+
 def _write_records(pending: list[dict], losses: LossLog, writer: MetricsWriter, log_every: int) -> None:
     """Fill the pending records' losses (one collective) and write them, in step order."""
     for partial, reduced in zip(pending, losses.flush()):

@@ -62,7 +62,10 @@ def _refused(why, default=...):
     return Key(REFUSED, why, default=default)
 
 
-def _refused_section(why, active=lambda v: bool(v)):
+def _refused_section(why, active=None):
+    """A section refused as a whole once ``active`` says a value turns it on (default: any
+    field of DeepSpeed's model for it set to a non-default value, or any key at all where
+    DeepSpeed has no model for it)."""
     return Key(REFUSED, why, section=True, active=active)
 
 
@@ -246,18 +249,13 @@ TABLE: dict[str, Key] = {
     "zero_optimization.leaf_module": _inert_section(WEIGHTS + " (ZeRO-3 leaf modules gather as one)"),
     # --- parallelism AGVM would mistake for data halves --------------------------------------
     "tensor_parallel": _refused_section("tensor parallelism shrinks DeepSpeed's data-parallel world below "
-                                        "AGVM's: it would compare tensor shards as data halves",
-                                        active=lambda v: isinstance(v, dict) and any(
-                                            k in ("autotp_size", "tp", "tensor_parallel", "partition_config",
-                                                  "preset_model") and v[k] not in (0, 1, None, {}) for k in v)),
+                                        "AGVM's: it would compare tensor shards as data halves"),
     "pipeline": _refused_section("pipeline parallelism: AGVM's world would not be the data-parallel world"),
     "expert_parallel": _refused_section("expert parallelism reduces expert gradients over other groups"),
     "use_data_before_expert_parallelism": _refused("expert parallelism: not measured", default=False),
     # --- features that change what is trained ----------------------------------------------
-    "compile": _refused_section("DeepCompile rewrites the backward AGVM's hooks observe: not measured",
-                                active=lambda v: isinstance(v, dict) and any(
-                                    v[k] not in (False, None) for k in v if k == "deepcompile")),
-    "hybrid_engine": _refused_section("RLHF hybrid engine: not measured", active=_enabled),
+    "compile": _refused_section("DeepCompile rewrites the backward AGVM's hooks observe: not measured"),
+    "hybrid_engine": _refused_section("RLHF hybrid engine: not measured"),
     "data_efficiency": _refused_section("data sampling / routing: not measured", active=_enabled),
     "weight_quantization": _refused_section("weight quantization: not measured"),
     "datastates_ckpt": _refused_section("DataStates checkpoints bypass agvm_ds.checkpoint_engine's verified loads"),
@@ -448,6 +446,18 @@ def _default_of(path: str) -> Any:
     return ... if f is None or f.is_required() else f.default
 
 
+def _section_active(path: str, row: Key, value) -> bool:
+    if row.active is not None:
+        return bool(row.active(value))
+    if path not in SECTION_MODELS or not isinstance(value, dict):
+        return bool(value)
+    for key, given in value.items():
+        default = _default_of(f"{path}.{key}")
+        if default is ... or not _same(given, default):
+            return True
+    return False
+
+
 def _same(a, b) -> bool:
     if isinstance(a, bool) or isinstance(b, bool):
         return a is b or (isinstance(a, bool) and isinstance(b, bool) and a == b)
@@ -493,7 +503,7 @@ def check_keys(ds: dict, agvm_enabled: bool = True) -> list[str]:
         if row.kind != REFUSED or not agvm_enabled:
             continue
         if row.section:
-            if path in TABLE and row.active(value):
+            if path in TABLE and _section_active(path, row, value):
                 raise ConfigError(f"{path}: {row.why} — remove the section or set agvm.enabled false")
             continue
         default = row.default if row.default is not ... else _default_of(path)

@@ -9,9 +9,10 @@ that decide where AGVM's gradients live and how DeepSpeed reduces them. The ZeRO
 precision, offload and the estimator's split are read here and nowhere else
 (:func:`zero_stage`, :func:`precision_of`, :func:`choose_estimator`).
 
-DeepSpeed sizes its batch from the process group when one exists; :func:`parse` reads the
-sections as one rank would (the batch keys are checked against the world size by the config
-check, not here), so the result does not depend on whether a process group is up.
+DeepSpeed sizes its batch from the process group when one exists; :func:`parse` hands it the
+micro batch and the accumulation count only (the batch keys are checked against the world
+size by the config check, not here), so the result does not depend on whether a process
+group is up.
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ def zero_stage(ds: dict) -> int:
 
 
 def _as_world_one(ds: dict) -> dict:
-    """A copy of the sections whose batch keys DeepSpeed accepts on one rank (the same micro
-    batch and accumulation count)."""
+    """A copy of the sections whose batch keys DeepSpeed accepts whatever world size it sees
+    (one rank without a process group, the group's inside one): the same micro batch and
+    accumulation count, and no ``train_batch_size`` — DeepSpeed derives it."""
     out = copy.deepcopy(ds)
     mb, gas = out.get("train_micro_batch_size_per_gpu"), out.get("gradient_accumulation_steps")
     if not isinstance(mb, int) or isinstance(mb, bool) or mb < 1:
@@ -62,7 +64,8 @@ def _as_world_one(ds: dict) -> dict:
             mb //= gas
     if not isinstance(gas, int) or isinstance(gas, bool) or gas < 1:
         gas = 1
-    out.update(train_batch_size=mb * gas, train_micro_batch_size_per_gpu=mb, gradient_accumulation_steps=gas)
+    out.pop("train_batch_size", None)
+    out.update(train_micro_batch_size_per_gpu=mb, gradient_accumulation_steps=gas)
     return out
 
 

@@ -165,9 +165,6 @@ class StageAdapter:
             return float(getattr(self.zero, "loss_scale", getattr(self.zero, "cur_scale", 1.0)))
         return 1.0
 
-    def set_gradient_clipping(self, max_norm: float) -> None:
-        set_engine_gradient_clipping(self.engine, max_norm)
-
 
 def set_engine_gradient_clipping(engine, max_norm: float) -> None:
     """Stage 0 clips from the engine's config on every step; ZeRO optimizers keep their own
