@@ -188,3 +188,21 @@ def unused_module(rank, world, stage):
             engine.step()
         mus.append(agvm_ds.modulation(engine)["mu"])
     return mus
+
+
+def manual_boundary(rank, world):
+    """DeepSpeed's manual accumulation boundary on an AGVM engine: the first call's error, and
+    whether a plain engine (AGVM off) still takes it."""
+    import agvm_ds
+
+    cfg = ds_config(0, 2, "sgd", world=world)
+    engine, *_ = agvm_ds.initialize(model=build_model(), config=cfg, modules=MODULES)
+    try:
+        engine.set_gradient_accumulation_boundary(False)
+        refused = None
+    except Exception as err:  # noqa: BLE001 - the test reads its type and text
+        refused = (type(err).__name__, str(err))
+    off = dict(cfg, agvm={**cfg["agvm"], "enabled": False})
+    plain, *_ = agvm_ds.initialize(model=build_model(), config=off, modules=MODULES)
+    plain.set_gradient_accumulation_boundary(False)
+    return refused, plain.is_gradient_accumulation_boundary()

@@ -183,3 +183,14 @@ def test_single_key_fuzz_is_accepted_or_refused_in_one_line():
         if row.kind == schema.REFUSED and not row.section:
             assert r["verdict"] == "refused", r
     assert all("\n" not in r["message"] for r in refused)
+
+
+def test_a_manual_accumulation_boundary_is_refused_at_its_first_call():
+    from agvm_ds.testing.distributed import run_distributed
+
+    from agvm_cases import manual_boundary
+
+    (refused, plain_boundary), = run_distributed(manual_boundary, 1)
+    assert refused is not None and refused[0] == "ConfigError", refused
+    assert refused[1].startswith("engine.set_gradient_accumulation_boundary: ") and "\n" not in refused[1]
+    assert plain_boundary is False  # AGVM off: DeepSpeed's own API is left alone
