@@ -128,9 +128,12 @@ def preflight_outcome(path: str, cfg: dict) -> tuple[str, str]:
     """(``accepted`` | ``refused`` | ``third``, the message) of the preflight on ``cfg``."""
     from agvm_ds.config.agvm import AGVMConfig
     from agvm_ds.config.preflight import preflight
+    from agvm_ds.config.run import resolve_batch
     from agvm_ds.errors import ConfigError
 
-    try:
+    try:  # what the config check and initialize do: the batch keys at this world size, then the preflight
+        cfg = copy.deepcopy(cfg)
+        resolve_batch(cfg, WORLD)
         preflight(cfg, AGVMConfig(), WORLD)
     except ConfigError as err:
         msg = str(err)
@@ -151,9 +154,8 @@ def run_preflight() -> list[dict]:
     return rows
 
 
-def run_cells(rows: list[dict], progress: str) -> list[dict]:
+def run_cells(rank: int, world: int, rows: list[dict], progress: str) -> list[dict]:
     """Inside each rank: the self-check of every accepted non-inert key's config."""
-    import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
     from agvm_ds.errors import ConfigError
@@ -168,7 +170,7 @@ def run_cells(rows: list[dict], progress: str) -> list[dict]:
         t0 = time.perf_counter()
         cfg = with_key(row["key"], row["value"])
         try:
-            checks = run(selfcheck_config(cfg, dist.get_world_size()), dist.get_rank(), dist.get_world_size(), steps=3)
+            checks = run(selfcheck_config(cfg, world), rank, world, steps=3)
             verdict = "exact" if all(ok for ok, *_ in checks) else "THIRD KIND"
             res = {"checks": [(ok, err, line) for ok, err, line in checks]}
         except ConfigError as err:
@@ -176,7 +178,7 @@ def run_cells(rows: list[dict], progress: str) -> list[dict]:
         except Exception as err:  # noqa: BLE001
             verdict, res = "THIRD KIND", {"message": f"{type(err).__name__}: {err}"}
         out.append({**row, "run": verdict, **res, "seconds": round(time.perf_counter() - t0, 1)})
-        if dist.get_rank() == 0:
+        if rank == 0:
             with open(progress, "a") as f:
                 f.write(json.dumps({"key": row["key"], "run": verdict}) + "\n")
     return out

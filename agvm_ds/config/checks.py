@@ -10,7 +10,8 @@ parsed (and the launcher, through it, before any heavy work):
 * :func:`check_optimizer_params` — the base optimizer is built once on a dummy tensor, so
   a value its constructor refuses (``betas: [0.9, 1.5]``, a negative ``lr``) is an
   ``optimizer.params`` error here, not a traceback after the data and the model are built;
-  with Adam-preconditioned halves its β2 must lie in (0, 1);
+  with Adam-preconditioned halves its β2 must lie in (0, 1) (called by the one preflight,
+  :mod:`agvm_ds.config.preflight`, so ``initialize`` makes it too);
 * :func:`check_world` — what the launcher refuses for a given number of ranks: the AGVM
   estimator that can split the run (:func:`agvm_ds.zero.settings.choose_estimator`), a
   synthetic training set smaller than one global batch, a class count the embedded
@@ -20,7 +21,7 @@ parsed (and the launcher, through it, before any heavy work):
   ``warning:`` from the config check when the file fixes the run's length, and from the
   launcher (:func:`agvm_ds.train.resolve.resolve_run`) once the steps are known.
 
-:func:`run_checks` runs the last three on a validated :class:`~agvm_ds.config.run.RunConfig`
+:func:`run_checks` runs the last two on a validated :class:`~agvm_ds.config.run.RunConfig`
 and returns its warnings; each refusal is a :class:`~agvm_ds.config.base.ConfigError` naming
 the key.
 """
@@ -142,7 +143,6 @@ def _static_inactive(run: "RunConfig") -> Optional[str]:
 
 def run_checks(run: "RunConfig") -> list[str]:
     """Every check above on a validated run; return the warnings (refusals raise)."""
-    check_optimizer_params(run.deepspeed["optimizer"], run.agvm, run.zero_stage)
     check_world(run)
     warning = _static_inactive(run)
     return [warning] if warning else []

@@ -13,7 +13,8 @@ classify its cells and (through ``initialize``) by the self-check. In order:
 3. the estimator's split at this world size (``agvm.estimator``);
 4. the support table over combinations (:mod:`agvm_ds.zero.support`);
 5. the ``scheduler`` section, which ``initialize`` hands to DeepSpeed;
-6. the base optimizer against the registry at this ZeRO stage, with ``agvm.precondition``.
+6. the base optimizer against the registry at this ZeRO stage, with ``agvm.precondition``,
+   and built once on a dummy tensor so its own argument checks run.
 
 The result (:class:`Preflight`) is what the run keeps: the setting, the split, the base
 optimizer's registry row and preconditioning, and the warnings to print once.
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from agvm_ds.config.agvm import AGVMConfig
+from agvm_ds.config.checks import check_optimizer_params
 from agvm_ds.errors import ConfigError
 from agvm_ds.optim import registry
 from agvm_ds.zero import schema, support
@@ -90,6 +92,7 @@ def preflight(ds: dict, agvm: AGVMConfig, world: Optional[int]) -> Preflight:
     support.check(setting, agvm.enabled)
     row = registry.find(opt["type"])
     mode = registry.check(row, opt.get("params"), setting.stage, agvm.precondition if agvm.enabled else "none")
+    check_optimizer_params(opt, agvm, setting.stage)  # its own argument checks, on a dummy tensor
     if agvm.enabled and (untested := support.version_warning()):
         warnings.append(untested)
     return Preflight(setting=setting, optimizer=row, precondition=mode, warnings=warnings)
