@@ -74,12 +74,24 @@ FOUND_ROWS = [
 ]
 
 
+#: cells with a fault: a NaN in one micro-batch of update step 1 (``nan``: step, rank, micro).
+#: DeepSpeed and AGVM must skip that step and leave μ where it was (docs/agvm.md)
+FAULT_ROWS = [
+    dict(stage=1, estimator="micro", gas=2, world=2, base="SGD", nan=(1, 0, 0)),
+    dict(stage=3, precision="bf16", estimator="ranks", gas=2, world=2, base="AdamW", nan=(1, 1, 1)),
+]
+
+
 def cell_of(**kw) -> dict:
-    return {k: kw.get(k, v[0]) for k, v in FACTORS.items()}
+    """A cell: every factor (the first value where ``kw`` does not name it), plus a fault (``nan``)."""
+    cell = {k: kw.get(k, v[0]) for k, v in FACTORS.items()}
+    if kw.get("nan") is not None:
+        cell["nan"] = tuple(kw["nan"])
+    return cell
 
 
 def key(cell: dict) -> str:
-    return " ".join(f"{k}={cell[k]}" for k in NAMES)
+    return " ".join(f"{k}={cell[k]}" for k in NAMES) + (f" nan={cell['nan']}" if cell.get("nan") else "")
 
 
 def pruned(cell: dict, fp16_on_cpu: bool) -> str | None:
@@ -207,7 +219,8 @@ def run_cells(rank, world, cells, progress, fp16_on_cpu):
         ds_autocast.TORCH_AUTOCAST_INITIALIZED, ds_autocast.TORCH_AUTOCAST_DTYPE = False, None
         t0 = time.perf_counter()
         try:
-            checks = run(selfcheck_config(ds_config(cell), world), rank, world, steps=3)
+            nan_at = tuple(cell["nan"]) if cell.get("nan") else None
+            checks = run(selfcheck_config(ds_config(cell), world), rank, world, steps=3, nan_at=nan_at)
             res = {"verdict": "exact" if all(ok for ok, *_ in checks) else "THIRD KIND",
                    "checks": [[ok, worst, line] for ok, worst, line in checks]}
         except ConfigError as err:
@@ -247,7 +260,8 @@ def run_world(world, cells, progress: Path, fp16_on_cpu: bool, timeout: float) -
 def fmt_cell(c: dict) -> str:
     off = {"none": "-", "optimizer": "opt", "param": "opt+param"}[c["offload"]]
     sw = "".join(ch if c[k] else "." for k, ch in zip(APPLIES, "ocsr"))
-    return f"| {c['stage']} | {off} | {sw} | {c['precision']} | {c['estimator']} | {c['gas']} | {c['world']} | {c['base']} |"
+    prec = c["precision"] + (f", NaN at (step, rank, micro) {tuple(c['nan'])}" if c.get("nan") else "")
+    return f"| {c['stage']} | {off} | {sw} | {prec} | {c['estimator']} | {c['gas']} | {c['world']} | {c['base']} |"
 
 
 def write_doc(path: Path, total, prune, refuse, runnable, results, seconds, classify_s, fp16_on_cpu, arrays):
@@ -323,7 +337,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     total, prune, refuse, runnable = classify(args.fp16_on_cpu)
     classify_s = time.perf_counter() - t0
-    must = [cell_of(**row) for row in ISSUE_ROWS + FOUND_ROWS]
+    must = [cell_of(**row) for row in ISSUE_ROWS + FOUND_ROWS + FAULT_ROWS]
     subset, seen = [], set()
     for seed in range(args.arrays):  # independent covering arrays: every pair about ``arrays`` times
         for c in covering(runnable, must if seed == 0 else (), seed=seed):
