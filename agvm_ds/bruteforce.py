@@ -156,11 +156,13 @@ def compare(allsteps, G, S, reports, skipped, world, gas, estimator, owner, anch
             unit, steps) -> list[tuple[bool, float, str]]:
     """The self-check's verdicts as (ok, worst error, line).
 
+    ``reports[t] = (cos by module, μ by module, AGVM's last update step, its count of skipped
+    updates)`` after step t.
+
     (b) ``G[t]`` (DeepSpeed's averaged gradient at the boundary) and ``S[t]`` (the second
     vector AGVM reads, as DeepSpeed held it: :mod:`agvm_ds.held`) against the same sums of
     the hook-recorded ``allsteps`` in float64, within DeepSpeed's rounding
-    (:func:`rounding_bound`); (a) ``reports[t] = (cos by module, μ by module, AGVM's step)``
-    against :func:`cos_by_step` / :func:`mu_by_step` of ``G``, ``S`` at :data:`COS_TOL`.
+    (:func:`rounding_bound`); (a) AGVM's cos, μ and skip count against :func:`cos_by_step` / :func:`mu_by_step` of ``G``, ``S`` at :data:`COS_TOL`.
     ``skipped``: steps DeepSpeed skipped or with a non-finite recorded gradient — no update,
     μ unchanged."""
     out = []
@@ -181,7 +183,7 @@ def compare(allsteps, G, S, reports, skipped, world, gas, estimator, owner, anch
     ref = {t: c for t, c in ref.items() if t in upd}
     worst, bad_step, no_update = 0.0, [], []
     for t, cs in ref.items():
-        got, _, step = reports[t]
+        got, _, step, _ = reports[t]
         for m, c in cs.items():
             err = abs(got.get(m, math.nan) - c) / max(abs(c), 1e-3)
             worst = max(worst, err) if math.isfinite(err) else math.inf
@@ -209,7 +211,10 @@ def compare(allsteps, G, S, reports, skipped, world, gas, estimator, owner, anch
             if not err <= COS_TOL:
                 bad.append(t)
     kept = sorted(set(range(1, steps)) & set(skipped))
-    out.append((not bad and bool(ref), worst, f"AGVM mu vs float64 brute force: worst rel err {worst:.1e} (tol {COS_TOL:.0e})"
+    counted = reports[steps - 1][3]
+    out.append((not bad and bool(ref) and counted == len(kept), worst,
+                f"AGVM mu vs float64 brute force: worst rel err {worst:.1e} (tol {COS_TOL:.0e})"
                 + (f"; unchanged over skipped steps {kept}" if kept else "")
-                + (f"; wrong at steps {sorted(set(bad))}" if bad else "")))
+                + (f"; wrong at steps {sorted(set(bad))}" if bad else "")
+                + (f"; AGVM counted {counted} skipped updates, expected {len(kept)}" if counted != len(kept) else "")))
     return out

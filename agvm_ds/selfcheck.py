@@ -198,7 +198,7 @@ def run(cfg: dict, rank: int, world: int, steps: int = 4, nan_at=None) -> list[t
         if engine.skipped_steps > before:
             skipped.add(t)
         rep = agvm_ds.modulation(engine)
-        reports[t] = ({m: v["cos"] for m, v in rep["modules"].items()}, rep["mu"], rep["step"])
+        reports[t] = ({m: v["cos"] for m, v in rep["modules"].items()}, rep["mu"], rep["step"], rep["skipped"])
     rec.remove()
     anchor = engine.agvm.modulator.anchor
     row = registry.find(cfg["optimizer"]["type"])

@@ -25,7 +25,8 @@ MUTATIONS = {
     "fp16_scale_ignored": "DeepSpeed fp16 loss scale not removed — adapters/base.grad_scale",
     "offload_stale": "offload: the snapshot reads the host buffer DeepSpeed fills only at the boundary "
                      "(last step's gradient, as if read before this step's copy) — adapters/zero12.py",
-    "skipped_counted": "a step with a non-finite gradient folded into mu — controller._resolve",
+    "skipped_counted": "a step with a non-finite gradient handed to mu's update as well as counted skipped "
+                       "(the modulator refuses it and counts it again) — controller._resolve",
 }
 
 
