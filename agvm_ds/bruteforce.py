@@ -26,6 +26,7 @@ Two references, two checks (:func:`compare`):
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -36,39 +37,57 @@ COS_TOL = 1e-5
 GRAD_TOL = 1e-5
 
 
-#: ``agvm.estimator`` → the split it runs at GAS ≥ 2 (``auto``: micro; any split by ranks at GAS 1)
-SPLITS = {"micro": "micro", "ranks": "ranks", "auto": "micro"}
-
-
 def precondition(g: torch.Tensor, v: torch.Tensor, beta2: float, eps: float) -> torch.Tensor:
     """ĝ = g / (sqrt(β2·v + (1 − β2)·g²) + eps), v the optimizer's second moment before the step."""
     return g / (torch.sqrt(beta2 * v + (1 - beta2) * g * g) + eps)
 
 
-def kind_of(estimator: str, gas: int) -> str:
-    """The split that runs: ``ranks``, or ``micro`` (``auto`` and ``micro`` at GAS ≥ 2)."""
-    return "micro" if SPLITS[estimator] == "micro" and gas >= 2 else "ranks"
+class Split(NamedTuple):
+    """One way of halving a step, written from its definition (docs/agvm.md)."""
+
+    name: str
+    #: S as a combination of the recorded gradients: (world, gas) → {(rank, micro): weight}
+    second: Callable[[int, int], dict]
+    #: (G, S, world, gas) → (G1, G2)
+    halves: Callable[[dict, dict, int, int], tuple[dict, dict]]
+    #: what S is, as DeepSpeed holds it (for the check's line)
+    held: str
 
 
-def second_coefficients(world: int, gas: int, kind: str) -> dict:
-    """S as a combination of the recorded gradients: ``(rank, micro) → weight``. ``micro``:
-    the averaged running sum after a1 = ⌊gas/2⌋ micro-batches, Σ_{r, k<a1} u/world;
-    ``ranks``: the mean over ranks [0, n1) of their own step gradient Σ_k u minus the mean
-    over the rest, n1 = ⌊world/2⌋."""
-    if kind == "micro":
-        return {(r, k): (1.0 / world if k < gas // 2 else 0.0) for r in range(world) for k in range(gas)}
+def _micro_second(world: int, gas: int) -> dict:
+    """The averaged running sum after a1 = ⌊gas/2⌋ micro-batches: Σ_{r, k<a1} u/world."""
+    return {(r, k): (1.0 / world if k < gas // 2 else 0.0) for r in range(world) for k in range(gas)}
+
+
+def _micro_halves(G: dict, S: dict, world: int, gas: int) -> tuple[dict, dict]:
+    """G1 = (A/a1)·S, G2 = A/(A − a1)·(G − S): the first a1 micro-batches vs the rest."""
+    a1 = gas // 2
+    return {n: S[n] * (gas / a1) for n in G}, {n: (G[n] - S[n]) * (gas / (gas - a1)) for n in G}
+
+
+def _ranks_second(world: int, gas: int) -> dict:
+    """The mean over ranks [0, n1) of their own step gradient Σ_k u minus the mean over the
+    rest, n1 = ⌊world/2⌋."""
     n1 = world // 2
     return {(r, k): (1.0 / n1 if r < n1 else -1.0 / (world - n1)) for r in range(world) for k in range(gas)}
 
 
-def halves_from(G: dict, S: dict, world: int, gas: int, kind: str) -> tuple[dict, dict]:
-    """(G1, G2) from G and S (their definitions): ``micro``: G1 = (A/a1)·S, G2 = A/(A − a1)·(G − S);
-    ``ranks``: G1 = G + (n2/N)·S, G2 = G − (n1/N)·S (then G = (n1·G1 + n2·G2)/N)."""
-    if kind == "micro":
-        a1 = gas // 2
-        return ({n: S[n] * (gas / a1) for n in G}, {n: (G[n] - S[n]) * (gas / (gas - a1)) for n in G})
+def _ranks_halves(G: dict, S: dict, world: int, gas: int) -> tuple[dict, dict]:
+    """G1 = G + (n2/N)·S, G2 = G − (n1/N)·S (so that G = (n1·G1 + n2·G2)/N)."""
     n1 = world // 2
-    return ({n: G[n] + S[n] * ((world - n1) / world) for n in G}, {n: G[n] - S[n] * (n1 / world) for n in G})
+    return {n: G[n] + S[n] * ((world - n1) / world) for n in G}, {n: G[n] - S[n] * (n1 / world) for n in G}
+
+
+MICRO = Split("micro", _micro_second, _micro_halves, "running sum after the first half")
+RANKS = Split("ranks", _ranks_second, _ranks_halves, "rank halves before reduction")
+#: ``agvm.estimator`` → the split it runs with two or more micro-batches per step (``auto``:
+#: micro); with one, every split is by ranks
+SPLITS = {"micro": MICRO, "ranks": RANKS, "auto": MICRO}
+
+
+def split_of(estimator: str, gas: int) -> Split:
+    """The split a run with ``gas`` micro-batches per step measures with."""
+    return SPLITS[estimator] if gas >= 2 else RANKS
 
 
 def module_cos(G1: dict, G2: dict, owner: dict) -> dict:
@@ -81,7 +100,7 @@ def module_cos(G1: dict, G2: dict, owner: dict) -> dict:
     return out
 
 
-def cos_by_step(G: dict, S: dict, world: int, gas: int, kind: str, owner: dict, adam=None, skipped=()) -> dict:
+def cos_by_step(G: dict, S: dict, world: int, gas: int, split: Split, owner: dict, adam=None, skipped=()) -> dict:
     """cos per module of every step of ``G`` (``G[t]``, ``S[t]``: name → float64 tensor, as
     DeepSpeed held them, scale removed). ``adam = (β2, eps)`` preconditions the halves with
     the second moment the optimizer holds before step t, rebuilt in float64 from DeepSpeed's
@@ -92,7 +111,7 @@ def cos_by_step(G: dict, S: dict, world: int, gas: int, kind: str, owner: dict, 
     for t in sorted(G):
         if t in skipped:
             continue
-        G1, G2 = halves_from(G[t], S[t], world, gas, kind)
+        G1, G2 = split.halves(G[t], S[t], world, gas)
         if adam is not None:
             beta2, eps = adam
             G1 = {n: precondition(G1[n], v[n], beta2, eps) for n in names}
@@ -166,20 +185,18 @@ def compare(allsteps, G, S, reports, skipped, world, gas, estimator, owner, anch
     ``skipped``: steps DeepSpeed skipped or with a non-finite recorded gradient — no update,
     μ unchanged."""
     out = []
-    kind = kind_of(estimator, gas)
+    split = split_of(estimator, gas)
     mean = {(r, k): 1.0 / world for r in range(world) for k in range(gas)}
     wg, bg, miss_g = _held_vs_plain(allsteps, G, mean, skipped, world, gas, owner, unit)
-    ws, bs, miss_s = _held_vs_plain(allsteps, S, second_coefficients(world, gas, kind), skipped, world, gas, owner,
-                                    unit)
+    ws, bs, miss_s = _held_vs_plain(allsteps, S, split.second(world, gas), skipped, world, gas, owner, unit)
     missing = sorted(set(miss_g + miss_s))
     ok = not missing and wg <= bg and ws <= bs and math.isfinite(wg + ws)
-    what_s = "running sum after the first half" if kind == "micro" else "rank halves before reduction"
     out.append((ok, max(wg, ws), f"DeepSpeed averaged gradients vs plain all_reduce: worst rel err {wg:.1e} (tol {bg:.1e}); "
-                f"its {what_s}: {ws:.1e} (tol {bs:.1e})"
+                f"its {split.held}: {ws:.1e} (tol {bs:.1e})"
                 + (f"; no gradient readable for {missing}" if missing else "")))
     # (a) AGVM's cos and μ against the float64 cos of the tensors DeepSpeed held
     upd = {t for t in range(1, steps) if t not in skipped}
-    ref = cos_by_step(G, S, world, gas, kind, owner, adam=adam, skipped=skipped)
+    ref = cos_by_step(G, S, world, gas, split, owner, adam=adam, skipped=skipped)
     ref = {t: c for t, c in ref.items() if t in upd}
     worst, bad_step, no_update = 0.0, [], []
     for t, cs in ref.items():
@@ -192,8 +209,8 @@ def compare(allsteps, G, S, reports, skipped, world, gas, estimator, owner, anch
         if step != t:
             no_update.append(t)
     what = "preconditioned " if adam else ""
-    split = f"{estimator}, split by ranks at GAS 1" if SPLITS[estimator] != "ranks" and gas < 2 else estimator
-    out.append((not bad_step and bool(ref), worst, f"AGVM {what}cos vs float64 of DeepSpeed's held gradients ({split}, "
+    named = f"{estimator}, split by ranks at GAS 1" if SPLITS[estimator] is not RANKS and gas < 2 else estimator
+    out.append((not bad_step and bool(ref), worst, f"AGVM {what}cos vs float64 of DeepSpeed's held gradients ({named}, "
                 f"{len(ref)} updates): worst rel err {worst:.1e} (tol {COS_TOL:.0e})"
                 + (f"; wrong at steps {sorted(set(bad_step))}" if bad_step else "")
                 + (f"; AGVM made no update at steps {no_update}" if no_update else "")

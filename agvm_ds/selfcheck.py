@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import os
 import sys
 
@@ -162,13 +161,13 @@ def run(cfg: dict, rank: int, world: int, steps: int = 4, nan_at=None) -> list[t
         _perturb(engine.agvm.modulator, delta)
     gas, bs = engine.gradient_accumulation_steps(), engine.train_micro_batch_size_per_gpu()
     estimator = cfg["agvm"].get("estimator", "micro")
-    kind = bf.kind_of(estimator, gas)
+    split = bf.split_of(estimator, gas)
     dtype = next(p.dtype for p in engine.module.parameters())
     rec = Recorder(list(engine.module.named_parameters()))
     names = rec.names
     G, S, local, reports, skipped = {}, {}, {}, {}, set()
     now = {"t": 0}
-    if kind == "ranks":  # each rank's own sum, read just before DeepSpeed's boundary reduction
+    if split is bf.RANKS:  # each rank's own sum, read just before DeepSpeed's boundary reduction
         reduce = engine.allreduce_gradients
 
         def allreduce_gradients(*args, **kwargs):
@@ -189,7 +188,7 @@ def run(cfg: dict, rank: int, world: int, steps: int = 4, nan_at=None) -> list[t
             loss = (out.float() - y.float()).pow(2).mean()
             engine.backward(loss)
             rec.end_micro(t, device)
-            if kind == "micro" and k == gas // 2 - 1:
+            if split is bf.MICRO and k == gas // 2 - 1:
                 S[t] = {n: g / rec.scale for n, g in held.running_sum(engine, names, world).items()}
             if k == gas - 1:
                 before = engine.skipped_steps
@@ -222,7 +221,7 @@ def run(cfg: dict, rank: int, world: int, steps: int = 4, nan_at=None) -> list[t
         allsteps[t] = {(r, k): dict(zip(names, parts[r][k].split(sizes))) for r in range(world) for k in range(gas)}
         if not all(bool(torch.isfinite(p).all()) for p in parts):
             skipped.add(t)  # a non-finite gradient: AGVM must not update on this step
-        if kind == "ranks":  # S = mean of the first half-ranks' own sums − mean of the rest's
+        if split is bf.RANKS:  # S = mean of the first half-ranks' own sums − mean of the rest's
             own = local.get(t) or {n: sum(mb[n] for mb in micro) for n in names}
             h = collectives.all_gather(torch.cat([own[n] for n in names]).to(flat.device))
             n1 = world // 2

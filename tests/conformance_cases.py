@@ -156,7 +156,7 @@ def run_plan(rank, world, plan):
 
     from agvm_ds.config.base import ConfigError
     from agvm_ds.selfcheck import run, selfcheck_config
-    from agvm_ds.testing.mutations import ENV
+    from agvm_ds.mutations import ENV
 
     out = []
     for mutation, what, payload in plan:

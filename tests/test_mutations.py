@@ -1,5 +1,5 @@
 """The mutation suite (issue 30, item 5): every bug planted by ``AGVM_DS_MUTATION``
-(agvm_ds/testing/mutations.py) makes the CI conformance slice and the self-check fail, in
+(agvm_ds/mutations.py) makes the CI conformance slice and the self-check fail, in
 fp32 and in bf16 (and in autocast-fp16 / DeepSpeed fp16 where the bug is about their loss
 scale); with no mutation the same runs pass.
 
@@ -20,7 +20,7 @@ import pytest
 
 from conformance_cases import C, PLAN  # C: bench/conformance.py
 
-from agvm_ds.testing.mutations import MUTATIONS
+from agvm_ds.mutations import MUTATIONS
 
 
 def test_every_mutation_has_a_plan():

@@ -47,7 +47,7 @@ from agvm_ds.core.optimizer import AGVM
 from agvm_ds.core.reducer import OwnerReducer, default_bucket_size
 from agvm_ds.core.statistics import BLOCK, SLICE, Split, combine, gram, preconditioned_stats, workspace
 from agvm_ds.optim.registry import OptimizerInfo
-from agvm_ds.testing import mutations
+from agvm_ds import mutations
 
 log = logging.getLogger("agvm_ds")
 

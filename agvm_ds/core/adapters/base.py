@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from agvm_ds.core.chunks import Chunk, coalesce, concat_into
-from agvm_ds.testing import mutations
+from agvm_ds import mutations
 from agvm_ds.zero_layout import flat_cut
 
 

@@ -6,7 +6,7 @@ import torch
 
 from agvm_ds.core.adapters.base import StageAdapter, _device, _invalid_norm, flat_layout
 from agvm_ds.core.chunks import Chunk, concat_into
-from agvm_ds.testing import mutations
+from agvm_ds import mutations
 
 
 class Stage12Adapter(StageAdapter):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from agvm_ds.core.estimators.base import Estimator, stream_local
 from agvm_ds.core.statistics import Split
-from agvm_ds.testing import mutations
+from agvm_ds import mutations
 
 
 class MicroEstimator(Estimator):

@@ -5,6 +5,8 @@ code site it belongs to, inert unless ``AGVM_DS_MUTATION`` names it. The self-ch
 conformance slice must fail on every one — that is what shows they can see a 1 % error in
 bf16 as well as in fp32. The variable is read here only, on every call (a test switches it
 between cells inside one process), and costs one dictionary lookup where it is consulted.
+A ground-floor module (it imports nothing of the package), so the statistics code can ask it
+without an arrow to ``agvm_ds.testing``.
 """
 
 from __future__ import annotations
