@@ -13,10 +13,13 @@ times per step, as detection heads are); runs a few steps with AGVM updating eve
 and compares
 
 (a) AGVM's cos per module and μ with a float64 brute force (:mod:`agvm_ds.bruteforce`)
-    from every rank's own per-micro-batch gradients, recorded by tensor hooks before
-    DeepSpeed or AGVM touch them;
-(b) DeepSpeed's averaged gradient, read at the accumulation boundary, with a plain
-    ``all_reduce`` of the same recorded gradients.
+    on the gradients DeepSpeed holds (:mod:`agvm_ds.held`): its averaged gradient at the
+    accumulation boundary and the second vector AGVM's split needs (the running sum at the
+    half-way micro-batch, or each rank's own sum before reduction) — 1e-5 relative in every
+    precision, under Adam preconditioning too;
+(b) those held tensors with the same sums of every rank's own per-micro-batch gradients,
+    recorded by tensor hooks before DeepSpeed or AGVM touch them, reduced in float64 (a
+    plain ``all_reduce``) — within DeepSpeed's own rounding.
 
 One line per check with its figure; exit 0 when all pass, 1 when one fails, 2 for a run
 file that is refused (one ``error:`` line). ``agvm.selfcheck: true`` in a run file runs it
