@@ -47,9 +47,11 @@ def _figures(r):
 
 
 def test_control_without_mutation_passes(outcomes):
-    controls, _ = outcomes
+    controls, mutated = outcomes
     for e, r in controls:
         print(_label(e), r["verdict"], r["seconds"], "s")
+    print(f"{len(controls)} control and {len(mutated)} mutated runs: "
+          f"{sum(r['seconds'] for _, r in controls + mutated):.1f} s inside the ranks")
     bad = [(_label(e), _figures(r)) for e, r in controls if r["verdict"] != "exact"]
     assert not bad, bad
 
@@ -59,6 +61,7 @@ def test_mutation_is_caught(outcomes, mutation):
     _, mutated = outcomes
     mine = [(e, r) for e, r in mutated if e[0] == mutation]
     assert {e[2] for e, _ in mine} == {"CI slice", "self-check"}, mutation
+    assert {e[1] for e, _ in mine} == set(PLAN[mutation][0]), mutation
     for e, r in mine:
         print(f"{mutation} | {_label(e)} | {'caught' if r['verdict'] == 'THIRD KIND' else 'MISSED'} | {_figures(r)}")
     missed = [_label(e) for e, r in mine if r["verdict"] != "THIRD KIND"]
