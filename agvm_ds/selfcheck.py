@@ -15,10 +15,13 @@ times per step, as detection heads are); runs a few steps with AGVM updating eve
 and compares
 
 (a) AGVM's cos per module and μ with a float64 brute force (:mod:`agvm_ds.bruteforce`)
-    from every rank's own per-micro-batch gradients, recorded by tensor hooks before
-    DeepSpeed or AGVM touch them;
-(b) DeepSpeed's averaged gradient, read at the accumulation boundary, with a plain
-    ``all_reduce`` of the same recorded gradients.
+    on the gradients DeepSpeed holds (:mod:`agvm_ds.held`): its averaged gradient at the
+    accumulation boundary and the second vector AGVM's split needs (the running sum at the
+    half-way micro-batch, or each rank's own sum before reduction) — 1e-5 relative in every
+    precision, under Adam preconditioning too;
+(b) those held tensors with the same sums of every rank's own per-micro-batch gradients,
+    recorded by tensor hooks before DeepSpeed or AGVM touch them, reduced in float64 (a
+    plain ``all_reduce``) — within DeepSpeed's own rounding.
 
 One line per check with its figure; exit 0 when all pass, 1 when one fails, 2 for a run
 file that is refused (one ``error:`` line). ``agvm.selfcheck: true`` in a run file runs it
@@ -30,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import os
 import sys
 
@@ -38,7 +40,7 @@ import torch
 from torch import nn
 
 from agvm_ds import bruteforce as bf
-from agvm_ds import collectives
+from agvm_ds import collectives, held
 from agvm_ds.config.base import ConfigError
 from agvm_ds.config.files import OWN_SECTIONS
 from agvm_ds.config.preflight import check_optimizer_section
@@ -162,57 +164,6 @@ def loss_scale(engine) -> float:
     return 1.0
 
 
-def averaged_grads(engine, names) -> dict:
-    """DeepSpeed's averaged gradient of every parameter (float64, flat), at the boundary.
-
-    DeepSpeed's own helpers serve where they are right: ``get_fp32_grad_for_param`` at ZeRO-3,
-    ``safe_get_full_grad`` at stage 0, for BF16_Optimizer and under offload. At ZeRO-1/2
-    (DeepSpeedZeroOptimizer) ``safe_get_full_grad`` maps fragments in the wrong order when
-    ``round_robin_gradients`` is on (measured with deepspeed 0.19.8: values of other
-    parameters, or a size-mismatch error), so there each rank's ``averaged_gradients``
-    partition is all-gathered and cut by ``round_robin_bit16_groups`` / ``_offsets``."""
-    from deepspeed.utils import safe_get_full_grad
-
-    zo = engine.optimizer
-    flat = {}
-    if hasattr(zo, "round_robin_bit16_groups"):
-        flat = _zero12_grads(zo)
-    out = {}
-    for n, p in engine.module.named_parameters():
-        if n not in names:
-            continue
-        if id(p) in flat:
-            g = flat[id(p)]
-        else:
-            g = p._z3_optimizer.get_fp32_grad_for_param(p) if hasattr(p, "ds_id") else safe_get_full_grad(p)
-        out[n] = None if g is None else g.detach().double().reshape(-1)
-    return out
-
-
-def _zero12_grads(zo) -> dict:
-    from deepspeed.accelerator import get_accelerator
-
-    out = {}
-    for gi, params in enumerate(zo.round_robin_bit16_groups):
-        ps = int(zo.partition_size[gi])
-        if getattr(zo, "cpu_offload", False):  # offload: reduced straight into the fp32 partition's grad
-            held = zo.single_partition_of_fp32_groups[gi].grad
-            held = None if held is None else [held]
-        else:
-            held = zo.averaged_gradients.get(gi) if isinstance(zo.averaged_gradients, dict) else zo.averaged_gradients[gi]
-        if held is None:
-            continue
-        buf = getattr(held, "flat_partition", None)
-        part = buf.reshape(-1).float() if buf is not None else torch.cat([t.reshape(-1).float() for t in held])
-        part = part.to(get_accelerator().current_device_name())  # offload keeps it on the CPU; NCCL needs the device
-        if part.numel() != ps:
-            raise RuntimeError(f"selfcheck: ZeRO partition {gi} holds {part.numel()} elements, expected {ps}")
-        full = torch.cat(collectives.all_gather(part, group=zo.real_dp_process_group[gi]))
-        for p, off in zip(params, zo.round_robin_bit16_offsets[gi]):
-            out[id(p)] = full[int(off):int(off) + p.numel()]
-    return out
-
-
 def _perturb(modulator, delta: float) -> None:
     """Multiply the ⟨G1, G2⟩ column AGVM folds into μ by (1 + δ) (a real fault in AGVM's numbers)."""
     update = modulator.update
@@ -224,10 +175,10 @@ def _perturb(modulator, delta: float) -> None:
     modulator.update = perturbed
 
 
-def run(cfg: dict, rank: int, world: int, steps: int = 4) -> list[tuple[bool, float, str]]:
+def run(cfg: dict, rank: int, world: int, steps: int = 4, nan_at=None) -> list[tuple[bool, float, str]]:
     """Train ``steps`` steps of the built-in model under ``cfg``; the checks as (ok, worst error, line).
-    Raises ConfigError where agvm-ds refuses the configuration."""
-    import torch.distributed as dist
+    ``nan_at = (step, rank, micro)`` puts a NaN into that micro-batch (a fault: the step must
+    be skipped, μ unchanged). Raises ConfigError where agvm-ds refuses the configuration."""
     from deepspeed.accelerator import get_accelerator
 
     import agvm_ds
@@ -240,29 +191,46 @@ def run(cfg: dict, rank: int, world: int, steps: int = 4) -> list[tuple[bool, fl
     if delta:
         _perturb(engine.agvm.modulator, delta)
     gas, bs = engine.gradient_accumulation_steps(), engine.train_micro_batch_size_per_gpu()
+    estimator = cfg["agvm"].get("estimator", "micro")
+    split = bf.split_of(estimator, gas)
     dtype = next(p.dtype for p in engine.module.parameters())
     rec = Recorder(list(engine.module.named_parameters()))
-    ds_grads, reports, skipped = {}, {}, set()
+    names = rec.names
+    G, S, local, reports, skipped = {}, {}, {}, {}, set()
+    now = {"t": 0}
+    if split is bf.RANKS:  # each rank's own sum, read just before DeepSpeed's boundary reduction
+        reduce = engine.allreduce_gradients
+
+        def allreduce_gradients(*args, **kwargs):
+            if engine.is_gradient_accumulation_boundary():
+                held_local = held.local_sums(engine, names, at_boundary=True)
+                if held_local is not None:
+                    local[now["t"]] = {n: g / rec.scale for n, g in held_local.items()}
+            return reduce(*args, **kwargs)
+        engine.allreduce_gradients = allreduce_gradients
     for t in range(steps):
+        now["t"] = t
         for k in range(gas):
             x, y = (v.to(device=device, dtype=dtype) for v in batch(t, rank, k, bs))
+            if nan_at == (t, rank, k):
+                x[0, 0] = float("nan")
             rec.scale = loss_scale(engine)
             out = engine(x)
             loss = (out.float() - y.float()).pow(2).mean()
             engine.backward(loss)
             rec.end_micro(t, device)
+            if split is bf.MICRO and k == gas // 2 - 1:
+                S[t] = {n: g / rec.scale for n, g in held.running_sum(engine, names, world).items()}
             if k == gas - 1:
                 before = engine.skipped_steps
-                ds_grads[t] = {n: None if g is None else g / rec.scale
-                               for n, g in averaged_grads(engine, rec.names).items()}
+                G[t] = {n: None if g is None else g / rec.scale for n, g in held.averaged_grads(engine, names).items()}
             engine.step()
         if engine.skipped_steps > before:
             skipped.add(t)
         rep = agvm_ds.modulation(engine)
-        reports[t] = ({m: v["cos"] for m, v in rep["modules"].items()}, rep["mu"], rep["step"])
+        reports[t] = ({m: v["cos"] for m, v in rep["modules"].items()}, rep["mu"], rep["step"], rep["skipped"])
     rec.remove()
     anchor = engine.agvm.modulator.anchor
-    estimator = cfg["agvm"].get("estimator", "micro")
     row = registry.find(cfg["optimizer"]["type"])
     mode = registry.check(row, cfg["optimizer"]["params"], zero_stage(cfg),
                           cfg["agvm"].get("precondition", "auto"))
@@ -275,17 +243,21 @@ def run(cfg: dict, rank: int, world: int, steps: int = 4) -> list[tuple[bool, fl
     engine.destroy()
 
     # every rank's recorded gradients, on every rank (collectives on the accelerator's device)
-    names = rec.names
     owner = {n: next(m for m, ps in MODULES.items() if any(n.startswith(p) for p in ps)) for n in names}
-    allsteps, plain = {}, {}
+    sizes = [rec.numel[n] for n in names]
+    allsteps = {}
     for t, micro in sorted(rec.steps.items()):
         flat = torch.stack([torch.cat([mb[n] for n in names]) for mb in micro])  # [gas, P]
         parts = collectives.all_gather(flat)
-        sizes = [rec.numel[n] for n in names]
         allsteps[t] = {(r, k): dict(zip(names, parts[r][k].split(sizes))) for r in range(world) for k in range(gas)}
-        summed = collectives.all_reduce_sum(flat.sum(0))
-        plain[t] = dict(zip(names, (summed / world).split(sizes)))
-    return bf.compare(allsteps, plain, ds_grads, reports, skipped, world, gas, estimator, owner, anchor,
+        if not all(bool(torch.isfinite(p).all()) for p in parts):
+            skipped.add(t)  # a non-finite gradient: AGVM must not update on this step
+        if split is bf.RANKS:  # S = mean of the first half-ranks' own sums − mean of the rest's
+            own = local.get(t) or {n: sum(mb[n] for mb in micro) for n in names}
+            h = collectives.all_gather(torch.cat([own[n] for n in names]).to(flat.device))
+            n1 = world // 2
+            S[t] = dict(zip(names, (sum(h[:n1]) / n1 - sum(h[n1:]) / (world - n1)).split(sizes)))
+    return bf.compare(allsteps, G, S, reports, skipped, world, gas, estimator, owner, anchor,
                       cfg["agvm"], adam, unit, steps)
 
 

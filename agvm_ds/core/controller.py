@@ -47,6 +47,7 @@ from agvm_ds.core.optimizer import AGVM
 from agvm_ds.core.reducer import OwnerReducer, default_bucket_size
 from agvm_ds.core.statistics import BLOCK, SLICE, Split, combine, gram, preconditioned_stats, workspace
 from agvm_ds.optim.registry import OptimizerInfo
+from agvm_ds import mutations
 
 log = logging.getLogger("agvm_ds")
 
@@ -192,11 +193,15 @@ class AGVMController:
         held = self.reducer.buffer_bytes() + sum(t.numel() * t.element_size() for t in buffers)
         self.peak_buffer_bytes = max(self.peak_buffer_bytes, held)
         stats = torch.zeros(m, self._width, dtype=torch.float64, device=self.adapter.device)
+        if mutations.active("rank_dropped") and self.world > 1 and self.rank == self.world - 1:
+            rows, modules = [], []
         if not rows:
             return stats, torch.zeros((), dtype=torch.float64, device=stats.device)
         rows = torch.stack(rows)
         if not self.precondition:
             rows = combine(rows, scaled)
+        if mutations.active("halves_swapped"):
+            rows[:, 1] = rows[:, 2]
         # The chunk → module map is the same on every update step: copy it to the device once
         # (a host-to-device copy of a fresh list would stall the stream each time).
         if self._chunk_modules is None or self._chunk_modules[0] != modules:
@@ -262,8 +267,11 @@ class AGVMController:
         nonfinite = bool(local[-1] > 0)
         if nonfinite:
             self.modulator.skipped += 1
-        else:
+        if not nonfinite or mutations.active("skipped_counted"):
             table = local[:-1].view(m, self._width)
+            for name, factor in (("pair_x1.01", 1.01), ("pair_x1.05", 1.05)):
+                if mutations.active(name):
+                    table[0, 0] *= factor
             self.modulator.update(step, table[:, :3], table[:, 3:] if self.precondition else None)
         return nonfinite
 

@@ -27,6 +27,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from agvm_ds.core.chunks import Chunk, coalesce, concat_into
+from agvm_ds import mutations
 from agvm_ds.zero_layout import flat_cut
 
 
@@ -50,8 +51,9 @@ def flat_layout(params, offsets, part: int, world: int, base: int) -> dict[int, 
     at ``base`` in every rank's local layout."""
     out: dict[int, list[Piece]] = {id(p): [] for p in params}
     sizes = [p.numel() for p in params]
+    shift = 1 if mutations.active("owner_next") else 0
     for r in range(world):
-        for j, lo, at, n in flat_cut(offsets, sizes, part, r):
+        for j, lo, at, n in flat_cut(offsets, sizes, part, (r + shift) % world):
             out[id(params[j])].append(Piece(r, lo, lo + n, base + at))
     return out
 
@@ -159,9 +161,9 @@ class StageAdapter:
         ``get_scale`` reads the scaler's device scalar (a documented host sync)."""
         scaler = getattr(self.zero, "torch_autocast_gradscaler", None) \
             or getattr(self.engine, "torch_autocast_z0_gradscaler", None)
-        if scaler is not None and scaler.is_enabled():
+        if scaler is not None and scaler.is_enabled() and not mutations.active("autocast_scaler_ignored"):
             return float(scaler.get_scale())
-        if self.engine.fp16_enabled():
+        if self.engine.fp16_enabled() and not mutations.active("fp16_scale_ignored"):
             return float(getattr(self.zero, "loss_scale", getattr(self.zero, "cur_scale", 1.0)))
         return 1.0
 

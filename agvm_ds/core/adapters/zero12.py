@@ -6,6 +6,7 @@ import torch
 
 from agvm_ds.core.adapters.base import StageAdapter, _device, _invalid_norm, flat_layout
 from agvm_ds.core.chunks import Chunk, concat_into
+from agvm_ds import mutations
 
 
 class Stage12Adapter(StageAdapter):
@@ -160,6 +161,10 @@ class Stage12OffloadAdapter(Stage12Adapter):
         held = getattr(zo, "accumulated_grads_in_cpu", {})
         compact = getattr(zo, "_use_compact_grad_partition_buffer", lambda gi: False)
         for gi, (base, ps) in enumerate(self._base):
+            stale = zo.single_partition_of_fp32_groups[gi].grad if mutations.active("offload_stale") else None
+            if stale is not None:
+                out[base:base + ps].copy_(stale.reshape(-1))
+                continue
             if compact(gi):
                 # bf16 weights, fp32 accumulation: the running sum is the device-side compact
                 # partition, copied to the host buffer only at the boundary

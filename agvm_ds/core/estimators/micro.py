@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from agvm_ds.core.estimators.base import Estimator, stream_local
 from agvm_ds.core.statistics import Split
+from agvm_ds import mutations
 
 
 class MicroEstimator(Estimator):
@@ -47,7 +48,8 @@ class MicroEstimator(Estimator):
 
     def after_backward(self, adapter, reducer, micro_index: int, boundary: bool) -> None:
         """After micro-step a1: take ``S``, the running sum of the first half."""
-        if boundary or micro_index != self.first_micro - 1:
+        late = mutations.active("micro_late") and self.accumulation >= 3
+        if boundary or micro_index != self.first_micro - 1 + late:
             return
         if adapter.reduces_every_micro_step:
             reducer.start(adapter.local_numel, adapter.device, zero=False)
