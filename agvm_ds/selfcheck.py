@@ -21,7 +21,11 @@ and compares
     precision, under Adam preconditioning too;
 (b) those held tensors with the same sums of every rank's own per-micro-batch gradients,
     recorded by tensor hooks before DeepSpeed or AGVM touch them, reduced in float64 (a
-    plain ``all_reduce``) — within DeepSpeed's own rounding.
+    plain ``all_reduce``) — within DeepSpeed's own rounding;
+(c) where a loss scale is in effect (fp16, autocast fp16): the scale the backward really
+    applied, measured on the model output's gradient against the loss's own derivative,
+    equals the scale divided out of (a) and (b) — which both divide by the same number and
+    so cannot see a scale that was never applied.
 
 One line per check with its figure; exit 0 when all pass, 1 when one fails, 2 for a run
 file that is refused (one ``error:`` line). ``agvm.selfcheck: true`` in a run file runs it
@@ -197,6 +201,7 @@ def run(cfg: dict, rank: int, world: int, steps: int = 4, nan_at=None) -> list[t
     rec = Recorder(list(engine.module.named_parameters()))
     names = rec.names
     G, S, local, reports, skipped = {}, {}, {}, {}, set()
+    applied = []  # per micro-batch: the scale the loss's gradient carries / the scale divided out
     now = {"t": 0}
     if split is bf.RANKS:  # each rank's own sum, read just before DeepSpeed's boundary reduction
         reduce = engine.allreduce_gradients
@@ -216,9 +221,11 @@ def run(cfg: dict, rank: int, world: int, steps: int = 4, nan_at=None) -> list[t
                 x[0, 0] = float("nan")
             rec.scale = loss_scale(engine)
             out = engine(x)
+            out.retain_grad()
             loss = (out.float() - y.float()).pow(2).mean()
             engine.backward(loss)
             rec.end_micro(t, device)
+            applied.append(scale_applied(out, y, gas, rec.scale))
             if split is bf.MICRO and k == gas // 2 - 1:
                 S[t] = {n: g / rec.scale for n, g in held.running_sum(engine, names, world).items()}
             if k == gas - 1:
@@ -257,8 +264,44 @@ def run(cfg: dict, rank: int, world: int, steps: int = 4, nan_at=None) -> list[t
             h = collectives.all_gather(torch.cat([own[n] for n in names]).to(flat.device))
             n1 = world // 2
             S[t] = dict(zip(names, (sum(h[:n1]) / n1 - sum(h[n1:]) / (world - n1)).split(sizes)))
-    return bf.compare(allsteps, G, S, reports, skipped, world, gas, estimator, owner, anchor,
-                      cfg["agvm"], adam, unit, steps)
+    checks = bf.compare(allsteps, G, S, reports, skipped, world, gas, estimator, owner, anchor,
+                        cfg["agvm"], adam, unit, steps)
+    return checks + scale_check(applied)
+
+
+#: |applied / divided out − 1| allowed: the loss's gradient is rounded to fp16 (2^-11)
+SCALE_TOL = 1e-2
+
+
+def scale_applied(out: torch.Tensor, y: torch.Tensor, gas: int, divided: float):
+    """(scale the backward really applied, ``divided``: the scale the recorder divides out)
+    for one micro-batch, measured on the model output's gradient against the loss's own
+    derivative d(mean((out − y)²) / gas)/d out = 2 (out − y) / (numel · gas); None where the
+    gradient is missing or non-finite (a skipped step)."""
+    grad = out.grad
+    if grad is None:
+        return None
+    g = grad.detach().double()
+    ref = 2.0 * (out.detach().double() - y.detach().double()) / out.numel() / gas
+    if not bool(torch.isfinite(g).all()) or float(ref.pow(2).sum()) == 0.0:
+        return None
+    return float((g * ref).sum() / ref.pow(2).sum()), float(divided)
+
+
+def scale_check(applied: list) -> list[tuple[bool, float, str]]:
+    """(c) where a loss scale is in effect (DeepSpeed fp16, autocast fp16): the scale the
+    backward applied equals the one divided out of the recorded and held gradients. A path
+    that never applies its scale yet divides it out (DeepSpeed 0.19.8's ZeRO-0 fp16) would
+    pass (a) and (b) with every gradient 1/scale too small; this check sees it."""
+    seen = [a for a in applied if a is not None]
+    if not seen or all(d == 1.0 for _, d in seen):
+        return []
+    worst = max(abs(m / d - 1.0) for m, d in seen)
+    scales = sorted({d for _, d in seen})
+    ok = worst <= SCALE_TOL
+    return [(ok, worst, f"loss scale applied by the backward vs divided out ({len(seen)} micro-batches, scale "
+                        f"{scales[0]:g}{'-' + format(scales[-1], 'g') if len(scales) > 1 else ''}): worst rel gap "
+                        f"{worst:.1e} (tol {SCALE_TOL:.0e})")]
 
 
 def registry_defaults(row) -> dict:

@@ -29,11 +29,17 @@ SGD_MICRO = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps":
              "optimizer": {"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4}},
              "zero_optimization": {"stage": 3, "reduce_bucket_size": 64, "stage3_param_persistence_threshold": 0},
              "bf16": {"enabled": True}, "agvm": {"estimator": "micro"}}
+AUTOCAST_FP16 = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "gradient_clipping": 0.0,
+                 "optimizer": {"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9}},
+                 "zero_optimization": {"stage": 1}, "torch_autocast": {"enabled": True, "dtype": "float16"},
+                 "agvm": {"estimator": "micro"}}
 CASES = [
     (QUICKSTART, None),                                       # 0: the shipped quickstart (ZeRO-2, AdamW, auto: ranks)
     (QUICKSTART, 1e-3),                                       # 1: the same, AGVM's <G1,G2> sums scaled by 1.001
     (_with(QUICKSTART, offload_optimizer={"device": "nvme", "nvme_path": "/tmp"}), None),  # 2: refused (support table)
     (SGD_MICRO, None),                                        # 3: ZeRO-3, bf16, micro, GAS 3 (same tolerance as fp32)
+    (AUTOCAST_FP16, None),                                    # 4: autocast fp16, ZeRO-1: the loss-scale check
+    (AUTOCAST_FP16, None, "unapplied_scale"),                 # 5: the same, the scale never applied (planted)
 ]
 
 
@@ -88,3 +94,16 @@ def test_selfcheck_command_line_single_rank(tmp_path):
                               capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
         out = proc.stdout + proc.stderr
         assert proc.returncode == 2 and out.count("error: ") == 1 and needle in out, out[-2000:]
+
+
+def test_selfcheck_sees_a_loss_scale_that_was_never_applied(runs):
+    code, lines = runs[0][4]
+    print("\n".join(lines))
+    assert code == 0 and len(lines) == 4 and all(line.startswith("ok   ") for line in lines), lines
+    assert lines[3].startswith("ok   loss scale applied by the backward vs divided out")
+    # DeepSpeed 0.19.8's ZeRO-0 fp16 bug, planted on autocast: the scale is reported and divided
+    # out but never applied, so (a) and (b) divide both sides by the same wrong number
+    code, lines = runs[0][5]
+    print("\n".join(lines))
+    assert code == 1 and lines[3].startswith("FAIL loss scale applied by the backward vs divided out"), lines
+    assert runs[1][5][0] == 1
