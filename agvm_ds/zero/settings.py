@@ -18,6 +18,7 @@ group is up.
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import logging
 from dataclasses import dataclass
@@ -129,11 +130,18 @@ def _validate_sections(ds: dict) -> None:
         value = ds.get(section)
         if "." in section or not isinstance(value, dict):
             continue
+        model = load_model(spec)
         try:
-            load_model(spec)(**value)
+            model(**value)
         except ValidationError as err:
             first = err.errors()[0]
-            where = ".".join([section] + [str(p) for p in first.get("loc", ())])
+            loc = [str(p) for p in first.get("loc", ())]
+            where = ".".join([section] + loc)
+            if first.get("type") == "extra_forbidden" and len(loc) == 1:
+                known = sorted({k for n, f in model.model_fields.items() for k in (n, f.alias) if k})
+                close = difflib.get_close_matches(loc[0], known, n=1, cutoff=0.6)
+                raise ConfigError(f"{where}: unknown key" + (f" (did you mean {close[0]!r}?)" if close else
+                                                             f" (known: {', '.join(known)})")) from None
             raise ConfigError(f"{where}: {_one_line(first.get('msg', err))} (given {first.get('input')!r})") from None
         except (AssertionError, ValueError, TypeError) as err:
             raise ConfigError(f"{section}: {_one_line(err)}") from None
