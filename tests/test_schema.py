@@ -86,6 +86,7 @@ REFUSED = [
     ({"zero_optimization": {"allgather_bucket_size": 1}}, "zero_optimization.allgather_bucket_size"),
     ({"zero_optimization": {"stage": 3, "mics_shard_size": 2}}, "deepspeed config: MiCS"),
     ({"bf16": {"enabeld": True}}, "bf16.enabeld"),
+    ({"tensorboard": {"enabled": True, "outptu_path": "/tmp/tb"}}, "tensorboard.outptu_path: unknown key (did you mean"),
 ]
 
 
