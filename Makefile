@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 train: $(STAMP)
 	@echo "+ $(BIN)/deepspeed --num_gpus $(NUM_RANKS) launch/train.py --deepspeed_config $(CONFIG)"
