@@ -177,3 +177,31 @@ def test_a_live_holder_refuses_a_dead_one_is_taken_over(tmp_path):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_a_checkpoint_of_another_run_does_not_continue_over_a_third(tmp_path):
+    from agvm_ds.checkpoint_engine import CheckpointError
+    from agvm_ds.config.run import load_run_config
+    from agvm_ds.train.resume_policy import check_resume_config
+
+    tag = tmp_path / "one" / "checkpoints" / "step_0000002"
+    tag.mkdir(parents=True)
+    run = load_run_config(write_config(tmp_path / "run.json", TINY), ["optimizer.params.lr=0.04"], world_size=2)
+    from agvm_ds.train.resolve import record_before_data
+
+    stored = load_run_config(write_config(tmp_path / "stored.json", TINY), [], world_size=2)
+    (tmp_path / "one" / "config.json").write_text(json.dumps(record_before_data(stored, tmp_path / "one")))
+    # into a new folder: allowed (the elastic resume does this), the lr change reported
+    fresh = tmp_path / "new"
+    check = check_resume_config(run, fresh, tag, str(tag))
+    assert check.lines() == ["resume: optimizer.params.lr 0.02 -> 0.04"] and not fresh.exists()
+    # into a folder that holds another run: refused, that run's files untouched
+    other = tmp_path / "two"
+    other.mkdir()
+    (other / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(CheckpointError) as err:
+        check_resume_config(run, other, tag, str(tag))
+    assert str(err.value) == (f"--resume {tag}: the checkpoint belongs to the run in {tmp_path / 'one'}, but "
+                              f"--output_dir {other} holds another run (metrics.jsonl); continue it in "
+                              f"{tmp_path / 'one'} or in a new --output_dir")
+    assert (other / "metrics.jsonl").read_text() == '{"step": 1}\n'

@@ -62,9 +62,9 @@ from agvm_ds.train.sampler import (SeededDataset, StepBatchSampler, StepSampler,
 from agvm_ds.train.resolve import ResolvedRun, resolve_run
 from agvm_ds.train.schedule import LrSchedule, build_lr_schedule, clip_norm_at
 from agvm_ds.train.summary import bar_mu, eval_line, peak_rss_bytes, summary_lines
-from agvm_ds.train.resume_policy import check_resume_config, history_entry
+from agvm_ds.train.resume_policy import settle_resume
 from agvm_ds.train.rundir import RunFolder, claim_run_folder
-from agvm_ds.train.timeline import begin_timeline, tag_step
+from agvm_ds.train.timeline import begin_timeline
 
 logger = logging.getLogger("agvm_ds.train")
 
@@ -255,18 +255,7 @@ def train(run: RunConfig, out_dir: Path, resume: Optional[str], rank: int, world
 def _train_in_folder(run: RunConfig, out_dir: Path, resume: Optional[str], rank: int, world: int,
                      started: float, tag_dir: Optional[Path]) -> int:
     # what the run that saved the checkpoint was trained with, before anything is written
-    try:
-        check = check_resume_config(run, out_dir, tag_dir, resume)
-    except ConfigError as err:  # every rank read the same file: one line for the job
-        err.same_on_every_rank = True
-        raise
-    for line in check.lines():
-        job_say(rank, line)
-    if resume and tag_dir is None:
-        job_say(rank, f"--resume {resume}: no complete checkpoint in {out_dir / 'checkpoints'}: "
-                      f"training starts at step 0")
-    resumes = (check.history + [history_entry(check, tag_dir, tag_step(tag_dir), world)]
-               if tag_dir is not None else None)
+    resumes = settle_resume(run, out_dir, tag_dir, resume, world, say=lambda line: job_say(rank, line))
     begin_timeline(out_dir / "checkpoints", tag_dir, resume, rank)
     try:
         job = build_job(run, out_dir, rank, world, resumes=resumes)

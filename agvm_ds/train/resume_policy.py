@@ -37,13 +37,13 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from agvm_ds.checkpoint_engine import CheckpointError
 from agvm_ds.config.run import RunConfig
 
 __all__ = ["ALLOW", "REFUSE", "RESUME_POLICY", "ResumeCheck", "check_resume_config", "classify",
-           "diff_records", "flatten", "history_entry", "stored_config_path"]
+           "diff_records", "flatten", "history_entry", "settle_resume", "stored_config_path"]
 
 REFUSE, ALLOW = "refuse", "allow"
 
@@ -165,7 +165,6 @@ def diff_records(stored: dict, new: dict) -> tuple[list[tuple[str, Any, Any]], l
 class ResumeCheck:
     """A resume's accepted differences and the stored run's resume history."""
 
-    stored_path: Optional[Path] = None
     allowed: list[tuple[str, Any, Any]] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
 
@@ -198,6 +197,14 @@ def check_resume_config(run: RunConfig, out_dir: Path, tag_dir: Optional[Path], 
     path = stored_config_path(tag_dir)
     if path is None:
         return ResumeCheck()
+    if path.parent.resolve() != out_dir.resolve():
+        from agvm_ds.train.rundir import folder_state
+
+        held = folder_state(out_dir)[0]
+        if held:  # continuing one run must not overwrite another's metrics and config
+            raise CheckpointError(f"--resume {resume}: the checkpoint belongs to the run in {path.parent}, "
+                                  f"but --output_dir {out_dir} holds another run ({', '.join(held)}); "
+                                  f"continue it in {path.parent} or in a new --output_dir")
     try:
         stored = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -214,8 +221,33 @@ def check_resume_config(run: RunConfig, out_dir: Path, tag_dir: Optional[Path], 
             f"and the eval/checkpoint/log cadence; start a new run for the rest (--fresh, or another "
             f"--output_dir)")
     history = stored.get("_resumes")
-    return ResumeCheck(stored_path=path, allowed=allowed,
-                       history=list(history) if isinstance(history, list) else [])
+    return ResumeCheck(allowed=allowed, history=list(history) if isinstance(history, list) else [])
+
+
+def settle_resume(run: RunConfig, out_dir: Path, tag_dir: Optional[Path], resume: Optional[str],
+                  world: int, say: Callable[[str], None]) -> Optional[list[dict]]:
+    """The training loop's decision (every rank): :func:`check_resume_config`, ``say`` each
+    allowed change (rank 0's ``say`` prints), and return the ``"_resumes"`` history for the
+    new ``config.json`` (None for a start from step 0).
+
+    Raises:
+        CheckpointError: refused, the same on every rank (``same_on_every_rank``).
+    """
+    from agvm_ds.train.timeline import tag_step
+
+    try:
+        check = check_resume_config(run, out_dir, tag_dir, resume)
+    except CheckpointError as err:  # every rank read the same file: one line for the job
+        err.same_on_every_rank = True
+        raise
+    for line in check.lines():
+        say(line)
+    if tag_dir is None:
+        if resume:
+            say(f"--resume {resume}: no complete checkpoint in {out_dir / 'checkpoints'}: training "
+                f"starts at step 0")
+        return None
+    return check.history + [history_entry(check, tag_dir, tag_step(tag_dir), world)]
 
 
 def history_entry(check: ResumeCheck, tag_dir: Path, step: int, world: int) -> dict[str, Any]:
