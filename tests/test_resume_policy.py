@@ -101,9 +101,16 @@ def test_differences_are_split_into_refused_and_allowed(tmp_path):
                        ("optimizer.type", "SGD", "AdamW"), ("stray_key", _MISSING, 1),
                        ("train.seed", 0, 1)]
     # the derived start step (null: the end of warmup) is not a change; 1 vs 1.0 is none either
-    stored["agvm"]["start_step"] = 7
+    stored["agvm"]["start_step"], stored["_resolved"] = 7, {"warmup_steps": 7}
     stored["train"]["max_steps"] = 12.0
-    assert diff_records(stored, {**_record(tmp_path, ["agvm.start_step=null"])}) == ([], [])
+    assert diff_records(stored, _record(tmp_path, ["agvm.start_step=null"])) == ([], [])
+    # but an explicit start step that becomes the end of warmup is
+    stored["_resolved"]["warmup_steps"] = 2
+    assert diff_records(stored, _record(tmp_path, ["agvm.start_step=null"])) == (
+        [], [("agvm.start_step", 7, None)])
+    # a field the schema gained after the run was saved is no change (its default is filled in)
+    del stored["data"]["image_memo_mb"], stored["agvm"]["selfcheck"]
+    assert diff_records(stored, _record(tmp_path, ["agvm.start_step=7"])) == ([], [])
 
 
 def test_override_into_model_overrides_sets_one_dotted_key(tmp_path):

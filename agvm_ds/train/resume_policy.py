@@ -147,9 +147,11 @@ def _same(a: Any, b: Any) -> bool:
 def diff_records(stored: dict, new: dict) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
     """(refused, allowed) differences between two run records, each as (key, stored value,
     new value) sorted by key; a value missing on one side is ``_MISSING``. ``new``'s
-    ``agvm.start_step`` None (it follows the warmup, resolved later) is not compared."""
-    a, b = flatten(stored), flatten(new)
-    if b.get("agvm.start_step", 0) is None:
+    ``agvm.start_step`` None (it follows the warmup, resolved later) is no change from a
+    stored one that followed the warmup too (``_resolved.warmup_steps``)."""
+    a, b = flatten(_with_defaults(stored)), flatten(new)
+    warmup = (stored.get("_resolved") or {}).get("warmup_steps")
+    if b.get("agvm.start_step", 0) is None and a.get("agvm.start_step") == warmup:
         a.pop("agvm.start_step", None)
         b.pop("agvm.start_step")
     refused, allowed = [], []
@@ -159,6 +161,26 @@ def diff_records(stored: dict, new: dict) -> tuple[list[tuple[str, Any, Any]], l
             continue
         (allowed if classify(key) == ALLOW else refused).append((key, old, now))
     return refused, allowed
+
+
+def _with_defaults(stored: dict) -> dict:
+    """``stored`` with agvm-ds's sections completed by their schema's defaults, so a field
+    added to the schema after the run was saved is not a change (a section that no longer
+    validates is compared as it is)."""
+    from agvm_ds.config.agvm import AGVMConfig
+    from agvm_ds.config.data import DataConfig
+    from agvm_ds.config.model import ModelConfig
+    from agvm_ds.config.train import TrainConfig
+
+    out = dict(stored)
+    for section, model in (("agvm", AGVMConfig), ("model", ModelConfig), ("data", DataConfig),
+                           ("train", TrainConfig)):
+        if isinstance(stored.get(section), dict):
+            try:
+                out[section] = model.model_validate(stored[section]).model_dump(mode="json")
+            except ValueError:
+                pass
+    return out
 
 
 @dataclass
