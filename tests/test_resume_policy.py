@@ -212,3 +212,26 @@ def test_a_checkpoint_of_another_run_does_not_continue_over_a_third(tmp_path):
                               f"--output_dir {other} holds another run (metrics.jsonl); continue it in "
                               f"{tmp_path / 'one'} or in a new --output_dir")
     assert (other / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_a_folder_that_is_not_a_run_is_never_written_or_moved(tmp_path):
+    from agvm_ds.train.rundir import claim_run_folder
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("mine")
+    (home / "log_rank0.txt").write_text("a refused run's log")  # logs alone are no run
+    for resume, fresh in ((None, True), ("auto", False)):
+        with pytest.raises(ConfigError) as err:
+            claim_run_folder(home, resume, 0, fresh=fresh, refuse_used=True)
+        assert str(err.value) == (f"--output_dir {home}: holds files that are not an agvm-ds run (notes.txt); "
+                                  f"choose an empty or a new folder")
+    assert sorted(p.name for p in home.iterdir()) == ["log_rank0.txt", "notes.txt"]  # no lock left
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="exists and is not a folder"):
+        claim_run_folder(tmp_path / "file", None, 0, refuse_used=True)
+    # an empty folder, or one with logs only: a fresh start, nothing moved
+    folder = claim_run_folder(tmp_path / "logs_only", None, 0, fresh=True, refuse_used=True)
+    assert folder.previous is None and (tmp_path / "logs_only" / "agvm_ds.lock").is_file()
+    folder.release()
+    assert list((tmp_path / "logs_only").iterdir()) == []

@@ -211,12 +211,12 @@ def _claim_on_rank0(out_dir: Path, resume: Optional[str], fresh: bool, refuse_us
     lock = acquire_lock(out_dir)
     try:
         folder = RunFolder(out_dir, lock)
+        run_files, other = folder_state(out_dir)
+        if refuse_used and other and not run_files:
+            raise ConfigError(f"--output_dir {out_dir}: holds files that are not an agvm-ds run "
+                              f"({', '.join(other[:3])}{', …' if len(other) > 3 else ''}); "
+                              f"choose an empty or a new folder")
         if refuse_used and not resume:
-            run_files, other = folder_state(out_dir)
-            if other and not run_files:
-                raise ConfigError(f"--output_dir {out_dir}: holds files that are not an agvm-ds run "
-                                  f"({', '.join(other[:3])}{', …' if len(other) > 3 else ''}); "
-                                  f"choose an empty or a new folder")
             if run_files and not fresh:
                 raise ConfigError(f"--output_dir {out_dir}: holds a run ({', '.join(run_files)}); "
                                   f"continue it with --resume auto, start this one in another "
