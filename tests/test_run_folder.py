@@ -8,7 +8,9 @@ into ``A`` and then, on that run:
   and another ``data.flip_prob``: each refused on both ranks with the same one-line
   ``CheckpointError`` (``same_on_every_rank``: the launcher prints it once) naming each key
   and both values; afterwards every file of ``A`` has the bytes it had (md5), no lock is
-  left, and ``agvm_ds.load_model`` still loads the checkpoint to exactly its saved weights;
+  left, and ``agvm_ds.load_model`` still loads the checkpoint to exactly its saved weights.
+  Through ``launch/train.py``'s ``main`` the optimizer change is exit 2 on both ranks and
+  rank 0's one ``error:`` line, before the process group is used;
 * while rank 0 holds ``A`` (``claim_run_folder``), rank 1 - another process - tries to
   take it: refused, naming rank 0's pid;
 * a fresh start in ``A`` (the launcher's policy) is refused, bytes unchanged; in a copy
@@ -117,13 +119,22 @@ def _ranks(rank, world, root, config):
     folder.release()
     collectives.barrier()
 
-    # last (it tears the process group down): an accepted resume through the launcher
-    main = _load_launcher(TRAIN, "agvm_launch_train").main
-    stdout, stderr = io.StringIO(), io.StringIO()
+    launcher = _load_launcher(TRAIN, "agvm_launch_train")
+    launcher.ERROR_GRACE_S = 0  # rank 1's wait for rank 0's line: no launcher to race here
     argv = ["--deepspeed_config", str(config), "--output_dir", str(out), "--resume", "auto"]
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        result["code"] = main(argv + [a for o in ALLOWED for a in ("--override", o)])
-    result["stdout"], result["stderr"] = stdout.getvalue(), stderr.getvalue()
+
+    def launch(overrides):
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = launcher.main(argv + [a for o in overrides for a in ("--override", o)])
+        return code, stdout.getvalue(), stderr.getvalue()
+
+    # another optimizer through the launcher: refused before the process group is touched
+    result["optimizer_launch"] = launch(REFUSED["optimizer"])
+    collectives.barrier()
+    result["unchanged_after_launch"] = _md5s(out) == before
+    # last (it tears the process group down): an accepted resume through the launcher
+    result["code"], result["stdout"], result["stderr"] = launch(ALLOWED)
     result["before"] = before
     return result
 
@@ -156,6 +167,11 @@ def test_a_resume_that_changes_the_model_optimizer_seed_or_data_is_refused_in_on
     assert all("\n" not in msg for msg in r0["refused"].values())
     assert r0["unchanged_after_refusals"] and r1["unchanged_after_refusals"]
     assert r0["loads"]
+    # through launch/train.py: exit 2 on both ranks, rank 0's one error line is the console
+    for result, lines in ((r0, [f"error: {r0['refused']['optimizer']}"]), (r1, [])):
+        code, stdout, stderr = result["optimizer_launch"]
+        assert code == 2 and (stdout + stderr).splitlines() == lines, (stdout, stderr)
+        assert result["unchanged_after_launch"]
 
 
 def test_a_second_writer_is_refused(job):
