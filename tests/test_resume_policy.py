@@ -66,7 +66,8 @@ def test_every_key_of_the_run_schema_is_classified_and_every_entry_is_a_key():
     assert len(keys) > 100 and "train.grad_clip.end_step" in keys and "data.synthetic.seed" in keys
     unclassified = [k for k in keys if classify(k) not in (REFUSE, ALLOW)]
     assert unclassified == []
-    known = set(keys) | {"agvm", "model", "data", "train", "optimizer.params.lr"} | {f"zero_optimization.{f}" for f in DeepSpeedZeroConfig.model_fields}
+    known = (set(keys) | {"agvm", "model", "data", "train", "optimizer.params.lr"}
+             | {f"zero_optimization.{f}" for f in DeepSpeedZeroConfig.model_fields})
     assert [entry for entry in RESUME_POLICY if entry not in known] == []
     assert set(RESUME_POLICY.values()) == {REFUSE, ALLOW}
     assert classify("some_unknown_key") is None  # diff_records refuses what it cannot classify
