@@ -9,7 +9,14 @@ Options: ``--output_dir DIR`` (default ``runs/<config name>``), ``--override key
 (repeatable; the value is JSON, else a string), ``--resume auto|PATH`` (``auto``: the newest
 complete, intact checkpoint in ``DIR/checkpoints``, or a fresh start when there is none; a
 checkpoint saved on another number of ranks, ZeRO stage or batch layout is refused),
-``--verbose`` (or ``AGVM_DS_VERBOSE=1``: keep every library's output on the console).
+``--fresh`` (start afresh in a used output dir: the previous run moves into
+``DIR/previous_<time>/``), ``--verbose`` (or ``AGVM_DS_VERBOSE=1``: keep every library's
+output on the console).
+
+One run per output dir: rank 0 holds ``DIR/agvm_ds.lock`` while it runs (a second writer is
+refused), a fresh start in a folder that holds a run is refused unless ``--fresh``, and a
+resume that changes the model, the optimizer state or the data is refused before anything
+is written (:mod:`agvm_ds.train.rundir`, :mod:`agvm_ds.train.resume_policy`).
 
 Console: run as a script, each rank shows only agvm-ds's own lines (``[agvm-ds] …``,
 ``error: …``, ``warning: …``) and the progress bar; what DeepSpeed, torch and other
@@ -48,11 +55,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="change one value of the run file (repeatable)")
     p.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="auto: newest complete checkpoint of the output dir; or a path")
+    p.add_argument("--fresh", action="store_true",
+                   help="start afresh in a used output dir: its previous run moves into "
+                        "DIR/previous_<time>/ first")
     p.add_argument("--verbose", action="store_true",
                    help="keep every library's output on the console (also: AGVM_DS_VERBOSE=1)")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                    help="set by the deepspeed launcher")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.fresh and args.resume:
+        p.error("--fresh starts a new run, --resume continues one: give one of them")
+    return args
 
 
 def main(argv: list[str] | None = None, console=None) -> int:
@@ -78,22 +91,18 @@ def main(argv: list[str] | None = None, console=None) -> int:
             time.sleep(ERROR_GRACE_S)
         return 2
     out_dir = Path(args.output_dir) if args.output_dir else Path("runs") / run.name
-    log = console.attach(out_dir) if console is not None else None
-    if rank0:
-        where = f"; other libraries' output in {log.with_name('log_rank<N>.txt')}" if log else ""
-        print(f"[agvm-ds] {run.name}: {os.environ.get('WORLD_SIZE', '1')} rank(s), outputs in "
-              f"{out_dir}{where}", flush=True)
-        for warning in run.warnings:
-            print(f"warning: {warning}", file=sys.stderr)
     if args.resume:
-        # cheap refusals before the process group: no or a damaged checkpoint, another layout
+        # cheap refusals before the process group and before anything is written: no or a
+        # damaged checkpoint, another layout, settings a resume cannot change
         from agvm_ds.train.checkpoint import check_resumable, layout, resolve_resume
+        from agvm_ds.train.resume_policy import check_resume_config
 
         try:
             tag_dir = resolve_resume(args.resume, out_dir / "checkpoints", warn=lambda _msg: None)
             if tag_dir is not None:
                 check_resumable(tag_dir, args.resume, layout(int(os.environ.get("WORLD_SIZE", "1")),
                                                              run.zero_stage, run.micro_batch, run.grad_accum))
+                check_resume_config(run, out_dir, tag_dir, args.resume)
         except ConfigError as err:  # the same verdict on every rank: one line, from rank 0
             if rank0:
                 print(f"error: {err}", file=sys.stderr, flush=True)
@@ -103,13 +112,18 @@ def main(argv: list[str] | None = None, console=None) -> int:
 
     from agvm_ds.train.distributed import init_distributed, teardown
 
-    ok = False
+    ok, folder = False, None
     try:
         rank, world, _local = init_distributed()
         from agvm_ds.train.loop import USER_ERRORS, train
+        from agvm_ds.train.rundir import claim_run_folder
 
         try:
-            code = train(run, out_dir, args.resume, rank, world, started=STARTED)
+            # the lock, and no fresh start over a used folder (--fresh moves it aside), before
+            # anything is written there: this rank's log file included
+            folder = claim_run_folder(out_dir, args.resume, rank, fresh=args.fresh, refuse_used=True)
+            announce(run, out_dir, console, rank0)
+            code = train(run, out_dir, args.resume, rank, world, started=STARTED, folder=folder)
         except USER_ERRORS as err:
             code = 2
             if getattr(err, "same_on_every_rank", False):  # one line for the job, from rank 0
@@ -134,7 +148,20 @@ def main(argv: list[str] | None = None, console=None) -> int:
         ok = code == 0
         return code
     finally:
+        if folder is not None:
+            folder.release()
         teardown(ok)
+
+
+def announce(run, out_dir: Path, console, rank0: bool) -> None:
+    """Open this rank's log file in the claimed folder; rank 0's first lines."""
+    log = console.attach(out_dir) if console is not None else None
+    if rank0:
+        where = f"; other libraries' output in {log.with_name('log_rank<N>.txt')}" if log else ""
+        print(f"[agvm-ds] {run.name}: {os.environ.get('WORLD_SIZE', '1')} rank(s), outputs in "
+              f"{out_dir}{where}", flush=True)
+        for warning in run.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
 
 
 def one_line(err: BaseException) -> str:

@@ -10,6 +10,10 @@ and a model spec obey the same rules:
 * :func:`set_dotted` — the one walker behind ``--override a.b.c=value`` (run files) and a
   model section's ``overrides`` (specs): missing objects are created, list items are
   addressed by index, and a scalar in the way is an error naming the path.
+* :data:`DOTTED_MAPS` — objects whose keys are themselves dotted paths (``model.overrides``):
+  ``--override model.overrides.head.num_convs=1`` sets the one key ``"head.num_convs"`` of
+  that map and keeps its other keys (a walk into it would create ``{"head": {...}}``, which
+  replaces the spec's whole ``head`` and drops the file's other head overrides).
 * :data:`OWN_SECTIONS` — the top-level sections agvm-ds owns; everything else is DeepSpeed's.
 * :data:`REPO_ROOT` — the checkout (for relative spec paths and the local caches).
 
@@ -26,13 +30,16 @@ from typing import Any
 
 from agvm_ds.config.base import ConfigError
 
-__all__ = ["OWN_SECTIONS", "REPO_ROOT", "parse_override", "apply_override", "read_json",
+__all__ = ["DOTTED_MAPS", "OWN_SECTIONS", "REPO_ROOT", "parse_override", "apply_override", "read_json",
            "set_dotted", "strip_comments"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 #: Top-level sections of a run file that agvm-ds validates; they never reach DeepSpeed.
 OWN_SECTIONS = ("agvm", "model", "data", "train")
+
+#: paths (as key tuples) of the objects whose keys are dotted paths themselves
+DOTTED_MAPS = (("model", "overrides"),)
 
 
 def read_json(path: str | os.PathLike, what: str = "config file") -> dict:
@@ -105,4 +112,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def apply_override(config: dict, text: str) -> None:
     """Apply one ``--override key.path=value`` to ``config`` in place."""
     parts, value = parse_override(text)
+    for prefix in DOTTED_MAPS:
+        n = len(prefix)
+        if tuple(parts[:n]) == prefix and len(parts) > n + 1:
+            parts = [*parts[:n], ".".join(parts[n:])]  # one key of the map, not a walk into it
     set_dotted(config, parts, value, f"--override {text!r}")

@@ -9,7 +9,9 @@ the edges of ``train.grad_clip``'s window, switching DeepSpeed's global-norm cli
 
 Outputs in ``out_dir`` (rank 0): ``metrics.jsonl``, ``eval.json`` (final), ``eval_history.jsonl``
 (every evaluation), ``checkpoints/step_<N>/``, ``agvm_modulation.png``, ``config.json``
-(the resolved run file).
+(the resolved run file, with ``"_resumes"``: one entry per resume). Rank 0 holds the
+folder's lock for the run (:mod:`agvm_ds.train.rundir`); a resume is compared with the
+stored run before anything is built (:mod:`agvm_ds.train.resume_policy`).
 
 Notes:
     Randomness is a function of (seed, step, global micro-block) and, for data, of (seed,
@@ -60,6 +62,8 @@ from agvm_ds.train.sampler import (SeededDataset, StepBatchSampler, StepSampler,
 from agvm_ds.train.resolve import ResolvedRun, resolve_run
 from agvm_ds.train.schedule import LrSchedule, build_lr_schedule, clip_norm_at
 from agvm_ds.train.summary import bar_mu, eval_line, peak_rss_bytes, summary_lines
+from agvm_ds.train.resume_policy import settle_resume
+from agvm_ds.train.rundir import RunFolder, claim_run_folder
 from agvm_ds.train.timeline import begin_timeline
 
 logger = logging.getLogger("agvm_ds.train")
@@ -120,8 +124,10 @@ def job_say(rank: int, msg: str) -> None:
         print(f"[agvm-ds] {msg}", flush=True)
 
 
-def build_job(run: RunConfig, out_dir: Path, rank: int, world: int) -> Job:
-    """Data, schedule, sampler, model and the AGVM DeepSpeed engine for this rank."""
+def build_job(run: RunConfig, out_dir: Path, rank: int, world: int,
+              resumes: Optional[list[dict]] = None) -> Job:
+    """Data, schedule, sampler, model and the AGVM DeepSpeed engine for this rank;
+    ``resumes``: the run's resume history, recorded in ``config.json`` (``"_resumes"``)."""
     tcfg = run.train
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_all(mix_seed(tcfg.seed, rank))
@@ -164,7 +170,8 @@ def build_job(run: RunConfig, out_dir: Path, rank: int, world: int) -> Job:
             f"{time.perf_counter() - t1:.1f} s")
     job.dtype = next(p.dtype for p in job.engine.module.parameters() if p.is_floating_point())
     if rank == 0:
-        (out_dir / "config.json").write_text(json.dumps(resolved.record(), indent=2))
+        record = {**resolved.record(), **({"_resumes": resumes} if resumes else {})}
+        (out_dir / "config.json").write_text(json.dumps(record, indent=2))
     return job
 
 
@@ -172,6 +179,8 @@ def resume_job(job: Job, tag_dir: Optional[Path]) -> int:
     """Load the checkpoint ``tag_dir`` (from :func:`select_checkpoint`, None for a fresh
     start); return the number of steps already done."""
     if tag_dir is None:
+        if job.rank == 0:  # a start from step 0 in a used folder (--resume auto, no checkpoint yet)
+            _trim_jsonl(job.out_dir / "eval_history.jsonl", 0)
         return 0
     if _saved_world(tag_dir) not in (None, job.world):  # another number of ranks
         state = elastic.load_state(job.engine, tag_dir)
@@ -223,9 +232,11 @@ def train_step(job: Job, step: int, batches: Iterator, losses_out: LossLog) -> d
 
 
 def train(run: RunConfig, out_dir: Path, resume: Optional[str], rank: int, world: int,
-          started: Optional[float] = None) -> int:
+          started: Optional[float] = None, folder: Optional[RunFolder] = None) -> int:
     """Run the whole job on this rank; return 0 on success. ``started``: ``time.time()`` at
-    process start, for the end-of-run wall time (default: now)."""
+    process start, for the end-of-run wall time (default: now). ``folder``: the output
+    folder as the launcher claimed it (:func:`agvm_ds.train.rundir.claim_run_folder`);
+    None: it is locked here for the run (no used-folder policy: that is the launcher's)."""
     started = time.time() if started is None else started
     # refusals (damaged, unsafe, other world size) come before anything is built
     tag_dir = select_checkpoint(resume, out_dir / "checkpoints",
@@ -235,9 +246,23 @@ def train(run: RunConfig, out_dir: Path, resume: Optional[str], rank: int, world
         if why is not None:
             raise CheckpointError(f"--resume {resume}: saved with {_saved_world(tag_dir)} ranks, this run "
                                   f"has {world}; resuming on another number of ranks does not support {why}")
+    own = folder is None
+    if own:
+        folder = claim_run_folder(out_dir, resume, rank)
+    try:
+        return _train_in_folder(run, out_dir, resume, rank, world, started, tag_dir)
+    finally:
+        if own:
+            folder.release()
+
+
+def _train_in_folder(run: RunConfig, out_dir: Path, resume: Optional[str], rank: int, world: int,
+                     started: float, tag_dir: Optional[Path]) -> int:
+    # what the run that saved the checkpoint was trained with, before anything is written
+    resumes = settle_resume(run, out_dir, tag_dir, resume, world, say=lambda line: job_say(rank, line))
     begin_timeline(out_dir / "checkpoints", tag_dir, resume, rank)
     try:
-        job = build_job(run, out_dir, rank, world)
+        job = build_job(run, out_dir, rank, world, resumes=resumes)
     except USER_ERRORS as err:
         # every rank reads the same files and the same run file: one verdict, one line
         err.same_on_every_rank = True

@@ -24,7 +24,7 @@ from agvm_ds.config.run import RunConfig
 from agvm_ds.core.estimators import Estimator, build_estimator
 from agvm_ds.train.schedule import resolve_steps, scaled_lr
 
-__all__ = ["ResolvedRun", "resolve_run"]
+__all__ = ["ResolvedRun", "record_before_data", "resolve_run"]
 
 #: DeepSpeed monitors that write files; enabled without ``output_path`` they write into the run.
 FILE_MONITORS = ("tensorboard", "csv_monitor")
@@ -57,16 +57,38 @@ class ResolvedRun:
 
     def record(self) -> dict[str, Any]:
         """The resolved run as JSON-able data (``config.json`` in the output dir)."""
-        run = self.run
-        # The global and micro batch only: the accumulation count is derived again from the
-        # world size that reloads the file (issue 25), as the elastic resume recommends.
-        deepspeed = copy.deepcopy(self.deepspeed)
-        deepspeed.pop("gradient_accumulation_steps", None)
-        return {**deepspeed, "agvm": self.agvm.model_dump(mode="json"),
-                "model": run.model.model_dump(mode="json"), "data": run.data.model_dump(mode="json"),
-                "train": run.train.model_dump(mode="json"),
+        return {**_record(self.run, self.deepspeed, self.agvm),
                 "_resolved": {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
                               "base_lr": self.base_lr, "world_size": self.world}}
+
+
+def _record(run: RunConfig, deepspeed: dict[str, Any], agvm: AGVMConfig) -> dict[str, Any]:
+    # The global and micro batch only: the accumulation count is derived again from the
+    # world size that reloads the file (issue 25), as the elastic resume recommends.
+    deepspeed = copy.deepcopy(deepspeed)
+    deepspeed.pop("gradient_accumulation_steps", None)
+    return {**deepspeed, "agvm": agvm.model_dump(mode="json"),
+            "model": run.model.model_dump(mode="json"), "data": run.data.model_dump(mode="json"),
+            "train": run.train.model_dump(mode="json")}
+
+
+def record_before_data(run: RunConfig, out_dir: Path) -> dict[str, Any]:
+    """What ``config.json`` will record for ``run`` in ``out_dir``, as far as it is known
+    before the dataset is read (no ``_resolved``; ``agvm.start_step`` as configured, None
+    when it follows the warmup): what a resume compares with the stored run
+    (:mod:`agvm_ds.train.resume_policy`) before anything is built."""
+    return _record(run, _deepspeed_sections(run, out_dir, _lr(run)[0]), run.agvm)
+
+
+def _deepspeed_sections(run: RunConfig, out_dir: Path, lr: float) -> dict[str, Any]:
+    """DeepSpeed's sections for the engine: the chosen lr, file monitors writing into the run."""
+    ds = copy.deepcopy(run.deepspeed)
+    ds["optimizer"].setdefault("params", {})["lr"] = lr
+    for key in FILE_MONITORS:
+        section = ds.get(key)
+        if isinstance(section, dict) and section.get("enabled") and not section.get("output_path"):
+            section["output_path"] = str(out_dir / "monitor") + "/"
+    return ds
 
 
 def _lr(run: RunConfig) -> tuple[float, Optional[str]]:
@@ -92,12 +114,7 @@ def resolve_run(run: RunConfig, out_dir: Path, world: int, dataset_len: int, ran
     """
     total, warmup = resolve_steps(run.train, dataset_len, run.global_batch)
     lr, note = _lr(run)
-    ds = copy.deepcopy(run.deepspeed)
-    ds["optimizer"].setdefault("params", {})["lr"] = lr
-    for key in FILE_MONITORS:
-        section = ds.get(key)
-        if isinstance(section, dict) and section.get("enabled") and not section.get("output_path"):
-            section["output_path"] = str(out_dir / "monitor") + "/"
+    ds = _deepspeed_sections(run, out_dir, lr)
     agvm = run.agvm
     if agvm.start_step is None:
         agvm = agvm.model_copy(update={"start_step": warmup})
