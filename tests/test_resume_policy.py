@@ -47,10 +47,10 @@ def _all_schema_keys() -> list[str]:
     from agvm_ds.config.agvm import AGVMConfig
     from agvm_ds.config.data import DataConfig
     from agvm_ds.config.model import ModelConfig
-    from agvm_ds.config.run import DEEPSPEED_KEYS
     from agvm_ds.config.train import TrainConfig
+    from agvm_ds.zero.schema import discover
 
-    keys = sorted(DEEPSPEED_KEYS)
+    keys = sorted({k.split(".")[0] for k in discover()})  # the installed DeepSpeed's top-level keys
     for section, model in (("agvm", AGVMConfig), ("model", ModelConfig), ("data", DataConfig),
                            ("train", TrainConfig)):
         keys += _schema_keys(model, section)

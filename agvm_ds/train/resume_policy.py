@@ -70,8 +70,8 @@ RESUME_POLICY: dict[str, str] = {
     "curriculum_learning": REFUSE, "pipeline": REFUSE, "tensor_parallel": REFUSE,
     "hybrid_engine": REFUSE, "weight_quantization": REFUSE, "sparse_attention": REFUSE,
     "eigenvalue": REFUSE, "progressive_layer_drop": REFUSE, "quantize_training": REFUSE,
-    "sequence_parallel_size": REFUSE, "zenflow": REFUSE, "load_universal_checkpoint": REFUSE,
-    "use_node_local_storage": REFUSE,
+    "sequence_parallel_size": REFUSE, "expert_parallel": REFUSE, "use_data_before_expert_parallelism": REFUSE,
+    "managed_gradient_accumulation": REFUSE, "datastates_ckpt": REFUSE,
     # -- DeepSpeed: logging, monitors, profiling, memory and I/O (the same training)
     "steps_per_print": ALLOW, "wall_clock_breakdown": ALLOW, "memory_breakdown": ALLOW,
     "dump_state": ALLOW, "tensorboard": ALLOW, "wandb": ALLOW, "csv_monitor": ALLOW, "comet": ALLOW,
@@ -79,6 +79,7 @@ RESUME_POLICY: dict[str, str] = {
     "autotuning": ALLOW, "checkpoint": ALLOW, "activation_checkpointing": ALLOW, "compile": ALLOW,
     "graph_harvesting": ALLOW, "disable_python_gc": ALLOW, "aio": ALLOW, "nebula": ALLOW,
     "dataloader_drop_last": ALLOW,  # the launcher's own sampler draws the batches
+    "vocabulary_size": ALLOW,  # a DeepSpeed alignment warning only
     # -- agvm: what is measured is fixed; how it is smoothed and when it starts may change
     "agvm.enabled": REFUSE, "agvm.anchor": REFUSE, "agvm.estimator": REFUSE,
     "agvm.precondition": REFUSE, "agvm.interval": ALLOW, "agvm.momentum": ALLOW,
@@ -96,7 +97,7 @@ RESUME_POLICY: dict[str, str] = {
     "train.lr_scaling": ALLOW, "train.grad_clip": ALLOW, "train.eval_every": ALLOW,
     "train.eval_at_end": ALLOW, "train.eval_batch_size": ALLOW, "train.checkpoint_every": ALLOW,
     "train.checkpoint_at_end": ALLOW, "train.keep_checkpoints": ALLOW, "train.log_every": ALLOW,
-    "train.plot": ALLOW,
+    "train.plot": ALLOW, "train.max_consecutive_skips": ALLOW,
 }
 
 _UNSET = "(not set)"
