@@ -51,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--detections", help="COCO results JSON (a list)")
     parser.add_argument("--iou_type", action="append", default=None,
                         help="bbox (default) or segm; repeat or comma-separate for both")
+    parser.add_argument("--no-verify", dest="no_verify", action="store_true",
+                        help="read a checkpoint without checking it against its completion marker "
+                        "(sizes, CRC-32), e.g. one copied without its agvm_ds_complete.json")
     parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.model is None and (args.gt is None or args.detections is None):
@@ -134,7 +137,7 @@ def evaluate_model(args) -> int:
     rank = collectives.rank()
     device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
               if torch.cuda.is_available() else torch.device("cpu"))
-    model = agvm_ds.load_model(args.model, device=device)
+    model = agvm_ds.load_model(args.model, device=device, verify=not args.no_verify)
     data, batch = evaluation_settings(model.info["run"], args.override)
     out = Path(args.output_dir) if args.output_dir else default_output_dir(Path(args.model), model.info)
     val = build_dataset(data, "val", train=False)

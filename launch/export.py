@@ -26,6 +26,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output_dir", required=True, help="folder for model.safetensors + config.json")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                    help="floating-point tensors are stored in this dtype (default fp32)")
+    p.add_argument("--no-verify", dest="no_verify", action="store_true",
+                   help="read a checkpoint without checking it against its completion marker "
+                   "(sizes, CRC-32), e.g. one copied without its agvm_ds_complete.json")
     return p.parse_args(argv)
 
 
@@ -36,7 +39,8 @@ def main(argv=None) -> int:
     from agvm_ds.inference import export_checkpoint
 
     try:
-        out = export_checkpoint(args.checkpoint, args.output_dir, args.dtype)
+        out = export_checkpoint(args.checkpoint, args.output_dir, args.dtype,
+                                verify=not args.no_verify)
     except (ConfigError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
