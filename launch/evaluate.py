@@ -10,7 +10,9 @@ the dataset are) or an export (``launch/export.py``). It runs on one process or 
 of ranks, whatever the training world size and ZeRO stage were: every rank loads the whole
 network and scores its shard of the val split through the same code as the in-training
 evaluation (:func:`agvm_ds.evaluation.distributed.evaluate_dataset`), so the numbers equal
-it. ``--override`` changes the run's ``data`` / ``train`` values (e.g. ``data.root=/coco``,
+it, and they do not depend on the number of ranks or the eval batch size (each image is
+padded as in a batch of its own). A checkpoint is checked against its completion marker
+first (sizes, CRC-32; ``--no-verify`` reads one without a marker). ``--override`` changes the run's ``data`` / ``train`` values (e.g. ``data.root=/coco``,
 ``train.eval_batch_size=4``). Writes into ``DIR`` (default ``runs/X/evaluate/step_N`` for a
 checkpoint, ``<export>/evaluate`` for an export): ``eval.json`` (training's keys: ``step``, the
 COCO stats or ``mIoU``/``mAcc``/``aAcc``/``IoU``, ``eval_time_s``), and the predictions it

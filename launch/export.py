@@ -7,8 +7,11 @@ ZeRO stage and any number of training ranks: ZeRO-3's per-rank partitions are ga
 this one process. The run's ``config.json`` (two levels above the checkpoint) says what the
 network is. ``DIR`` then holds ``model.safetensors`` (all weights), ``backbone.safetensors``
 (the backbone alone; timm's key names for a timm backbone) and ``config.json``;
-``agvm_ds.load_model(DIR)`` returns the network. Exit codes: 0 done; 2 a missing, unsafe or
-mismatched checkpoint (one ``error:`` line naming the file); 1 anything else.
+``agvm_ds.load_model(DIR)`` returns the network. The checkpoint is first checked against its
+completion marker (sizes, CRC-32; ``--no-verify`` reads one without a marker), and ``DIR``
+must be new, empty or an earlier export: a training run's folder or any other non-empty
+folder is refused. Exit codes: 0 done; 2 a missing, damaged, unsafe or mismatched checkpoint
+or a refused ``DIR`` (one ``error:`` line naming the file); 1 anything else.
 """
 
 from __future__ import annotations

@@ -14,7 +14,10 @@ Training saves ``checkpoints/step_<N>/`` with DeepSpeed's own files. Where the w
   rank 0's piece, then rank 1's, … is the parameter flattened. That is the layout DeepSpeed's
   ``zero_to_fp32.py`` reads; here it is read without DeepSpeed's engine or its pickle loads.
 
-Every file is read with :func:`agvm_ds.checkpoint_engine.safe_load` (``torch.load`` with
+Before anything is loaded, the folder is checked against its completion marker as
+``--resume`` checks it (:mod:`agvm_ds.inference.verify`: sizes, CRC-32, names inside the
+folder; no marker is refused unless ``verify=False``), and only files the marker lists are
+read. Every file is read with :func:`agvm_ds.checkpoint_engine.safe_load` (``torch.load`` with
 ``weights_only=True`` and only DeepSpeed's four checkpoint classes allowed), so a planted
 pickle is refused before anything runs. The number of training ranks is read from the
 files; nothing here needs that many processes.

@@ -11,7 +11,8 @@ An export folder (``launch/export.py``) holds
   ``c`` is COCO category ``category_ids[c]``), ``transform`` (the test-time resize and
   normalization), ``dtype``, ``source`` (checkpoint, step, ZeRO stage, training ranks) and
   ``run`` (the training run's resolved ``config.json``, which evaluation reads its dataset
-  and batch size from).
+  and batch size from), and ``files`` (size and CRC-32 of both weights files, checked on
+  load; format version 2).
 
 :func:`load_model` takes such a folder or a training checkpoint folder
 (``runs/<run>/checkpoints/step_<N>``, whose run ``config.json`` two levels up says what
