@@ -28,10 +28,11 @@ def _md5s(folder) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _images(folder, names, colour=(200, 30, 30)):
+def _images(folder, names, colour=(200, 30, 30), sizes=((48, 48), (96, 48), (48, 96))):
+    """Solid images; at the checkpoint's 64 px they pad to 64x64, 32x64 and 64x32."""
     folder.mkdir(parents=True, exist_ok=True)
-    for k, name in enumerate(names):
-        Image.new("RGB", (40 + 8 * k, 48), colour).save(folder / name)
+    for name, size in zip(names, sizes):
+        Image.new("RGB", size, colour).save(folder / name)
     return folder
 
 
@@ -55,7 +56,7 @@ def test_predict_never_writes_into_or_over_its_inputs(tmp_path, capsys):
 def test_same_names_in_two_folders_and_a_truncated_jpeg(tmp_path, capsys):
     _, tag = _checkpoint(tmp_path)
     first = _images(tmp_path / "A", ["a.png", "a_2.png"])
-    second = _images(tmp_path / "B", ["a.png"], colour=(30, 30, 200))
+    second = _images(tmp_path / "B", ["a.png"], colour=(30, 30, 200), sizes=[(48, 96)])
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     Image.fromarray(noise).save(second / "c.jpg", quality=95)
     data = (second / "c.jpg").read_bytes()
@@ -71,9 +72,17 @@ def test_same_names_in_two_folders_and_a_truncated_jpeg(tmp_path, capsys):
     renders = sorted(p.name for p in out.glob("*.png"))
     assert renders == ["a.png", "a_2.png", "a_3.png"]  # three images, three renders
     # each render is drawn on its own image: A's are red underneath, B's blue
-    blue = Image.open(out / "a_3.png").convert("RGB").getpixel((39, 47))
+    blue = Image.open(out / "a_3.png").convert("RGB").getpixel((40, 90))
     assert blue[2] > blue[0], blue
     assert {**_md5s(first), **{f"B/{k}": v for k, v in _md5s(second).items()}} == before
+    # images that pad to other sizes in one batch are each padded as alone: as at batch 1
+    found = {}
+    for batch in ("1", "3"):
+        assert predict.main(["--model", str(tag), "--images", str(first), str(second),
+                             "--output_dir", str(tmp_path / batch), "--batch_size", batch,
+                             "--score_threshold", "0"]) == 0
+        found[batch] = json.loads((tmp_path / batch / "predictions.json").read_text())
+    assert found["3"] == found["1"] and sum(len(r) for r in found["1"].values()) > 0
 
 
 def _flip_a_byte(path, at=0.5):
