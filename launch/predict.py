@@ -8,7 +8,8 @@
 first (``--no-verify`` skips that). A folder's files are taken in name order; one that is
 not an image, or an image that cannot be decoded (e.g. a truncated JPEG), is skipped with
 one ``warning:`` line and the others are still predicted. Writes into ``DIR``, which may not
-be or lie inside an input folder, nor hold an input (renders never overwrite inputs):
+be or lie inside an input folder, nor hold an input file named in ``--images`` (renders
+never overwrite inputs, and a second run does not take them for inputs):
 
 * ``predictions.json``: per image file name (its path as given when two inputs share a
   name), its COCO-style results (``bbox`` xywh in the
@@ -85,7 +86,8 @@ def image_files(paths: list[str]) -> list[Path]:
 
 def check_output_dir(output_dir: str, inputs: list[str]) -> Path:
     """The output folder, refused (ModelFileError) when renders could overwrite an input or
-    become one: it is, or lies inside, an input folder, or an input lies inside it."""
+    become one: it is, or lies inside, an input folder, or an input file lies in it (renders
+    go into the folder itself, so an input folder below it is safe)."""
     from agvm_ds.inference import ModelFileError
 
     out = Path(output_dir)
@@ -97,7 +99,7 @@ def check_output_dir(output_dir: str, inputs: list[str]) -> Path:
         if path.is_dir() and where.is_relative_to(path):
             raise ModelFileError(f"--output_dir {out}: is inside the input folder {arg}; renders "
                                  "there would overwrite inputs or be read as inputs next time")
-        if path.is_relative_to(where):
+        if path.parent == where and not path.is_dir():
             raise ModelFileError(f"--output_dir {out}: holds the input {arg}, which a render "
                                  "could overwrite; write somewhere else")
     return out
