@@ -10,7 +10,9 @@ the dataset are) or an export (``launch/export.py``). It runs on one process or 
 of ranks, whatever the training world size and ZeRO stage were: every rank loads the whole
 network and scores its shard of the val split through the same code as the in-training
 evaluation (:func:`agvm_ds.evaluation.distributed.evaluate_dataset`), so the numbers equal
-it. ``--override`` changes the run's ``data`` / ``train`` values (e.g. ``data.root=/coco``,
+it, and they do not depend on the number of ranks or the eval batch size (each image is
+padded as in a batch of its own). A checkpoint is checked against its completion marker
+first (sizes, CRC-32; ``--no-verify`` reads one without a marker). ``--override`` changes the run's ``data`` / ``train`` values (e.g. ``data.root=/coco``,
 ``train.eval_batch_size=4``). Writes into ``DIR`` (default ``runs/X/evaluate/step_N`` for a
 checkpoint, ``<export>/evaluate`` for an export): ``eval.json`` (training's keys: ``step``, the
 COCO stats or ``mIoU``/``mAcc``/``aAcc``/``IoU``, ``eval_time_s``), and the predictions it
@@ -51,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--detections", help="COCO results JSON (a list)")
     parser.add_argument("--iou_type", action="append", default=None,
                         help="bbox (default) or segm; repeat or comma-separate for both")
+    parser.add_argument("--no-verify", dest="no_verify", action="store_true",
+                        help="read a checkpoint without checking it against its completion marker "
+                        "(sizes, CRC-32), e.g. one copied without its agvm_ds_complete.json")
     parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.model is None and (args.gt is None or args.detections is None):
@@ -134,7 +139,7 @@ def evaluate_model(args) -> int:
     rank = collectives.rank()
     device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
               if torch.cuda.is_available() else torch.device("cpu"))
-    model = agvm_ds.load_model(args.model, device=device)
+    model = agvm_ds.load_model(args.model, device=device, verify=not args.no_verify)
     data, batch = evaluation_settings(model.info["run"], args.override)
     out = Path(args.output_dir) if args.output_dir else default_output_dir(Path(args.model), model.info)
     val = build_dataset(data, "val", train=False)

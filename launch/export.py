@@ -7,8 +7,11 @@ ZeRO stage and any number of training ranks: ZeRO-3's per-rank partitions are ga
 this one process. The run's ``config.json`` (two levels above the checkpoint) says what the
 network is. ``DIR`` then holds ``model.safetensors`` (all weights), ``backbone.safetensors``
 (the backbone alone; timm's key names for a timm backbone) and ``config.json``;
-``agvm_ds.load_model(DIR)`` returns the network. Exit codes: 0 done; 2 a missing, unsafe or
-mismatched checkpoint (one ``error:`` line naming the file); 1 anything else.
+``agvm_ds.load_model(DIR)`` returns the network. The checkpoint is first checked against its
+completion marker (sizes, CRC-32; ``--no-verify`` reads one without a marker), and ``DIR``
+must be new, empty or an earlier export: a training run's folder or any other non-empty
+folder is refused. Exit codes: 0 done; 2 a missing, damaged, unsafe or mismatched checkpoint
+or a refused ``DIR`` (one ``error:`` line naming the file); 1 anything else.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output_dir", required=True, help="folder for model.safetensors + config.json")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                    help="floating-point tensors are stored in this dtype (default fp32)")
+    p.add_argument("--no-verify", dest="no_verify", action="store_true",
+                   help="read a checkpoint without checking it against its completion marker "
+                   "(sizes, CRC-32), e.g. one copied without its agvm_ds_complete.json")
     return p.parse_args(argv)
 
 
@@ -36,7 +42,8 @@ def main(argv=None) -> int:
     from agvm_ds.inference import export_checkpoint
 
     try:
-        out = export_checkpoint(args.checkpoint, args.output_dir, args.dtype)
+        out = export_checkpoint(args.checkpoint, args.output_dir, args.dtype,
+                                verify=not args.no_verify)
     except (ConfigError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

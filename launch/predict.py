@@ -4,15 +4,21 @@
         [--score_threshold 0.3] [--device cpu|cuda] [--batch_size 4]
 
 ``PATH`` is an export (``launch/export.py``) or a checkpoint folder
-(``runs/X/checkpoints/step_N``). A folder's files are taken in name order; one that is not
-an image is skipped with a ``warning:``. Writes into ``DIR``:
+(``runs/X/checkpoints/step_N``), checked against its completion marker or recorded checksums
+first (``--no-verify`` skips that). A folder's files are taken in name order; one that is
+not an image, or an image that cannot be decoded (e.g. a truncated JPEG), is skipped with
+one ``warning:`` line and the others are still predicted. Writes into ``DIR``, which may not
+be or lie inside an input folder, nor hold an input file named in ``--images`` (renders
+never overwrite inputs, and a second run does not take them for inputs):
 
-* ``predictions.json``: per image file name, its COCO-style results (``bbox`` xywh in the
+* ``predictions.json``: per image file name (its path as given when two inputs share a
+  name), its COCO-style results (``bbox`` xywh in the
   image's pixels, ``score``, ``category_id``, ``category_name``, and ``segmentation`` as RLE
   for instance masks) — or, for semantic segmentation, the label-map file and the pixel
   count of each class present;
 * ``<stem>.png``: the image with boxes, class names and scores, translucent instance masks,
   or the coloured label map; ``<stem>_labels.png`` (semantic): the class index per pixel.
+  Two inputs with one stem (``A/a.png``, ``B/a.png``) get ``a.png`` and ``a_2.png``.
 
 Exit codes: 0 done; 2 a missing or unusable model or image (one ``error:`` line naming it);
 1 anything else.
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
@@ -37,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="drop detections scoring below this (default 0.3)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--no-verify", dest="no_verify", action="store_true",
+                   help="load a checkpoint without checking it against its completion marker "
+                   "(sizes, CRC-32)")
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error("--batch_size: must be >= 1")
@@ -49,7 +59,7 @@ def image_files(paths: list[str]) -> list[Path]:
 
     from agvm_ds.inference import ModelFileError
 
-    out = []
+    out, seen = [], set()
     for arg in paths:
         path = Path(arg)
         if not path.exists():
@@ -57,15 +67,60 @@ def image_files(paths: list[str]) -> list[Path]:
         members = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
         for member in members:
             try:
-                with Image.open(member) as im:
-                    im.size  # noqa: B018 - the header alone says whether PIL can read it
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    with Image.open(member) as im:
+                        im.size  # noqa: B018 - the header alone says whether PIL can read it
+            except Image.DecompressionBombError:
+                pass  # an image: decoding it refuses it with one warning, and goes on
             except OSError:
                 if member is path:
                     raise ModelFileError(f"{path}: not an image PIL can read") from None
                 print(f"warning: {member}: not an image, skipped", file=sys.stderr)
                 continue
-            out.append(member)
+            if member.resolve() not in seen:  # a file named twice is predicted once
+                seen.add(member.resolve())
+                out.append(member)
     return out
+
+
+def check_output_dir(output_dir: str, inputs: list[str]) -> Path:
+    """The output folder, refused (ModelFileError) when renders could overwrite an input or
+    become one: it is, or lies inside, an input folder, or an input file lies in it (renders
+    go into the folder itself, so an input folder below it is safe)."""
+    from agvm_ds.inference import ModelFileError
+
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ModelFileError(f"--output_dir {out}: is a file, not a folder")
+    where = out.resolve()
+    for arg in inputs:
+        path = Path(arg).resolve()
+        if path.is_dir() and where.is_relative_to(path):
+            raise ModelFileError(f"--output_dir {out}: is inside the input folder {arg}; renders "
+                                 "there would overwrite inputs or be read as inputs next time")
+        if path.parent == where and not path.is_dir():
+            raise ModelFileError(f"--output_dir {out}: holds the input {arg}, which a render "
+                                 "could overwrite; write somewhere else")
+    return out
+
+
+def output_names(files: list[Path]) -> tuple[list[str], list[str]]:
+    """(predictions.json key, render stem) per file, each unique: the file name, or its path
+    as given when two inputs share a name; the stem, or ``<stem>_<k>`` when taken (the
+    semantic ``<stem>_labels.png`` is reserved too, whatever the task)."""
+    names = [p.name for p in files]
+    keys = [str(p) if names.count(p.name) > 1 else p.name for p in files]
+    taken: set[str] = set()
+    stems = []
+    for path in files:
+        stem, k = path.stem, 1
+        while {f"{stem}.png".lower(), f"{stem}_labels.png".lower()} & taken:
+            k += 1
+            stem = f"{path.stem}_{k}"
+        taken |= {f"{stem}.png".lower(), f"{stem}_labels.png".lower()}
+        stems.append(stem)
+    return keys, stems
 
 
 def _results(pred: dict, model) -> list[dict] | dict:
@@ -101,38 +156,47 @@ def _run(args) -> int:
     from agvm_ds.inference.predictor import open_image
     from agvm_ds.inference.render import render
 
+    out = check_output_dir(args.output_dir, args.images)
     files = image_files(args.images)
     if not files:
         raise ModelFileError(f"{', '.join(args.images)}: no images found")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ModelFileError("--device cuda: no CUDA device is available here")
-    model = agvm_ds.load_model(args.model, device=args.device)
-    out = Path(args.output_dir)
+    model = agvm_ds.load_model(args.model, device=args.device, verify=not args.no_verify)
     out.mkdir(parents=True, exist_ok=True)
     semantic = model.info["task"] == "semantic"
-    records, stems = {}, set()
+    keys, stems = output_names(files)
+    records, skipped = {}, 0
     with tqdm(total=len(files), desc="predict", unit="img", disable=None) as bar:
         for start in range(0, len(files), args.batch_size):
-            chunk = files[start:start + args.batch_size]
-            images = [open_image(f) for f in chunk]
-            preds = model.predict(images, score_threshold=args.score_threshold,
-                                  batch_size=args.batch_size)
-            for path, image, pred in zip(chunk, images, preds):
-                key = path.name if path.name not in records else str(path)
-                stem = path.stem if path.stem not in stems else f"{path.stem}_{len(stems)}"
-                stems.add(stem)
+            chunk = []
+            for k in range(start, min(start + args.batch_size, len(files))):
+                try:
+                    chunk.append((k, open_image(files[k])))
+                except ModelFileError as err:  # damaged or refused: the others still count
+                    print(f"warning: {err}; skipped", file=sys.stderr)
+                    skipped += 1
+            preds = model.predict([image for _, image in chunk], score_threshold=args.score_threshold,
+                                  batch_size=args.batch_size) if chunk else []
+            for (k, image), pred in zip(chunk, preds):
+                stem = stems[k]
                 render(image, pred, model.class_names).save(out / f"{stem}.png")
                 if semantic:
                     labels = pred["sem_seg"].numpy().astype(np.uint8)
                     Image.fromarray(labels, mode="L").save(out / f"{stem}_labels.png")
                     counts = np.bincount(labels.reshape(-1), minlength=len(model.class_names))
-                    records[key] = {"labels_png": f"{stem}_labels.png", "pixels": {
+                    records[keys[k]] = {"labels_png": f"{stem}_labels.png", "pixels": {
                         model.class_names[c]: int(n) for c, n in enumerate(counts) if n}}
                 else:
-                    records[key] = _results(pred, model)
-            bar.update(len(chunk))
+                    records[keys[k]] = _results(pred, model)
+            bar.update(min(args.batch_size, len(files) - start))
+    if not records:
+        raise ModelFileError(f"{', '.join(args.images)}: none of the {len(files)} image(s) could "
+                             "be read (see the warnings)")
     (out / "predictions.json").write_text(json.dumps(records))
-    print(f"[agvm-ds] {len(files)} image(s): {out / 'predictions.json'} and one PNG each in {out}")
+    more = f" ({skipped} skipped)" if skipped else ""
+    print(f"[agvm-ds] {len(records)} image(s){more}: {out / 'predictions.json'} and one PNG each "
+          f"in {out}")
     return 0
 
 

@@ -43,8 +43,18 @@ def _checkpoint(root, run=RUN, state=None):
     torch.save({"module": model.state_dict() if state is None else state, "dp_world_size": 1,
                 "global_steps": 3, "ds_config": {"zero_optimization": {"stage": 0}}},
                tag / "mp_rank_00_model_states.pt")
-    (tag / "agvm_ds_complete.json").write_text("{}")  # what makes a checkpoints/ folder pick it
+    write_marker(tag)  # what makes a checkpoints/ folder pick it, and what reads verify
     return model, tag
+
+
+def write_marker(tag):
+    """A completion marker as training writes it: every file of ``tag`` with its size and
+    CRC-32 (zlib's, over the whole file), written by rank 0."""
+    import zlib
+
+    files = {p.name: {"size": p.stat().st_size, "crc32": zlib.crc32(p.read_bytes()), "rank": 0}
+             for p in sorted(tag.iterdir()) if p.name != "agvm_ds_complete.json"}
+    (tag / "agvm_ds_complete.json").write_text(json.dumps({"format": 2, "step": 3, "files": files}))
 
 
 class _Planted:
@@ -141,8 +151,9 @@ def test_mismatched_tensors_name_the_first_tensor_and_both_shapes(tmp_path, caps
     bad = next(iter(state))  # the network's first tensor
     state[bad] = torch.zeros(3, 3)
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "y" / "model.safetensors"))
+    # (its size and CRC-32 no longer match config.json: --no-verify reaches the tensor check)
     assert predict.main(["--model", str(tmp_path / "y"), "--images", str(_image_folder(tmp_path)),
-                         "--output_dir", str(tmp_path / "p")]) == 2
+                         "--output_dir", str(tmp_path / "p"), "--no-verify"]) == 2
     line = _one_error_line(capsys)
     assert f"tensor {bad!r} has shape [3, 3] but the model spec needs" in line
     assert str(tmp_path / "y" / "model.safetensors") in line
@@ -173,18 +184,25 @@ def test_pickled_weights_are_refused_without_running(tmp_path, capsys):
     assert export.main(["--checkpoint", str(tag), "--output_dir", str(tmp_path / "x")]) == 0
     weights = tmp_path / "x" / "model.safetensors"
     weights.write_bytes(pickle.dumps(_Planted(ran)))
+    # refused by the size config.json records; unverified, by its first bytes
     assert predict.main(["--model", str(tmp_path / "x"), "--images", str(_image_folder(tmp_path)),
                          "--output_dir", str(tmp_path / "p")]) == 2
+    assert "(truncated or damaged)" in _one_error_line(capsys) and not ran.exists()
+    assert predict.main(["--model", str(tmp_path / "x"), "--images", str(tmp_path / "images"),
+                         "--output_dir", str(tmp_path / "p"), "--no-verify"]) == 2
     line = _one_error_line(capsys)
     assert f"{weights}: not a safetensors file" in line and not ran.exists()
     torch.save({"module": _Planted(ran)}, weights)  # torch's zip format, same refusal
-    assert evaluate.main(["--model", str(tmp_path / "x")]) == 2
+    assert evaluate.main(["--model", str(tmp_path / "x"), "--no-verify"]) == 2
     assert "not a safetensors file" in _one_error_line(capsys) and not ran.exists()
 
     # a DeepSpeed model-states file with a planted object
     states = tag / "mp_rank_00_model_states.pt"
     torch.save({"module": {}, "planted": _Planted(ran)}, states)
     assert export.main(["--checkpoint", str(tag), "--output_dir", str(tmp_path / "y")]) == 2
+    assert f"{states}: " in _one_error_line(capsys) and not ran.exists()  # the marker's size
+    assert export.main(["--checkpoint", str(tag), "--output_dir", str(tmp_path / "y"),
+                        "--no-verify"]) == 2
     line = _one_error_line(capsys)
     assert f"{states}: refused to load" in line and not ran.exists()
 
@@ -218,6 +236,7 @@ def test_zero3_partitions_are_gathered_whole_from_any_rank_count(tmp_path):
                    tag / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
         torch.save({"optimizer_state_dict": {"partition_count": world, "fp32_flat_groups": flats}},
                    tag / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+    write_marker(tag)
     state, info = read_weights(tag)
     assert info["zero_stage"] == 3 and info["world_size"] == world and info["step"] == 7
     assert state.keys() == full.keys() | {"bn.running_mean"}

@@ -34,6 +34,7 @@ from pycocotools.coco import COCO
 
 from agvm_ds.data.errors import DatasetError
 from agvm_ds.data.headers import check_headers
+from agvm_ds.data.images import decode_image
 from agvm_ds.data.memo import ImageMemo
 
 logger = logging.getLogger(__name__)
@@ -264,13 +265,7 @@ class CocoDataset(torch.utils.data.Dataset):
     def _decode(self, index: int) -> Image.Image:
         info = self.coco.imgs[self.ids[index]]
         path = self.image_root / info["file_name"]
-        try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
-        except FileNotFoundError:
-            raise DatasetError(f"{path}: image file not found") from None
-        except OSError as err:
-            raise DatasetError(f"{path}: cannot read image ({err})") from None
+        image = decode_image(path)
         if image.size != (info["width"], info["height"]):
             raise DatasetError(f"{path}: image is {image.size[0]}x{image.size[1]} but "
                                f"{self.ann_file} says {info['width']}x{info['height']}")

@@ -28,6 +28,7 @@ from PIL import Image
 from agvm_ds.data.coco import coco_from_dict, read_json
 from agvm_ds.data.errors import DatasetError
 from agvm_ds.data.headers import check_headers
+from agvm_ds.data.images import decode_image
 from agvm_ds.data.memo import ImageMemo
 from agvm_ds.data.transforms import IGNORE_INDEX, Transform
 
@@ -153,14 +154,7 @@ class SemanticSegDataset(torch.utils.data.Dataset):
         return self._memo.get(index, self._decode)
 
     def _decode(self, index: int) -> Image.Image:
-        path = self.image_path(self.ids[index])
-        try:
-            with Image.open(path) as im:
-                return im.convert("RGB")
-        except FileNotFoundError:
-            raise DatasetError(f"{path}: image file not found") from None
-        except OSError as err:
-            raise DatasetError(f"{path}: cannot read image ({err})") from None
+        return decode_image(self.image_path(self.ids[index]))
 
     def __getitem__(self, index: int):
         image = self.load_image(index)

@@ -121,3 +121,34 @@ def collate(batch: list, size_divisibility: int = 32) -> tuple[torch.Tensor, lis
     for k, im in enumerate(images):
         out[k, :, : im.shape[1], : im.shape[2]] = im
     return out, list(targets)
+
+
+def padded_size(image_size: Sequence[int], size_divisibility: int = 32) -> tuple[int, int]:
+    """The ``(Hp, Wp)`` :func:`collate` gives an image of ``(h, w)`` in a batch of its own."""
+    h, w = image_size
+    return (int(math.ceil(h / size_divisibility) * size_divisibility),
+            int(math.ceil(w / size_divisibility) * size_divisibility))
+
+
+def unpad_groups(images: torch.Tensor, targets: list[dict],
+                 size_divisibility: int = 32) -> list[tuple[list[int], torch.Tensor, list[dict]]]:
+    """Split a collated batch into groups of images that :func:`collate` pads alike on their
+    own: ``(indices into the batch, [n, 3, Hp, Wp] crop of the batch, their targets)``.
+
+    Why: a network sees the padding (convolutions near the border, GroupNorm statistics,
+    anchors over the padded area), so an image padded to a larger neighbour's size predicts
+    differently than alone. Each group's crop is exactly the tensor the image would get in a
+    batch of one, so results do not depend on the batch it was drawn in. Targets without
+    ``image_size`` keep the batch whole.
+    """
+    if not all("image_size" in t for t in targets):
+        return [(list(range(len(targets))), images, list(targets))]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for k, t in enumerate(targets):
+        groups.setdefault(padded_size(t["image_size"], size_divisibility), []).append(k)
+    out = []
+    for (hp, wp), idx in groups.items():
+        crop = images[:, :, :hp, :wp]
+        crop = crop if len(idx) == len(targets) else crop[idx]
+        out.append((idx, crop.contiguous(), [targets[k] for k in idx]))
+    return out

@@ -21,7 +21,7 @@ import torch
 
 from agvm_ds import collectives
 from agvm_ds.data.sampler import ResumableDistributedSampler
-from agvm_ds.data.transforms import collate
+from agvm_ds.data.transforms import collate, unpad_groups
 from agvm_ds.evaluation.coco_eval import evaluate_results
 from agvm_ds.evaluation.miou import confusion_matrix, miou_from_confusion
 from agvm_ds.evaluation.results import to_coco_results
@@ -42,7 +42,7 @@ def infer_task(dataset) -> str:
 def evaluate_dataset(model_or_predict: Callable, dataset, batch_size: int = 1,
                      device: str | torch.device = "cpu", num_workers: int = 0,
                      iou_types: Sequence[str] | None = None, results_file: str | None = None,
-                     collate_fn: Callable = collate) -> dict:
+                     collate_fn: Callable = collate, size_divisibility: int = 32) -> dict:
     """Run inference over ``dataset`` (sharded across ranks) and return its stats.
 
     Args:
@@ -52,6 +52,9 @@ def evaluate_dataset(model_or_predict: Callable, dataset, batch_size: int = 1,
             :class:`~agvm_ds.data.semantic.SemanticSegDataset` built with ``train=False``.
         iou_types: default ``("bbox",)`` for detection, ``("bbox", "segm")`` for instance.
         results_file: rank 0 writes the merged COCO results there (detection tasks).
+        size_divisibility: the multiple ``collate_fn`` pads to; a batch is cut into groups
+            each padded as its images alone would be (:func:`predict_unpadded`), so the
+            stats do not depend on ``batch_size`` or the number of ranks.
 
     Returns:
         The same dict on every rank: the 12 COCO stats per IoU type (``bbox_AP`` …), or
@@ -64,14 +67,41 @@ def evaluate_dataset(model_or_predict: Callable, dataset, batch_size: int = 1,
         model.eval()
     try:
         return _evaluate(predict, dataset, batch_size, device, num_workers, iou_types,
-                         results_file, collate_fn)
+                         results_file, collate_fn, size_divisibility)
     finally:
         if was_training:
             model.train()
 
 
+def predict_unpadded(predict: Callable, images: torch.Tensor, targets: list[dict],
+                     device: str | torch.device = "cpu", size_divisibility: int = 32) -> list:
+    """``predict`` over a collated batch, each image padded only as in a batch of its own
+    (:func:`~agvm_ds.data.transforms.unpad_groups`): same-size images still run together,
+    and no result depends on the batch size or on which rank's shard an image fell in.
+
+    Every rank makes the same number of ``predict`` calls (a ZeRO-3 module gathers its
+    parameters collectively in ``forward``): ranks agree on the most groups any of them
+    has in this batch, and one with fewer repeats its first image's call, result unused.
+    """
+    preds: list = [None] * len(targets)
+    groups = unpad_groups(images, targets, size_divisibility)
+    calls = len(groups)
+    if collectives.world() > 1:  # evaluation only: one tiny all-gather per batch
+        calls = max(int(c) for c in collectives.all_gather(torch.tensor([calls])))
+    for idx, crop, group in groups:
+        out = predict(crop.to(device), group)
+        if len(out) != len(group):
+            raise ValueError(f"evaluate_dataset: predict returned {len(out)} results for a "
+                             f"batch of {len(group)} images")
+        for k, pred in zip(idx, out):
+            preds[k] = pred
+    for _ in range(calls - len(groups)):
+        predict(groups[0][1][:1].to(device), groups[0][2][:1])
+    return preds
+
+
 def _evaluate(predict, dataset, batch_size, device, num_workers, iou_types, results_file,
-              collate_fn) -> dict:
+              collate_fn, size_divisibility) -> dict:
     world, rank = _world()
     task = infer_task(dataset)
     n = len(dataset)
@@ -84,10 +114,7 @@ def _evaluate(predict, dataset, batch_size, device, num_workers, iou_types, resu
                      dtype=torch.int64)
     position = 0
     for images, targets in loader:
-        preds = predict(images.to(device), targets)
-        if len(preds) != len(targets):
-            raise ValueError(f"evaluate_dataset: predict returned {len(preds)} results for a "
-                             f"batch of {len(targets)} images")
+        preds = predict_unpadded(predict, images, targets, device, size_divisibility)
         for pred, target in zip(preds, targets):
             index = indices[position]
             padding = rank + position * world >= n  # a wrapped-around repeat, not scored

@@ -14,7 +14,10 @@ Training saves ``checkpoints/step_<N>/`` with DeepSpeed's own files. Where the w
   rank 0's piece, then rank 1's, … is the parameter flattened. That is the layout DeepSpeed's
   ``zero_to_fp32.py`` reads; here it is read without DeepSpeed's engine or its pickle loads.
 
-Every file is read with :func:`agvm_ds.checkpoint_engine.safe_load` (``torch.load`` with
+Before anything is loaded, the folder is checked against its completion marker as
+``--resume`` checks it (:mod:`agvm_ds.inference.verify`: sizes, CRC-32, names inside the
+folder; no marker is refused unless ``verify=False``), and only files the marker lists are
+read. Every file is read with :func:`agvm_ds.checkpoint_engine.safe_load` (``torch.load`` with
 ``weights_only=True`` and only DeepSpeed's four checkpoint classes allowed), so a planted
 pickle is refused before anything runs. The number of training ranks is read from the
 files; nothing here needs that many processes.
@@ -29,13 +32,14 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from agvm_ds.checkpoint_engine import CheckpointError, safe_load
+from agvm_ds.inference.verify import MARKER, check_listed, verify_checkpoint
 from agvm_ds.zero.settings import zero_stage
 
-MARKER = "agvm_ds_complete.json"
 _STAGE3_MODEL = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt$")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -78,18 +82,25 @@ def _model_files(tag_dir: Path) -> list[Path]:
     return [single] if single.is_file() else []
 
 
-def read_weights(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+def read_weights(checkpoint: str | Path, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
     """``(state_dict, info)``: every parameter and buffer of the saved model, gathered whole.
 
     ``info`` has ``checkpoint`` (the folder read), ``zero_stage`` (0-2 reported as 2 when the
     file does not say; 3), ``world_size`` (ranks that saved it) and ``step`` (optimizer steps,
     when recorded). ZeRO-3 parameters come back in fp32 (the master copy); the rest keep the
     dtype they were saved in.
+
+    ``verify``: first check the folder against its completion marker, as ``--resume`` does
+    (:func:`~agvm_ds.inference.verify.verify_checkpoint`: sizes and CRC-32; no marker is
+    refused), and read only files the marker lists.
     """
     tag_dir = find_checkpoint(checkpoint)
+    record = verify_checkpoint(tag_dir, verify)
     files = _model_files(tag_dir)
+    for path in files:
+        check_listed(path, record)
     if _STAGE3_MODEL.match(files[0].name):
-        state, info = _read_stage3(tag_dir, files)
+        state, info = _read_stage3(tag_dir, files, record)
     else:
         saved = safe_load(files[0], map_location="cpu")
         module = saved.get("module") if isinstance(saved, dict) else None
@@ -104,7 +115,8 @@ def read_weights(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict]
     return state, info
 
 
-def _read_stage3(tag_dir: Path, files: list[Path]) -> tuple[dict[str, torch.Tensor], dict]:
+def _read_stage3(tag_dir: Path, files: list[Path],
+                 record: Optional[dict]) -> tuple[dict[str, torch.Tensor], dict]:
     world = len(files)
     models = [safe_load(f, map_location="cpu") for f in files]
     first = models[0]
@@ -119,6 +131,7 @@ def _read_stage3(tag_dir: Path, files: list[Path]) -> tuple[dict[str, torch.Tens
             raise CheckpointError(f"{tag_dir / name}: missing (ZeRO-3 keeps each rank's weights "
                                   "in its optimizer-states file)")
         path = found[0]
+        check_listed(path, record)
         optim = safe_load(path, map_location="cpu", mmap=True).get("optimizer_state_dict", {})
         count = optim.get("partition_count")
         saved_by = max(count) if isinstance(count, list) else count

@@ -11,7 +11,8 @@ An export folder (``launch/export.py``) holds
   ``c`` is COCO category ``category_ids[c]``), ``transform`` (the test-time resize and
   normalization), ``dtype``, ``source`` (checkpoint, step, ZeRO stage, training ranks) and
   ``run`` (the training run's resolved ``config.json``, which evaluation reads its dataset
-  and batch size from).
+  and batch size from), and ``files`` (size and CRC-32 of both weights files, checked on
+  load; format version 2).
 
 :func:`load_model` takes such a folder or a training checkpoint folder
 (``runs/<run>/checkpoints/step_<N>``, whose run ``config.json`` two levels up says what
@@ -31,9 +32,10 @@ import torch
 from torch import nn
 
 from agvm_ds.errors import ConfigError, ModelFileError
+from agvm_ds.inference.verify import NO_VERIFY_HINT, crc32_of, member_path
 
 FORMAT = "agvm-ds-export"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: config.json records each weights file's size and CRC-32
 WEIGHTS = "model.safetensors"
 BACKBONE_WEIGHTS = "backbone.safetensors"
 CONFIG = "config.json"
@@ -157,20 +159,54 @@ def backbone_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, dtype: str = "fp32") -> Path:
-    """Write ``model.safetensors``, ``backbone.safetensors`` and ``config.json`` of a training
-    checkpoint into ``output_dir``; return ``output_dir``."""
+def check_export_destination(out: Path) -> None:
+    """Refuse an ``out`` that export would overwrite someone else's files in: a file, a
+    training run's folder (its ``config.json`` / ``checkpoints/``), or any non-empty folder
+    that is not an earlier export (``config.json`` with this format; it is rewritten)."""
+    if out.exists() and not out.is_dir():
+        raise ModelFileError(f"--output_dir {out}: is a file, not a folder")
+    if not out.is_dir():
+        return
+    if (out / "checkpoints").exists():
+        raise ModelFileError(f"--output_dir {out}: is a training run's folder (it holds "
+                             "checkpoints/); export into a new or empty folder")
+    if (out / CONFIG).is_file():
+        try:
+            kind = json.loads((out / CONFIG).read_text()).get("format")
+        except (OSError, ValueError, AttributeError):
+            kind = None
+        if kind != FORMAT:
+            raise ModelFileError(f"--output_dir {out}: holds a config.json that is not an export "
+                                 "(a training run's?); export into a new or empty folder")
+        return
+    first = next(iter(sorted(out.iterdir())), None)
+    if first is not None:
+        raise ModelFileError(f"--output_dir {out}: not empty (holds {first.name}) and not an "
+                             "export; export into a new or empty folder")
+
+
+def _file_record(out: Path, names: tuple[str, ...]) -> dict[str, dict[str, int]]:
+    return {n: {"size": (out / n).stat().st_size, "crc32": crc32_of(out / n)} for n in names}
+
+
+def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, dtype: str = "fp32",
+                      verify: bool = True) -> Path:
+    """Write ``model.safetensors``, ``backbone.safetensors`` and ``config.json`` (which
+    records both files' sizes and CRC-32) of a training checkpoint into ``output_dir``;
+    return ``output_dir``. ``verify``: check the checkpoint against its marker first
+    (:func:`~agvm_ds.inference.verify.verify_checkpoint`)."""
     from safetensors.torch import save_file
 
     from agvm_ds.inference.deepspeed_files import find_checkpoint, read_weights
 
     if dtype not in DTYPES:
         raise ModelFileError(f"--dtype: {dtype!r}; choose from {sorted(DTYPES)}")
+    check_export_destination(Path(output_dir))
     tag_dir = find_checkpoint(checkpoint)
     run_file = run_config_of(tag_dir)
     run = _read_json(run_file, "the run's config.json beside the checkpoints")
     info = model_info(run, str(run_file))
-    state, source = read_weights(tag_dir)
+    state, source = read_weights(tag_dir, verify)
     model = build_network(info)
     check_state(model, state, str(tag_dir))
     target = DTYPES[dtype]
@@ -182,13 +218,33 @@ def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, dtype: str
     save_file(backbone_state(model, state), str(out / BACKBONE_WEIGHTS), metadata={"format": "pt"})
     record = {"format": FORMAT, "format_version": FORMAT_VERSION, **info, "dtype": dtype,
               "weights": WEIGHTS, "backbone_weights": BACKBONE_WEIGHTS,
-              "backbone_key_prefix": backbone_prefix(model), "source": source, "run": run}
+              "backbone_key_prefix": backbone_prefix(model), "source": source, "run": run,
+              "files": _file_record(out, (WEIGHTS, BACKBONE_WEIGHTS))}
     (out / CONFIG).write_text(json.dumps(record, indent=1))
     return out
 
 
+def _verified_weights(path: Path, info: dict, verify: bool) -> Path:
+    """The export's weights file: a name inside ``path`` (whatever ``config.json`` says),
+    of the size and CRC-32 its ``files`` record (exports of format version 1 have none)."""
+    weights = member_path(path, info.get("weights", WEIGHTS), path / CONFIG, ModelFileError)
+    entry = (info.get("files") or {}).get(weights.name) if verify else None
+    if isinstance(entry, dict):
+        size = weights.stat().st_size
+        if size != entry.get("size"):
+            raise ModelFileError(f"{weights}: {size} bytes, {path / CONFIG} records "
+                                 f"{entry.get('size')} (truncated or damaged)")
+        if crc32_of(weights) != entry.get("crc32"):
+            raise ModelFileError(f"{weights}: checksum differs from the one {path / CONFIG} "
+                                 "records (damaged)")
+    elif verify and info.get("format_version", 1) >= 2:
+        raise ModelFileError(f"{path / CONFIG}: records no size and checksum of {weights.name}; "
+                             f"{NO_VERIFY_HINT}")
+    return weights
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu",
-               dtype: Optional[torch.dtype] = None) -> nn.Module:
+               dtype: Optional[torch.dtype] = None, verify: bool = True) -> nn.Module:
     """The network of an export folder or of a training checkpoint folder, in eval mode.
 
     Args:
@@ -196,6 +252,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
             ``checkpoints/`` folder: the newest complete checkpoint).
         device: where the network goes.
         dtype: parameter dtype (default float32, whatever the file stores).
+        verify: check a checkpoint against its completion marker (sizes, CRC-32; a folder
+            without one is refused) and an export's weights against the sizes and CRC-32 its
+            ``config.json`` records, before loading; False reads them unverified.
 
     Returns the ``nn.Module`` with ``model.info`` (the export's ``config.json`` content),
     ``model.class_names`` and ``model.predict(images, score_threshold=0.0)`` for images
@@ -214,7 +273,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     exported = _read_json(path / CONFIG, "export config") if (path / CONFIG).is_file() else {}
     if exported.get("format") == FORMAT:
         info, where = exported, path / CONFIG
-        source = str(path / info.get("weights", WEIGHTS))
+        source = str(_verified_weights(path, info, verify))
         state = read_safetensors(Path(source))
     else:
         from agvm_ds.inference.deepspeed_files import find_checkpoint, read_weights
@@ -223,7 +282,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         run_file = run_config_of(tag_dir)
         run = _read_json(run_file, "the run's config.json beside the checkpoints")
         info = model_info(run, str(run_file))
-        state, source_info = read_weights(tag_dir)
+        state, source_info = read_weights(tag_dir, verify)
         info.update(dtype="checkpoint", source=source_info, run=copy.deepcopy(run))
         source, where = str(tag_dir), run_file
     try:

@@ -24,9 +24,13 @@ from agvm_ds.errors import ModelFileError
 
 
 def open_image(image: Any) -> Image.Image:
-    """An RGB PIL image from a path, a PIL image or an ``H x W x 3`` uint8 array."""
+    """An RGB PIL image from a path, a PIL image or an ``H x W x 3`` uint8 array, decoded as
+    training and evaluation decode (:func:`agvm_ds.data.images.to_rgb`: 16-bit scaled)."""
+    from agvm_ds.data.errors import DatasetError
+    from agvm_ds.data.images import decode_image, to_rgb
+
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"predict: an array image must be H x W x 3 uint8, got "
@@ -37,10 +41,9 @@ def open_image(image: Any) -> Image.Image:
         if not path.is_file():
             raise ModelFileError(f"{path}: image not found")
         try:
-            with Image.open(path) as im:
-                return im.convert("RGB")
-        except OSError as err:
-            raise ModelFileError(f"{path}: not a readable image ({err})") from None
+            return decode_image(path)
+        except DatasetError as err:
+            raise ModelFileError(str(err)) from None
     raise TypeError(f"predict: an image must be a path, a PIL image or an array, got "
                     f"{type(image).__name__}")
 
@@ -67,7 +70,7 @@ def predict_images(model: torch.nn.Module, images: Any, score_threshold: float =
                    batch_size: int = 4) -> list[dict]:
     """Predictions of ``model`` (from :func:`~agvm_ds.inference.model_dir.load_model`) for one
     image or a list of them, in order; see the module docstring for the result format."""
-    from agvm_ds.data.transforms import collate
+    from agvm_ds.data.transforms import collate, unpad_groups
 
     if isinstance(images, (str, Path, Image.Image, np.ndarray)):
         images = [images]
@@ -80,7 +83,12 @@ def predict_images(model: torch.nn.Module, images: Any, score_threshold: float =
         batch = [transform(open_image(im), {"image_id": start + k})
                  for k, im in enumerate(images[start:start + batch_size])]
         pixels, targets = collate(batch, divisor)
-        preds = type(model).predict(model, pixels.to(device=param.device, dtype=param.dtype), targets)
+        preds: list = [None] * len(targets)
+        # each image padded as alone, so --batch_size does not change a result
+        for idx, crop, group in unpad_groups(pixels, targets, divisor):
+            out = type(model).predict(model, crop.to(device=param.device, dtype=param.dtype), group)
+            for k, pred in zip(idx, out):
+                preds[k] = pred
         results += [_keep(p, score_threshold) for p in preds]
     return results
 

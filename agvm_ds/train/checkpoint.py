@@ -67,6 +67,7 @@ import torch
 from agvm_ds import collectives
 from agvm_ds.checkpoint_engine import CheckpointError, SafeCheckpointEngine, safe_load
 from agvm_ds.config.base import ConfigError
+from agvm_ds.inference.verify import member_problem
 
 MARKER = "agvm_ds_complete.json"
 MARKER_FORMAT = 2
@@ -212,6 +213,9 @@ def _size_problem(tag_dir: Path) -> Optional[str]:
     except CheckpointError as err:
         return str(err)
     for rel, entry in files.items():
+        outside = member_problem(tag_dir, rel)  # never follow a name out of the tag (or to a device)
+        if outside is not None and not outside.endswith(" is missing"):
+            return f"{tag_dir / MARKER}: entry {outside}"
         path = tag_dir / rel
         try:
             size = path.stat().st_size
