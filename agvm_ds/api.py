@@ -24,7 +24,8 @@ import sys
 import torch
 
 from agvm_ds.config.agvm import AGVMConfig
-from agvm_ds.config.base import ConfigError, parse_section
+from agvm_ds.config.base import parse_section
+from agvm_ds.errors import ConfigError
 from agvm_ds.config.checks import check_finite
 from agvm_ds.config.files import OWN_SECTIONS, read_json, strip_comments
 from agvm_ds.config.preflight import Preflight, check_optimizer_section, preflight

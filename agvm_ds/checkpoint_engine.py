@@ -57,7 +57,7 @@ from typing import Any, Protocol
 import torch
 from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
-from agvm_ds.config.base import ConfigError
+from agvm_ds.errors import ConfigError
 
 
 class CheckpointError(ConfigError):

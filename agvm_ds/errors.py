@@ -2,7 +2,8 @@
 
 :class:`ConfigError` lives here, not in :mod:`agvm_ds.config`, so rooms below the config
 loader (``optim/``'s registry and layer-wise optimizers) can refuse a setting without
-importing the room that reads run files; :mod:`agvm_ds.config.base` re-exports it.
+importing the room that reads run files; every module imports it from here
+(tests/test_layering.py checks that no other module is used as a second source).
 """
 
 from __future__ import annotations

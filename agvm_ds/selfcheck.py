@@ -45,7 +45,7 @@ from torch import nn
 
 from agvm_ds import bruteforce as bf
 from agvm_ds import collectives, held
-from agvm_ds.config.base import ConfigError
+from agvm_ds.errors import ConfigError
 from agvm_ds.config.files import OWN_SECTIONS
 from agvm_ds.config.preflight import check_optimizer_section
 from agvm_ds.config.run import resolve_batch
@@ -185,12 +185,12 @@ def run(cfg: dict, rank: int, world: int, steps: int = 4, nan_at=None) -> list[t
     be skipped, μ unchanged). Raises ConfigError where agvm-ds refuses the configuration."""
     from deepspeed.accelerator import get_accelerator
 
-    import agvm_ds
+    from agvm_ds import api
     from agvm_ds.optim import registry
 
     device = get_accelerator().current_device_name()
     torch.manual_seed(1234)
-    engine, *_ = agvm_ds.initialize(model=SharedHeadNet(), config=cfg, modules=MODULES)
+    engine, *_ = api.initialize(model=SharedHeadNet(), config=cfg, modules=MODULES)
     delta = float(os.environ.get("AGVM_SELFCHECK_PERTURB", "0") or 0)
     if delta:
         _perturb(engine.agvm.modulator, delta)
@@ -234,7 +234,7 @@ def run(cfg: dict, rank: int, world: int, steps: int = 4, nan_at=None) -> list[t
             engine.step()
         if engine.skipped_steps > before:
             skipped.add(t)
-        rep = agvm_ds.modulation(engine)
+        rep = api.modulation(engine)
         reports[t] = ({m: v["cos"] for m, v in rep["modules"].items()}, rep["mu"], rep["step"], rep["skipped"])
     rec.remove()
     anchor = engine.agvm.modulator.anchor

@@ -201,7 +201,7 @@ def run_cells(rank, world, cells, progress, fp16_on_cpu):
     import deepspeed.runtime.torch_autocast as ds_autocast
     from deepspeed.accelerator import get_accelerator
 
-    from agvm_ds.config.base import ConfigError
+    from agvm_ds.errors import ConfigError
     from agvm_ds.selfcheck import run, selfcheck_config
 
     if fp16_on_cpu:

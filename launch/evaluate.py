@@ -108,7 +108,7 @@ def evaluation_settings(run: dict, overrides: list[str]):
     """(DataConfig, eval batch size) of a run's ``config.json`` after ``--override``s."""
     import copy
 
-    from agvm_ds.config.base import ConfigError
+    from agvm_ds.errors import ConfigError
     from agvm_ds.config.data import DataConfig
     from agvm_ds.config.files import apply_override
 
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.model is None:
         return score_file(args)
-    from agvm_ds.config.base import ConfigError
+    from agvm_ds.errors import ConfigError
     from agvm_ds.data.errors import DatasetError
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -37,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from agvm_ds.config.base import ConfigError
+    from agvm_ds.errors import ConfigError
     from agvm_ds.data.errors import DatasetError
     from agvm_ds.inference import export_checkpoint
 

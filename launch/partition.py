@@ -46,7 +46,7 @@ def _build_named(dotted: str, kwargs_json: str | None):
     """``--model``: import ``package.module.name`` and call it (ConfigError naming the flag)."""
     import importlib
 
-    from agvm_ds.config.base import ConfigError
+    from agvm_ds.errors import ConfigError
 
     module_name, _, attr = dotted.rpartition(".")
     try:
@@ -97,7 +97,8 @@ def _report(args: argparse.Namespace, start: float, out) -> int:
     import torch
 
     import agvm_ds  # noqa: F401  (torchvision compat before timm)
-    from agvm_ds.config.base import ConfigError, parse_section
+    from agvm_ds.config.base import parse_section
+    from agvm_ds.errors import ConfigError
     from agvm_ds.config.model import ModelConfig
     from agvm_ds.config.files import read_json, strip_comments
     from agvm_ds.models import build_model

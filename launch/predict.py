@@ -135,7 +135,7 @@ def _results(pred: dict, model) -> list[dict] | dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from agvm_ds.config.base import ConfigError
+    from agvm_ds.errors import ConfigError
     from agvm_ds.data.errors import DatasetError
 
     try:

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None, console=None) -> int:
     """The job; ``console``: the rank's :class:`~agvm_ds.train.console.RankConsole` when the
     script installed one (None: output left as it is, e.g. when a test calls this)."""
     args = parse_args(argv)
-    from agvm_ds.config.base import ConfigError
+    from agvm_ds.errors import ConfigError
     from agvm_ds.config.run import load_run_config
 
     rank0 = os.environ.get("RANK", "0") == "0"

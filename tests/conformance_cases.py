@@ -154,7 +154,7 @@ def run_plan(rank, world, plan):
     with ``AGVM_DS_MUTATION`` set to the mutation (unset for None) in this process."""
     import deepspeed.runtime.torch_autocast as ds_autocast
 
-    from agvm_ds.config.base import ConfigError
+    from agvm_ds.errors import ConfigError
     from agvm_ds.selfcheck import run, selfcheck_config
     from agvm_ds.mutations import ENV
 

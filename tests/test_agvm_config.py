@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from agvm_ds.config.agvm import AGVMConfig
-from agvm_ds.config.base import ConfigError, parse_section
+from agvm_ds.config.base import parse_section
+from agvm_ds.errors import ConfigError
 from agvm_ds.core.modulator import Modulator
 from agvm_ds.core.optimizer import AGVM, base_optimizer_class, build_base_optimizer
 from agvm_ds.partition import PartitionError, param_groups, resolve_partition

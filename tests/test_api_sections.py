@@ -10,7 +10,7 @@ from torch import nn
 
 import agvm_ds
 from agvm_ds.api import build_param_groups, flush_subnormals, launcher_sections
-from agvm_ds.config.base import ConfigError
+from agvm_ds.errors import ConfigError
 from agvm_ds.partition import resolve_partition
 
 MODULES = {"backbone": ["0."], "head": ["1."]}

@@ -23,7 +23,7 @@ import sys
 import pytest
 import torch
 
-from agvm_ds.config.base import ConfigError
+from agvm_ds.errors import ConfigError
 from agvm_ds.config.run import validate_run_dict
 from train_helpers import REPO, TINY
 

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from agvm_ds.config.base import ConfigError
+from agvm_ds.errors import ConfigError
 from agvm_ds.config.files import apply_override, parse_override
 from agvm_ds.config.run import load_run_config, resolve_batch, validate_run_dict
 from train_helpers import REPO, TINY, run_train, tail, write_config

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from agvm_ds.config.base import ConfigError
+from agvm_ds.errors import ConfigError
 from agvm_ds.config.run import check_monitors
 from agvm_ds.train.console import OWN_PREFIXES, LineRouter, verbose_requested
 from train_helpers import BIN, REPO, TINY, TRAIN, env, metrics, write_config

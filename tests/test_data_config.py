@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agvm_ds.config.base import ConfigError, parse_section
+from agvm_ds.config.base import parse_section
+from agvm_ds.errors import ConfigError
 from agvm_ds.config.data import DataConfig
 from agvm_ds.data.build import build_dataset, build_loader
 from agvm_ds.data.coco import CocoDataset

@@ -276,3 +276,16 @@ def test_the_zero_stage_and_precision_are_read_from_deepspeed_sections_in_one_ro
         assert len(_setting_reads(planted)) == 2
     finally:
         planted.unlink()
+
+
+def test_config_error_is_imported_from_its_one_place():
+    # issue 30: ConfigError lives in agvm_ds.errors; importing it through another module (the
+    # config room used to re-export it) is a second source of the same name
+    bad = []
+    for root in (PACKAGE, REPO / "launch", REPO / "bench", REPO / "tests", REPO / "examples"):
+        for path in sorted(root.rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if (isinstance(node, ast.ImportFrom) and node.module and node.module != "agvm_ds.errors"
+                        and node.module.startswith("agvm_ds") and any(a.name == "ConfigError" for a in node.names)):
+                    bad.append(f"{path.relative_to(REPO)}:{node.lineno}: from {node.module} import ConfigError")
+    assert bad == []

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import agvm_ds  # noqa: F401  (torchvision compat before timm)
-from agvm_ds.config.base import ConfigError, parse_section
+from agvm_ds.config.base import parse_section
+from agvm_ds.errors import ConfigError
 from agvm_ds.config.model import ModelConfig
 from agvm_ds.models import build_model, load_spec
 from agvm_ds.config.spec import ARCHITECTURE_SECTIONS

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import agvm_ds  # noqa: F401  (torchvision compat before timm)
-from agvm_ds.config.base import ConfigError
+from agvm_ds.errors import ConfigError
 from agvm_ds.models import build_model
 from agvm_ds.models.norms import (FrozenBatchNorm2d, average_batchnorm_statistics,
                                   freeze_batchnorm)

@@ -12,7 +12,7 @@ import torch
 import agvm_ds  # noqa: F401  (torchvision compat before timm)
 from agvm_cases import build_model
 from agvm_ds import collectives
-from agvm_ds.config.base import ConfigError
+from agvm_ds.errors import ConfigError
 from agvm_ds.optim.lamb import Lamb
 from agvm_ds.optim.lars import Lars
 from agvm_ds.optim.layerwise import CallPlan, SegmentMap

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from agvm_ds.config.base import ConfigError
+from agvm_ds.errors import ConfigError
 from agvm_ds.config.run import validate_run_dict
 from agvm_ds.core.modulator import Modulator
 from agvm_ds.core.optimizer import AGVM, build_base_optimizer

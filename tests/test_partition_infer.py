@@ -16,7 +16,7 @@ from torch import nn
 import agvm_ds
 from agvm_ds.api import build_partition
 from agvm_ds.config.agvm import AGVMConfig
-from agvm_ds.config.base import ConfigError
+from agvm_ds.errors import ConfigError
 from agvm_ds.partition import PartitionError, resolve_partition
 from agvm_ds.report import format_report, partition_report
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from agvm_ds.config.base import ConfigError
+from agvm_ds.errors import ConfigError
 from agvm_ds.testing.distributed import run_distributed
 from precision_cases import both_many
 from reference import cos_from_run, expected_mu, halves

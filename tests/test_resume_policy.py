@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from agvm_ds.config.base import ConfigError
+from agvm_ds.errors import ConfigError
 from train_helpers import REPO, TINY, write_config
 
 

@@ -67,7 +67,7 @@ def _ranks(rank, world, root, config):
     import agvm_ds
     from agvm_ds import collectives
     from agvm_ds.checkpoint_engine import safe_load
-    from agvm_ds.config.base import ConfigError
+    from agvm_ds.errors import ConfigError
     from agvm_ds.config.run import load_run_config
     from agvm_ds.train.loop import train
     from agvm_ds.train.rundir import acquire_lock, claim_run_folder

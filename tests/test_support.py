@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import agvm_ds
-from agvm_ds.config.base import ConfigError
+from agvm_ds.errors import ConfigError
 from agvm_ds.config.run import main as check_main
 from agvm_ds.config.run import validate_run_dict
 from agvm_ds.zero.settings import resolve_estimator

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from agvm_ds.config.base import ConfigError
+from agvm_ds.errors import ConfigError
 from agvm_ds.config.train import LrScalingConfig, TrainConfig
 from agvm_ds.train.checkpoint import MARKER, complete_tags, resolve_resume, tag_for
 from agvm_ds.train.metrics import MetricsWriter, agvm_record, read_metrics

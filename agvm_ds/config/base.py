@@ -1,8 +1,9 @@
 """Shared base for every validated config section (DeepSpeed's ``DeepSpeedConfigModel`` style).
 
 Each JSON section gets one pydantic model with ``extra="forbid"`` and bounds in
-``Field(ge=..., lt=...)``. :class:`ConfigError` is the single exception type user-facing
-code raises for a bad config; its message always names the offending key as a dotted path.
+``Field(ge=..., lt=...)``. :class:`agvm_ds.errors.ConfigError` (one place: every room imports
+it from there) is the single exception type user-facing code raises for a bad config; its
+message always names the offending key as a dotted path.
 Floats are finite everywhere (``allow_inf_nan=False``): JSON has no NaN or infinity, and
 Python's reader accepting them (``--override agvm.clamp.1=NaN``) must not let one through
 to the core, which would refuse it only after the data and the model are built. An unknown
@@ -19,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from agvm_ds.errors import ConfigError
 
-__all__ = ["ConfigError", "ConfigModel", "format_validation_error", "parse_section"]
+__all__ = ["ConfigModel", "format_validation_error", "parse_section"]
 
 
 class ConfigModel(BaseModel):

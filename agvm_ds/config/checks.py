@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from agvm_ds.config.agvm import AGVMConfig
 from agvm_ds.zero.settings import choose_estimator
-from agvm_ds.config.base import ConfigError
+from agvm_ds.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     from agvm_ds.config.run import RunConfig

@@ -28,7 +28,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from agvm_ds.config.base import ConfigError
+from agvm_ds.errors import ConfigError
 
 __all__ = ["DOTTED_MAPS", "OWN_SECTIONS", "REPO_ROOT", "parse_override", "apply_override", "read_json",
            "set_dotted", "strip_comments"]

@@ -23,7 +23,8 @@ from typing import Any, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from agvm_ds.config.base import ConfigError, ConfigModel
+from agvm_ds.config.base import ConfigModel
+from agvm_ds.errors import ConfigError
 
 __all__ = ["ModelConfig"]
 

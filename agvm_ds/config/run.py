@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from agvm_ds.config.agvm import AGVMConfig
-from agvm_ds.config.base import ConfigError, parse_section
+from agvm_ds.config.base import parse_section
+from agvm_ds.errors import ConfigError
 from agvm_ds.config.checks import check_finite, run_checks
 from agvm_ds.config.data import DataConfig
 from agvm_ds.config.files import OWN_SECTIONS, apply_override, read_json, strip_comments

@@ -15,7 +15,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from agvm_ds.config.base import ConfigError, ConfigModel, format_validation_error
+from agvm_ds.config.base import ConfigModel, format_validation_error
+from agvm_ds.errors import ConfigError
 from agvm_ds.config.files import REPO_ROOT, read_json, set_dotted
 
 __all__ = ["ModelSpec", "UniNetSpec", "UniNetStageSpec", "TimmBackboneSpec", "FPNSpec",

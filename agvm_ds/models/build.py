@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from agvm_ds.config.base import ConfigError
+from agvm_ds.errors import ConfigError
 from agvm_ds.config.spec import ModelSpec, load_spec
 from agvm_ds.partition import classify_parameters
 

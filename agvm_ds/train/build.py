@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-from agvm_ds.config.base import ConfigError
+from agvm_ds.errors import ConfigError
 from agvm_ds.config.run import RunConfig
 from agvm_ds.partition import Partition, param_groups
 

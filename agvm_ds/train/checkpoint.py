@@ -66,7 +66,7 @@ import torch
 
 from agvm_ds import collectives
 from agvm_ds.checkpoint_engine import CheckpointError, SafeCheckpointEngine, safe_load
-from agvm_ds.config.base import ConfigError
+from agvm_ds.errors import ConfigError
 from agvm_ds.inference.verify import member_problem
 
 MARKER = "agvm_ds_complete.json"

@@ -40,9 +40,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-import agvm_ds
-from agvm_ds import collectives
-from agvm_ds.config.base import ConfigError
+from agvm_ds import api, collectives
+from agvm_ds.errors import ConfigError
 from agvm_ds.config.run import RunConfig
 from agvm_ds.partition import PartitionError, resolve_partition
 from agvm_ds.data.errors import DatasetError
@@ -164,7 +163,7 @@ def build_job(run: RunConfig, out_dir: Path, rank: int, world: int,
                                   tcfg.norm_bias_decay)
     # the typed agvm section and the partition go in as they are: no dict round trip and no
     # second resolution of the partition inside initialize
-    job.engine, *_ = agvm_ds.initialize(model=model, config=resolved.deepspeed, agvm=resolved.agvm,
+    job.engine, *_ = api.initialize(model=model, config=resolved.deepspeed, agvm=resolved.agvm,
                                         modules=job.partition, model_parameters=groups)
     job.say(f"model built in {t1 - t0:.1f} s, DeepSpeed engine (ZeRO-{run.zero_stage}) in "
             f"{time.perf_counter() - t1:.1f} s")
@@ -202,7 +201,7 @@ def train_step(job: Job, step: int, batches: Iterator, losses_out: LossLog) -> d
     factor = job.schedule.apply(engine.optimizer.param_groups, step)
     clip = clip_norm_at(run.train, step)
     if clip is not None and clip != job.clip_now:
-        agvm_ds.set_gradient_clipping(engine, clip)
+        api.set_gradient_clipping(engine, clip)
         job.clip_now = clip
     parts = []
     skipped_before = engine.skipped_steps  # a host counter DeepSpeed keeps: no sync
@@ -223,7 +222,7 @@ def train_step(job: Job, step: int, batches: Iterator, losses_out: LossLog) -> d
                               "images_per_s": run.global_batch / dt}
     if clip is not None:
         record["grad_clip"] = clip
-    modulation = agvm_ds.modulation(engine)
+    modulation = api.modulation(engine)
     agvm, job.last_update = agvm_record(modulation, job.last_update)
     if agvm is not None:
         record["agvm"] = agvm
@@ -287,7 +286,7 @@ def _train_in_folder(run: RunConfig, out_dir: Path, resume: Optional[str], rank:
     writer = MetricsWriter(out_dir / "metrics.jsonl", start,
                            monitor=getattr(engine, "monitor", None), enabled=rank == 0)
     bar = _progress(rank, total, start)
-    _, job.last_update = agvm_record(agvm_ds.modulation(engine), None)  # a restored update is old
+    _, job.last_update = agvm_record(api.modulation(engine), None)  # a restored update is old
     last_saved = start if start else -1
     stats = None
     engine.train()
@@ -308,7 +307,7 @@ def _train_in_folder(run: RunConfig, out_dir: Path, resume: Optional[str], rank:
                 record = pending[-1]
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.3g}",
                                 img_s=f"{record['images_per_s']:.1f}",
-                                **bar_mu(agvm_ds.modulation(engine)), refresh=False)
+                                **bar_mu(api.modulation(engine)), refresh=False)
                 pending = []
             bar.update(1)
             if saving:
@@ -333,7 +332,7 @@ def _train_in_folder(run: RunConfig, out_dir: Path, resume: Optional[str], rank:
     if rank == 0:
         last = job.ckpt_dir / tag_for(last_saved) if last_saved > 0 else None
         for line in summary_lines(total, total - start, train_s, time.time() - started,
-                                  agvm_ds.modulation(engine), resolved.agvm_active, stats,
+                                  api.modulation(engine), resolved.agvm_active, stats,
                                   last if last is not None and last.is_dir() else None, out_dir):
             job.say(line)
     return 0
@@ -375,7 +374,7 @@ def _finish(job: Job, stats: Optional[dict]) -> None:
         if png:
             job.say(f"wrote {png}")
     # the modulator's host-side state: no collective, so rank 0 alone may read it
-    noise = noise_scale_line(agvm_ds.modulation(job.engine), job.run.global_batch)
+    noise = noise_scale_line(api.modulation(job.engine), job.run.global_batch)
     if noise:
         job.say(noise)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from agvm_ds.config.agvm import AGVMConfig
-from agvm_ds.config.base import ConfigError
+from agvm_ds.errors import ConfigError
 from agvm_ds.config.checks import agvm_inactive
 from agvm_ds.config.run import RunConfig
 from agvm_ds.core.estimators import Estimator, build_estimator

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Optional
 
 from agvm_ds import collectives
-from agvm_ds.config.base import ConfigError
+from agvm_ds.errors import ConfigError
 
 __all__ = ["LOCK_NAME", "PREVIOUS_PREFIX", "RUN_FILES", "FolderLock", "RunFolder", "acquire_lock",
            "claim_run_folder", "folder_state", "move_previous_run"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from agvm_ds.config.base import ConfigError
+from agvm_ds.errors import ConfigError
 from agvm_ds.models.backbones.timm_backbone import TimmBackbone
 from agvm_ds.models.backbones.uninet import UniNet
 
