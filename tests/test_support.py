@@ -239,3 +239,17 @@ def test_docs_copy_of_the_table_is_the_table():
     text = (Path(__file__).resolve().parents[1] / "docs" / "agvm.md").read_text()
     block = text.split("<!-- support-table:begin -->\n", 1)[1].split("\n<!-- support-table:end -->", 1)[0]
     assert block.strip() == markdown().strip()
+
+
+def test_every_exact_row_names_real_adapters_and_every_adapter_serves_a_row():
+    # issue 30: the table says which adapter reads the gradients of each exact setting; both
+    # directions, so a new adapter without a measured row (or a row naming a removed one) fails
+    import agvm_ds.core.adapters as adapters
+
+    classes = {name for name in adapters.__all__
+               if isinstance(getattr(adapters, name), type) and issubclass(getattr(adapters, name), adapters.StageAdapter)
+               and getattr(adapters, name) is not adapters.StageAdapter}
+    named = {a for row in SUPPORT if row.verdict == "exact" for a in row.adapters}
+    assert named == classes, (sorted(named - classes), sorted(classes - named))
+    assert all(row.adapters for row in SUPPORT if row.verdict == "exact")
+    assert not any(row.adapters for row in SUPPORT if row.verdict == "refused")
