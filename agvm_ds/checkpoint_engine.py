@@ -57,17 +57,7 @@ from typing import Any, Protocol
 import torch
 from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
-from agvm_ds.errors import ConfigError
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint that is refused (unsafe, damaged, or saved for another layout); the
-    launcher reports it as an ``error:`` line and exit code 2, like a bad ``--resume``.
-    ``same_on_every_rank``: every rank raised this same error (only rank 0 prints it)."""
-
-    def __init__(self, message: str, same_on_every_rank: bool = False):
-        super().__init__(message)
-        self.same_on_every_rank = same_on_every_rank
+from agvm_ds.errors import CheckpointError, ConfigError
 
 
 def deepspeed_globals() -> list[type]:

@@ -14,6 +14,18 @@ class ConfigError(ValueError):
     the key as a dotted path and is printed as one ``error:`` line."""
 
 
+class CheckpointError(ConfigError):
+    """A checkpoint that is refused (unsafe, damaged, or saved for another layout); the
+    launcher reports it as an ``error:`` line and exit code 2, like a bad ``--resume``.
+    ``same_on_every_rank``: every rank raised this same error (only rank 0 prints it).
+    Here, not beside the checkpoint engine, so that reading a marker (agvm_ds.inference)
+    does not import DeepSpeed."""
+
+    def __init__(self, message: str, same_on_every_rank: bool = False):
+        super().__init__(message)
+        self.same_on_every_rank = same_on_every_rank
+
+
 class ModelFileError(ConfigError):
     """A model folder, weights file or image that cannot be used; the message names it
     (:mod:`agvm_ds.inference`)."""

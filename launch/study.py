@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -177,14 +178,19 @@ def run_cell(cell: Cell, cfg: dict, out: Path, port: int, threads: int, log) -> 
         log(f"{cell.name}: reused ({record['wall_s']:.0f} s when it ran)")
         return record
     cell_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("study_cell.json", "eval.json", "metrics.jsonl"):
-        (cell_dir / stale).unlink(missing_ok=True)
+    (cell_dir / "study_cell.json").unlink(missing_ok=True)
+    # the training run gets a folder of its own (the launcher keeps one run per folder, and
+    # refuses a folder holding other files); an unfinished earlier attempt is started afresh
+    from launch.study_report import RUN_SUBDIR
+
+    run_dir = cell_dir / RUN_SUBDIR
+    shutil.rmtree(run_dir, ignore_errors=True)
     config_path = cell_dir / "run_config.json"
     config_path.write_text(json.dumps(cfg, indent=2) + "\n")
     deepspeed = Path(sys.executable).with_name("deepspeed")
     cmd = [str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_gpus", "1",
            "--master_port", str(port), str(REPO / "launch" / "train.py"),
-           "--deepspeed_config", str(config_path), "--output_dir", str(cell_dir)]
+           "--deepspeed_config", str(config_path), "--output_dir", str(run_dir)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     steps, warmup = schedule_steps(cfg, cell.batch)

@@ -22,6 +22,10 @@ from pathlib import Path
 from agvm_ds.train.metrics import read_metrics
 from agvm_ds.train.plot import modulation_series
 
+#: each cell's training run lives in ``<cell>/run/`` (the launcher keeps one run per folder);
+#: the study's own files (``study_cell.json``, ``run_config.json``, the console) beside it
+RUN_SUBDIR = "run"
+
 BEGIN = "<!-- study:begin (written by launch/study.py; edits inside are replaced) -->"
 END = "<!-- study:end -->"
 ANCHOR = "backbone"
@@ -33,11 +37,12 @@ def load_cell(cell_dir: Path) -> dict | None:
         record = json.loads((cell_dir / "study_cell.json").read_text())
     except (OSError, ValueError):
         return None
+    run_dir = cell_dir / RUN_SUBDIR
     try:
-        record["ap"] = float(json.loads((cell_dir / "eval.json").read_text())["bbox_AP"])
+        record["ap"] = float(json.loads((run_dir / "eval.json").read_text())["bbox_AP"])
     except (OSError, ValueError, KeyError):
         record["ap"] = float("nan")
-    rows = read_metrics(cell_dir / "metrics.jsonl") if (cell_dir / "metrics.jsonl").exists() else []
+    rows = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
     record["series"] = modulation_series(rows)
     losses = [r["loss"] for r in rows if isinstance(r.get("loss"), (int, float))]
     record["final_loss"] = losses[-1] if losses else float("nan")

@@ -213,7 +213,7 @@ def test_zero3_partitions_are_gathered_whole_from_any_rank_count(tmp_path):
     import math
     from collections import OrderedDict
 
-    from agvm_ds.checkpoint_engine import CheckpointError
+    from agvm_ds.errors import CheckpointError
     from agvm_ds.inference.deepspeed_files import read_weights
 
     torch.manual_seed(0)

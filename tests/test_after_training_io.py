@@ -95,7 +95,7 @@ def _flip_a_byte(path, at=0.5):
 
 def test_a_flipped_byte_or_a_missing_marker_is_refused_by_every_reader(tmp_path, capsys):
     import agvm_ds
-    from agvm_ds.checkpoint_engine import CheckpointError
+    from agvm_ds.errors import CheckpointError
 
     _, tag = _checkpoint(tmp_path)
     states = tag / "mp_rank_00_model_states.pt"
@@ -200,7 +200,7 @@ def test_names_read_from_files_stay_inside_their_folder(tmp_path, capsys):
 def test_resume_does_not_follow_a_marker_entry_out_of_its_checkpoint(tmp_path):
     """--resume's cheap check (sizes) meets the names before any byte is read: a device or a
     path out of the tag is refused by name (an explicit --resume) or skipped (auto)."""
-    from agvm_ds.checkpoint_engine import CheckpointError
+    from agvm_ds.errors import CheckpointError
     from agvm_ds.train.checkpoint import resolve_resume
 
     _, tag = _checkpoint(tmp_path)

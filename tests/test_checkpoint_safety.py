@@ -71,7 +71,7 @@ def _captured(fn, *args):
 
 
 def _refused(fn, *args):
-    from agvm_ds.checkpoint_engine import CheckpointError
+    from agvm_ds.errors import CheckpointError
 
     try:
         fn(*args)

@@ -289,3 +289,14 @@ def test_config_error_is_imported_from_its_one_place():
                         and node.module.startswith("agvm_ds") and any(a.name == "ConfigError" for a in node.names)):
                     bad.append(f"{path.relative_to(REPO)}:{node.lineno}: from {node.module} import ConfigError")
     assert bad == []
+
+
+def test_importing_the_package_does_not_import_deepspeed():
+    # DeepSpeed's import costs seconds and prints its accelerator warning before the launcher's
+    # console filter can hold it; config, data, model and inference work needs none of it
+    import subprocess
+    import sys
+
+    code = "import sys, agvm_ds; print(sorted(m for m in sys.modules if m.split('.')[0] == 'deepspeed'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout[-500:], out.stderr[-1000:])

@@ -188,7 +188,7 @@ def test_a_live_holder_refuses_a_dead_one_is_taken_over(tmp_path):
 
 
 def test_a_checkpoint_of_another_run_does_not_continue_over_a_third(tmp_path):
-    from agvm_ds.checkpoint_engine import CheckpointError
+    from agvm_ds.errors import CheckpointError
     from agvm_ds.config.run import load_run_config
     from agvm_ds.train.resume_policy import check_resume_config
 

@@ -93,9 +93,9 @@ def test_smallest_cell_end_to_end(tmp_path, capsys):
     cell = out / "sgd-agvm-b16-s0"
     record = json.loads((cell / "study_cell.json").read_text())
     assert record["rc"] == 0 and record["steps"] == 6 and record["batch"] == 16
-    ev = json.loads((cell / "eval.json").read_text())
+    ev = json.loads((cell / "run" / "eval.json").read_text())
     assert ev["step"] == 6 and 0.0 <= ev["bbox_AP"] <= 1.0
-    rows = [json.loads(line) for line in (cell / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (cell / "run" / "metrics.jsonl").read_text().splitlines()]
     updates = [r for r in rows if r.get("agvm")]
     assert updates and all(math.isfinite(r["agvm_b_noise"]) for r in updates if r["agvm_b_noise"] is not None)
     assert {"backbone", "neck", "head"} <= set(updates[-1]["agvm"])
@@ -106,10 +106,10 @@ def test_smallest_cell_end_to_end(tmp_path, capsys):
     # finished cell is reused rather than trained again
     doc.write_text("# mine\n\nreading kept\n\n" + text.split("# Large-batch study", 1)[1])
     capsys.readouterr()
-    mtime = (cell / "metrics.jsonl").stat().st_mtime_ns
+    mtime = (cell / "run" / "metrics.jsonl").stat().st_mtime_ns
     assert study.main(args) == 0
     assert "sgd-agvm-b16-s0: reused" in capsys.readouterr().out
-    assert (cell / "metrics.jsonl").stat().st_mtime_ns == mtime
+    assert (cell / "run" / "metrics.jsonl").stat().st_mtime_ns == mtime
     assert "reading kept" in doc.read_text() and doc.read_text().count(BEGIN) == 1
 
 

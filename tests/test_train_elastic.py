@@ -61,7 +61,7 @@ def _tag(out: Path, step: int) -> Path:
 def _phase(rank, world, jobs, refusals):
     """Run ``jobs`` [(config, out, resume)] then expect each of ``refusals`` [(config,
     overrides, out, resume, match)] to raise before anything is trained."""
-    from agvm_ds.checkpoint_engine import CheckpointError
+    from agvm_ds.errors import CheckpointError
     from agvm_ds.config.run import load_run_config
     from agvm_ds.train.loop import train
 

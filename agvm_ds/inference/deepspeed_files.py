@@ -36,7 +36,8 @@ from typing import Optional
 
 import torch
 
-from agvm_ds.checkpoint_engine import CheckpointError, safe_load
+from agvm_ds.checkpoint_engine import safe_load
+from agvm_ds.errors import CheckpointError
 from agvm_ds.inference.verify import MARKER, check_listed, verify_checkpoint
 from agvm_ds.zero.settings import zero_stage
 

@@ -23,7 +23,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Optional
 
-from agvm_ds.checkpoint_engine import CheckpointError
+from agvm_ds.errors import CheckpointError
 
 MARKER = "agvm_ds_complete.json"
 _CHUNK = 1 << 22

@@ -65,7 +65,8 @@ import numpy as np
 import torch
 
 from agvm_ds import collectives
-from agvm_ds.checkpoint_engine import CheckpointError, SafeCheckpointEngine, safe_load
+from agvm_ds.checkpoint_engine import SafeCheckpointEngine, safe_load
+from agvm_ds.errors import CheckpointError
 from agvm_ds.errors import ConfigError
 from agvm_ds.inference.verify import member_problem
 

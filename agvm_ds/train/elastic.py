@@ -50,7 +50,7 @@ from typing import Any, Optional
 import torch
 
 from agvm_ds import collectives
-from agvm_ds.checkpoint_engine import CheckpointError
+from agvm_ds.errors import CheckpointError
 from agvm_ds.zero.settings import Setting
 
 FILE = "elastic_rank{}.pt"

@@ -47,7 +47,7 @@ from agvm_ds.partition import PartitionError, resolve_partition
 from agvm_ds.data.errors import DatasetError
 from agvm_ds.models.norms import average_batchnorm_statistics
 from agvm_ds.train import build as B
-from agvm_ds.checkpoint_engine import CheckpointError
+from agvm_ds.errors import CheckpointError
 from agvm_ds.train import elastic
 from agvm_ds.train.checkpoint import (layout, load_checkpoint, read_marker, save_checkpoint,
                                       select_checkpoint, tag_for)

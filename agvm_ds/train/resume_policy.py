@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from agvm_ds.checkpoint_engine import CheckpointError
+from agvm_ds.errors import CheckpointError
 from agvm_ds.config.run import RunConfig
 
 __all__ = ["ALLOW", "REFUSE", "RESUME_POLICY", "ResumeCheck", "check_resume_config", "classify",

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from agvm_ds import collectives
-from agvm_ds.checkpoint_engine import CheckpointError
+from agvm_ds.errors import CheckpointError
 from agvm_ds.train.checkpoint import _TAG, read_marker
 
 __all__ = ["ABANDONED_PREFIX", "begin_timeline", "start_timeline", "tag_step"]
