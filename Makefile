@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 NUM_RANKS ?= 2
 CONFIG ?= ds_configs/quickstart.json
+# extra launcher flags, e.g. TRAIN_ARGS=--fresh for a second `make train` (runs/quickstart/ then holds a run)
+TRAIN_ARGS ?=
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export DS_ACCELERATOR ?= cpu
 export PYTHONWARNINGS ?= ignore::DeprecationWarning,ignore::FutureWarning
@@ -30,8 +32,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=25
 
 train: $(STAMP)
-	@echo "+ $(BIN)/deepspeed --num_gpus $(NUM_RANKS) launch/train.py --deepspeed_config $(CONFIG)"
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/deepspeed --num_gpus $(NUM_RANKS) launch/train.py --deepspeed_config $(CONFIG)
+	@echo "+ $(BIN)/deepspeed --num_gpus $(NUM_RANKS) launch/train.py --deepspeed_config $(CONFIG) $(TRAIN_ARGS)"
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/deepspeed --num_gpus $(NUM_RANKS) launch/train.py --deepspeed_config $(CONFIG) $(TRAIN_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/overhead.py --optimizer sgd --out docs/benchmarks.md
