@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None, console=None) -> int:
     try:
         # the launchers set WORLD_SIZE; a plain `python launch/train.py` is one rank
         run = load_run_config(args.deepspeed_config, args.override,
-                              world_size=int(os.environ.get("WORLD_SIZE", "1")))
+                              world_size=int(os.environ.get("WORLD_SIZE", "1")), import_code=True)
     except ConfigError as err:
         # every rank reads the same file and reaches the same verdict: one line for the job.
         # The others wait a moment first: a launcher kills the remaining ranks as soon as one

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 import time
 
 import pytest
@@ -17,6 +18,7 @@ import pytest
 from agvm_ds.errors import ConfigError
 from agvm_ds.config.files import apply_override, parse_override
 from agvm_ds.config.run import load_run_config, resolve_batch, validate_run_dict
+from agvm_ds.config.run import main as run_main
 from train_helpers import REPO, TINY, run_train, tail, write_config
 
 
@@ -194,3 +196,28 @@ def test_deepspeed_launcher_exits_nonzero_on_broken_config(tmp_path):
     assert proc.returncode != 0, tail(proc)
     assert time.monotonic() - start < 60
     assert "error: agvm.clamp" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_checking_a_file_never_imports_a_module_it_names(tmp_path, capsys, monkeypatch):
+    # issue 31 item 6: a dotted optimizer class is imported only where it will train (the
+    # launcher, initialize); the read-only check reports it unchecked and runs no code
+    pkg = tmp_path / "site"
+    pkg.mkdir()
+    touched = tmp_path / "imported.txt"
+    (pkg / "sideeffect_opt.py").write_text(
+        "import pathlib, torch\n"
+        f"pathlib.Path({str(touched)!r}).write_text('ran')\n"
+        "class Opt(torch.optim.SGD):\n    agvm_elementwise = True\n")
+    monkeypatch.syspath_prepend(str(pkg))
+    cfg = copy.deepcopy(TINY)
+    cfg["optimizer"] = {"type": "sideeffect_opt.Opt", "params": {"lr": 0.01}}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(cfg))
+    assert run_main([str(path), "--world_size", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: optimizer.type 'sideeffect_opt.Opt': not checked: custom class" in err
+    assert not touched.exists() and "sideeffect_opt" not in sys.modules
+    # the launcher's reading imports it (and so checks it): the switch is what keeps the check clean
+    run = load_run_config(path, world_size=2, import_code=True)
+    assert touched.read_text() == "ran" and run.preflight.optimizer is not None
+    sys.modules.pop("sideeffect_opt", None)

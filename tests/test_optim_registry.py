@@ -117,7 +117,8 @@ def _validate(tmp_path, opt, stage, precondition="auto"):
     cfg["optimizer"] = opt
     cfg["zero_optimization"] = {"stage": stage}
     cfg["agvm"]["precondition"] = precondition
-    return validate_run_dict(cfg, tmp_path / "run.json", world_size=2)
+    # as the training launcher reads it: a class named by a module path is imported and checked
+    return validate_run_dict(cfg, tmp_path / "run.json", world_size=2, import_code=True)
 
 
 def test_config_check_refuses_what_is_wrong_under_zero_or_unpreconditionable(tmp_path):

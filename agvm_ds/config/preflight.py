@@ -35,7 +35,8 @@ from agvm_ds.zero.settings import Setting
 
 @dataclass(frozen=True)
 class Preflight:
-    """What the preflight decided. ``optimizer``: the base optimizer's registry row;
+    """What the preflight decided. ``optimizer``: the base optimizer's registry row (None
+    where a read-only check left a custom class unimported);
     ``precondition``: ``"adam"`` when Φ is taken on Adam-preconditioned halves, else
     ``"none"``; ``warnings``: lines to print once (rank 0)."""
 
@@ -81,15 +82,24 @@ def check_scheduler_section(sched: Any) -> None:
         raise ConfigError("scheduler.params: must be an object")
 
 
-def preflight(ds: dict, agvm: AGVMConfig, world: Optional[int]) -> Preflight:
+def preflight(ds: dict, agvm: AGVMConfig, world: Optional[int], import_code: bool = True) -> Preflight:
     """Refuse (raise :class:`ConfigError`, one line naming the key) what AGVM cannot run
     exactly, or DeepSpeed would reject, for the DeepSpeed sections ``ds`` on ``world`` ranks
-    (None: not known yet — the estimator's split is then checked at start-up)."""
+    (None: not known yet — the estimator's split is then checked at start-up).
+
+    ``import_code`` False (a read-only check of a file): an ``optimizer.type`` that names a
+    module path outside the registry is not imported — a file must not run code by being
+    checked — and is reported as not checked (``optimizer`` None, ``precondition``
+    ``"unchecked"``); the launcher and ``agvm_ds.initialize`` import and check it."""
     warnings = schema.check_keys(ds, agvm.enabled)
     opt = check_optimizer_section(ds.get("optimizer"))
     check_scheduler_section(ds.get("scheduler"))
     setting = Setting.read(ds, agvm.estimator, world, resolve=agvm.enabled)
     support.check(setting, agvm.enabled)
+    if not import_code and registry.lookup(opt["type"]) is None and "." in opt["type"]:
+        warnings.append(f"optimizer.type {opt['type']!r}: not checked: custom class (imported only by the training "
+                        f"launcher or agvm_ds.initialize, which check it then)")
+        return Preflight(setting=setting, optimizer=None, precondition="unchecked", warnings=warnings)
     row = registry.find(opt["type"])
     mode = registry.check(row, opt.get("params"), setting.stage, agvm.precondition if agvm.enabled else "none")
     check_optimizer_params(opt, agvm, setting.stage)  # its own argument checks, on a dummy tensor

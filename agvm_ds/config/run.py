@@ -201,7 +201,7 @@ def _check_launcher_rules(ds: dict, train: TrainConfig) -> None:
                           "gradient_clipping and train.grad_clip, not both")
 
 
-def validate_run_dict(raw: dict, path: Path, world_size: Optional[int] = None) -> RunConfig:
+def validate_run_dict(raw: dict, path: Path, world_size: Optional[int] = None, import_code: bool = False) -> RunConfig:
     """Validate an already-read (and overridden) run dict. See :func:`load_run_config`."""
     raw = strip_comments(raw)
     check_finite(raw)  # NaN / infinity anywhere, DeepSpeed's sections included
@@ -219,7 +219,7 @@ def validate_run_dict(raw: dict, path: Path, world_size: Optional[int] = None) -
     ws = resolve_batch(ds, world_size)
     # Exact or refused, once: the allow-list, DeepSpeed's own parse, the estimator's split at
     # this world size, the support table and the base optimizer (agvm_ds.config.preflight)
-    checked = preflight(ds, agvm, ws if world_size is not None else None)
+    checked = preflight(ds, agvm, ws if world_size is not None else None, import_code=import_code)
     check_monitors(ds)
     warnings = list(checked.warnings)
     run = RunConfig(path=path, name=path.stem, deepspeed=ds, agvm=agvm, model=model,
@@ -230,13 +230,16 @@ def validate_run_dict(raw: dict, path: Path, world_size: Optional[int] = None) -
 
 
 def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None,
-                    world_size: Optional[int] = None) -> RunConfig:
+                    world_size: Optional[int] = None, import_code: bool = False) -> RunConfig:
     """Read, override and validate one run file; raise :class:`ConfigError` on any mistake.
 
     Args:
         path: the JSON run file.
         overrides: ``key.path=value`` strings, applied in order.
         world_size: data-parallel ranks; default ``$WORLD_SIZE`` when set.
+        import_code: import a base optimizer named by a module path to check it (the
+            training launcher); False (checking a file, evaluating, exporting) never runs
+            code a file names — such a class is reported as not checked.
     """
     path = Path(path)
     raw = read_json(path)
@@ -244,7 +247,7 @@ def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None,
         apply_override(raw, text)
     if world_size is None and os.environ.get("WORLD_SIZE", "").isdigit():
         world_size = int(os.environ["WORLD_SIZE"])
-    return validate_run_dict(raw, path, world_size)
+    return validate_run_dict(raw, path, world_size, import_code)
 
 
 def main(argv: list[str] | None = None) -> int:
