@@ -29,7 +29,7 @@ from agvm_ds.errors import ConfigError
 from agvm_ds.config.checks import check_finite
 from agvm_ds.config.files import OWN_SECTIONS, read_json, strip_comments
 from agvm_ds.config.preflight import Preflight, check_optimizer_section, preflight
-from agvm_ds.config.run import resolve_batch
+from agvm_ds.zero.settings import resolve_batch
 from agvm_ds.core.modulator import Modulator
 from agvm_ds.core.optimizer import AGVM
 from agvm_ds.layouts import GENERIC

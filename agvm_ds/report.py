@@ -31,7 +31,7 @@ from torch import nn
 
 from agvm_ds.models.build import assign_modules, partition_problems
 from agvm_ds.partition import PartitionError, infer_partition, param_groups, resolve_partition
-from agvm_ds.zero.settings import BATCH_KEYS, parse, precision_of, zero_stage
+from agvm_ds.zero.settings import BATCH_KEYS, parse, precision_of, resolve_batch, zero_stage
 
 __all__ = ["optimizer_state_bytes", "zero_memory", "partition_report", "format_report"]
 
@@ -78,7 +78,6 @@ def agvm_update_step_bytes(ds_config: dict, num_params: int, largest_param: int,
     ``stream_buffers`` (0 where nothing is streamed); empty when AGVM is off."""
     from agvm_ds.config.agvm import AGVMConfig
     from agvm_ds.config.base import parse_section
-    from agvm_ds.config.run import resolve_batch
     from agvm_ds.errors import ConfigError
     from agvm_ds.core.estimators import build_estimator
     from agvm_ds.core.reducer import buffer_elements, default_bucket_size

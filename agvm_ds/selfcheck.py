@@ -48,8 +48,7 @@ from agvm_ds import collectives, held
 from agvm_ds.errors import ConfigError
 from agvm_ds.config.files import OWN_SECTIONS
 from agvm_ds.config.preflight import check_optimizer_section
-from agvm_ds.config.run import resolve_batch
-from agvm_ds.zero.settings import BATCH_KEYS, parse, precision_of, zero_stage
+from agvm_ds.zero.settings import BATCH_KEYS, parse, precision_of, resolve_batch, zero_stage
 
 MODULES = {"backbone": ["backbone."], "neck": ["neck."], "head": ["head."]}
 IN, HID, OUT, LEVELS = 6, 16, 3, 3

@@ -128,7 +128,7 @@ def preflight_outcome(path: str, cfg: dict) -> tuple[str, str]:
     """(``accepted`` | ``refused`` | ``third``, the message) of the preflight on ``cfg``."""
     from agvm_ds.config.agvm import AGVMConfig
     from agvm_ds.config.preflight import preflight
-    from agvm_ds.config.run import resolve_batch
+    from agvm_ds.zero.settings import resolve_batch
     from agvm_ds.errors import ConfigError
 
     try:  # what the config check and initialize do: the batch keys at this world size, then the preflight

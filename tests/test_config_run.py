@@ -17,7 +17,8 @@ import pytest
 
 from agvm_ds.errors import ConfigError
 from agvm_ds.config.files import apply_override, parse_override
-from agvm_ds.config.run import load_run_config, resolve_batch, validate_run_dict
+from agvm_ds.config.run import load_run_config, validate_run_dict
+from agvm_ds.zero.settings import resolve_batch
 from agvm_ds.config.run import main as run_main
 from train_helpers import REPO, TINY, run_train, tail, write_config
 
@@ -221,3 +222,15 @@ def test_checking_a_file_never_imports_a_module_it_names(tmp_path, capsys, monke
     run = load_run_config(path, world_size=2, import_code=True)
     assert touched.read_text() == "ran" and run.preflight.optimizer is not None
     sys.modules.pop("sideeffect_opt", None)
+
+
+def test_the_config_check_module_runs_without_runpy_warning():
+    # issue 31 item 8: `python -m agvm_ds.config.run` imported itself through the package first
+    # (api -> config.run) and runpy warned; the batch keys' reader now lives in agvm_ds.zero
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "agvm_ds.config.run",
+                           str(REPO / "ds_configs" / "quickstart.json")], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env={**__import__("os").environ, "DS_ACCELERATOR": "cpu"})
+    assert proc.returncode == 0 and "quickstart.json: ok" in proc.stdout, proc.stderr[-2000:]
+    assert "RuntimeWarning" not in proc.stderr

@@ -46,7 +46,7 @@ from agvm_ds.config.files import OWN_SECTIONS, apply_override, read_json, strip_
 from agvm_ds.config.model import ModelConfig
 from agvm_ds.config.preflight import Preflight, preflight
 from agvm_ds.config.train import TrainConfig
-from agvm_ds.zero.settings import BATCH_KEYS, zero_stage
+from agvm_ds.zero.settings import resolve_batch, zero_stage
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -84,58 +84,6 @@ class RunConfig:
     @property
     def zero_stage(self) -> int:
         return self.preflight.stage if self.preflight is not None else zero_stage(self.deepspeed)
-
-
-def _positive_int(ds: dict, key: str) -> Optional[int]:
-    value = ds.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{key}: must be a positive integer, got {value!r}")
-    return value
-
-
-def resolve_batch(ds: dict, world_size: Optional[int]) -> Optional[int]:
-    """Check/complete DeepSpeed's three batch keys in place; return the (implied) world size."""
-    tbs, mb, gas = (_positive_int(ds, k) for k in BATCH_KEYS)
-    if tbs is None and mb is None:
-        raise ConfigError("train_batch_size: set train_batch_size or "
-                          "train_micro_batch_size_per_gpu")
-    if world_size is None:
-        if tbs is not None and mb is not None:
-            per_rank = mb * (gas or 1)
-            if tbs % per_rank:
-                raise ConfigError(
-                    f"train_batch_size ({tbs}) is not a multiple of "
-                    f"train_micro_batch_size_per_gpu ({mb}) x gradient_accumulation_steps "
-                    f"({gas or 1})")
-            ds.setdefault("gradient_accumulation_steps", gas or 1)
-            return tbs // per_rank
-        return None
-
-    ws = world_size
-    if tbs is not None and mb is not None and gas is not None:
-        if tbs != mb * gas * ws:
-            raise ConfigError(
-                f"train_batch_size ({tbs}) != train_micro_batch_size_per_gpu ({mb}) x "
-                f"gradient_accumulation_steps ({gas}) x world size ({ws})")
-    elif tbs is not None and mb is not None:
-        if tbs % (mb * ws):
-            raise ConfigError(f"train_batch_size ({tbs}) is not divisible by "
-                              f"train_micro_batch_size_per_gpu ({mb}) x world size ({ws})")
-        gas = tbs // (mb * ws)
-    elif tbs is not None:
-        gas = gas or 1
-        if tbs % (gas * ws):
-            raise ConfigError(f"train_batch_size ({tbs}) is not divisible by "
-                              f"gradient_accumulation_steps ({gas}) x world size ({ws})")
-        mb = tbs // (gas * ws)
-    else:
-        gas = gas or 1
-        tbs = mb * gas * ws
-    ds.update({"train_batch_size": tbs, "train_micro_batch_size_per_gpu": mb,
-               "gradient_accumulation_steps": gas})
-    return ws
 
 
 #: DeepSpeed monitor section -> (the modules DeepSpeed 0.19 imports for it, the pip extra,

@@ -6,8 +6,8 @@ spelling DeepSpeed accepts (``bfloat16``, ``"torch.float16"``, the deprecated
 ``cpu_offload``) means here what it means there, and a section DeepSpeed rejects is refused
 before anything is built. :class:`Setting` keeps the parsed object and exposes the facts
 that decide where AGVM's gradients live and how DeepSpeed reduces them. The ZeRO stage, the
-precision, offload and the estimator's split are read here and nowhere else
-(:func:`zero_stage`, :func:`precision_of`, :func:`choose_estimator`).
+precision, offload, the batch keys and the estimator's split are read here and nowhere else
+(:func:`zero_stage`, :func:`precision_of`, :func:`resolve_batch`, :func:`choose_estimator`).
 
 DeepSpeed sizes its batch from the process group when one exists; :func:`parse` hands it the
 micro batch and the accumulation count only (the batch keys are checked against the world
@@ -32,6 +32,58 @@ BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_ac
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
+
+
+def _positive_int(ds: dict, key: str) -> Optional[int]:
+    value = ds.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key}: must be a positive integer, got {value!r}")
+    return value
+
+
+def resolve_batch(ds: dict, world_size: Optional[int]) -> Optional[int]:
+    """Check/complete DeepSpeed's three batch keys in place; return the (implied) world size."""
+    tbs, mb, gas = (_positive_int(ds, k) for k in BATCH_KEYS)
+    if tbs is None and mb is None:
+        raise ConfigError("train_batch_size: set train_batch_size or "
+                          "train_micro_batch_size_per_gpu")
+    if world_size is None:
+        if tbs is not None and mb is not None:
+            per_rank = mb * (gas or 1)
+            if tbs % per_rank:
+                raise ConfigError(
+                    f"train_batch_size ({tbs}) is not a multiple of "
+                    f"train_micro_batch_size_per_gpu ({mb}) x gradient_accumulation_steps "
+                    f"({gas or 1})")
+            ds.setdefault("gradient_accumulation_steps", gas or 1)
+            return tbs // per_rank
+        return None
+
+    ws = world_size
+    if tbs is not None and mb is not None and gas is not None:
+        if tbs != mb * gas * ws:
+            raise ConfigError(
+                f"train_batch_size ({tbs}) != train_micro_batch_size_per_gpu ({mb}) x "
+                f"gradient_accumulation_steps ({gas}) x world size ({ws})")
+    elif tbs is not None and mb is not None:
+        if tbs % (mb * ws):
+            raise ConfigError(f"train_batch_size ({tbs}) is not divisible by "
+                              f"train_micro_batch_size_per_gpu ({mb}) x world size ({ws})")
+        gas = tbs // (mb * ws)
+    elif tbs is not None:
+        gas = gas or 1
+        if tbs % (gas * ws):
+            raise ConfigError(f"train_batch_size ({tbs}) is not divisible by "
+                              f"gradient_accumulation_steps ({gas}) x world size ({ws})")
+        mb = tbs // (gas * ws)
+    else:
+        gas = gas or 1
+        tbs = mb * gas * ws
+    ds.update({"train_batch_size": tbs, "train_micro_batch_size_per_gpu": mb,
+               "gradient_accumulation_steps": gas})
+    return ws
 
 
 def _zero_section(ds: dict) -> dict:
