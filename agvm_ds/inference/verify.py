@@ -69,7 +69,7 @@ def member_path(folder: Path, name: Any, source: Path, error: type = CheckpointE
     return folder / name
 
 
-def read_manifest(tag_dir: Path) -> dict:
+def read_marker(tag_dir: Path) -> dict:
     """The marker of ``tag_dir`` as a JSON object whose ``files`` (if any) map names to
     objects; :class:`CheckpointError` naming the marker otherwise."""
     path = tag_dir / MARKER
@@ -96,7 +96,7 @@ def verify_checkpoint(tag_dir: Path, verify: bool = True) -> Optional[dict]:
     if not marker.is_file():
         raise CheckpointError(f"{marker}: missing, so the checkpoint's files cannot be verified "
                               f"(a save that did not finish leaves none); {NO_VERIFY_HINT}")
-    record = read_manifest(tag_dir)
+    record = read_marker(tag_dir)
     entries = record.get("files", {})
     paths = {rel: member_path(tag_dir, rel, marker) for rel in entries}  # names first, then bytes
     for rel, entry in entries.items():

@@ -57,7 +57,6 @@ import re
 import shutil
 import sys
 import zipfile
-import zlib
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -68,13 +67,13 @@ from agvm_ds import collectives
 from agvm_ds.checkpoint_engine import SafeCheckpointEngine, safe_load
 from agvm_ds.errors import CheckpointError
 from agvm_ds.errors import ConfigError
-from agvm_ds.inference.verify import member_problem
+# the marker's name, its reader and the checksum: one definition, shared with every reader
+# of a checkpoint after training (agvm_ds.inference.verify)
+from agvm_ds.inference.verify import MARKER, crc32_of, member_problem, read_marker
 
-MARKER = "agvm_ds_complete.json"
 MARKER_FORMAT = 2
 LAYOUT_KEYS = ("world_size", "zero_stage", "micro_batch", "grad_accum")
 _TAG = re.compile(r"^step_(\d+)$")
-_CHUNK = 1 << 22
 
 
 def tag_for(step: int) -> str:
@@ -116,15 +115,6 @@ def _barrier() -> None:
 
 def _warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr, flush=True)
-
-
-def crc32_of(path: Path) -> int:
-    """CRC-32 of a file's bytes, read in 4 MiB chunks."""
-    crc = 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            crc = zlib.crc32(chunk, crc)
-    return crc
 
 
 def complete_tags(ckpt_dir: Path) -> list[tuple[int, Path]]:
@@ -194,19 +184,6 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict[str, A
 
 
 # --------------------------------------------------------------------------- resuming
-def read_marker(tag_dir: Path) -> dict[str, Any]:
-    """The marker of ``tag_dir``; :class:`CheckpointError` when unreadable or not a JSON object."""
-    path = tag_dir / MARKER
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: invalid completion marker ({type(err).__name__})") from None
-    files = record.get("files", {}) if isinstance(record, dict) else None
-    if not isinstance(files, dict) or not all(isinstance(e, dict) for e in files.values()):
-        raise CheckpointError(f"{path}: invalid completion marker (not the expected JSON object)")
-    return record
-
-
 def _size_problem(tag_dir: Path) -> Optional[str]:
     """Why ``tag_dir`` is damaged by the cheap checks (marker, each file's size), or None."""
     try:
