@@ -87,7 +87,8 @@ def predict_unpadded(predict: Callable, images: torch.Tensor, targets: list[dict
     groups = unpad_groups(images, targets, size_divisibility)
     calls = len(groups)
     if collectives.world() > 1:  # evaluation only: one tiny all-gather per batch
-        calls = max(int(c) for c in collectives.all_gather(torch.tensor([calls])))
+        # on the eval device: NCCL takes only accelerator tensors (gloo takes both)
+        calls = max(int(c) for c in collectives.all_gather(torch.tensor([calls], device=device)))
     for idx, crop, group in groups:
         out = predict(crop.to(device), group)
         if len(out) != len(group):
