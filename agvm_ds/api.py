@@ -32,7 +32,6 @@ from agvm_ds.config.preflight import Preflight, check_optimizer_section, preflig
 from agvm_ds.zero.settings import resolve_batch
 from agvm_ds.core.modulator import Modulator
 from agvm_ds.core.optimizer import AGVM
-from agvm_ds.layouts import GENERIC
 from agvm_ds.optim import registry
 from agvm_ds.partition import (Partition, PartitionError, groups_from_parameters, param_groups,
                                resolve_partition)
@@ -211,13 +210,21 @@ def build_partition(model: torch.nn.Module, modules, agvm_cfg: AGVMConfig) -> Pa
             partition = partition.with_anchor(agvm_cfg.anchor)
         except PartitionError as err:  # "anchor: unknown module ..." -> the key agvm.anchor
             raise ConfigError(f"agvm.{err}") from None
-    if partition.source not in ("given", "declared") and os.environ.get("RANK", "0") == "0":
+    if os.environ.get("RANK", "0") != "0":
+        return partition
+    inferred = partition.inferred
+    if inferred is not None:
         cut = f"{', '.join(partition.order)} (anchor {partition.anchor}); pass modules= to choose others"
-        if partition.source == GENERIC:
+        if inferred.generic:
+            inside = f" of {inferred.inside!r}" if inferred.inside else ""
             print(f"warning: agvm modules: no known layout fits {type(model).__name__}; the generic fallback "
-                  f"(one module per top-level child) cut {cut}", file=sys.stderr, flush=True)
+                  f"(one module per top-level child{inside}) cut {cut}", file=sys.stderr, flush=True)
         else:
             print(f"[agvm-ds] agvm modules inferred ({partition.source}): {cut}", flush=True)
+        for note in inferred.notes:  # strays joining the anchor, an anchor handed over
+            print(f"[agvm-ds] agvm modules: {note}", flush=True)
+    for line in partition.warnings:  # one module: AGVM would modulate nothing
+        print(f"warning: {line}", file=sys.stderr, flush=True)
     return partition
 
 

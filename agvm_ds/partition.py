@@ -13,7 +13,8 @@ AGVM scales the learning rate of every group of a module by that module's multip
 and DeepSpeed flattens and partitions each group separately — so a group must never mix
 modules. :func:`param_groups` is the only place that decides which parameters decay.
 
-This module sits on the ground floor: it imports torch and nothing of the package, so
+This module sits low: it imports torch, the prefix rule (:mod:`agvm_ds.partition_rule`)
+and inference (:mod:`agvm_ds.partition_infer`) and nothing else of the package, so
 ``models/``, ``train/`` and the API can all build on it.
 """
 
@@ -25,20 +26,17 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from agvm_ds.layouts import GENERIC, LAYOUTS, has_path
+from agvm_ds.partition_infer import InferredPartition, infer_partition
+from agvm_ds.partition_rule import PartitionError, classify_parameters, matches as _matches
 
 __all__ = ["NORM_TYPES", "PartitionError", "Partition", "InferredPartition", "classify_parameters",
-           "infer_partition", "resolve_partition", "listed_no_decay", "param_groups", "groups_from_parameters"]
+           "infer_partition", "single_module_warning", "resolve_partition", "listed_no_decay", "param_groups", "groups_from_parameters"]
 
 # Norm layers get no weight decay (see param_groups); keep this tuple complete.
 # FrozenBatchNorm2d is absent on purpose: it owns no parameters, and a residual branch must
 # never have its frozen scale zeroed (uninet_blocks._zero_last_norm looks norms up here).
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
               nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
-
-
-class PartitionError(ValueError):
-    """A module partition that leaves parameters out or names nothing."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +54,13 @@ class Partition:
     order: tuple[str, ...]
     anchor: str
     source: str = "given"  # "given" (modules=), "declared" (agvm_modules) or an inferred layout's name
+    inferred: InferredPartition | None = None  # what inference found (its notes), when it cut this one
+
+    @property
+    def warnings(self) -> list[str]:
+        """Lines every place that reports a partition prints (``initialize``, the report)."""
+        single = single_module_warning(self.order)
+        return [single] if single else []
 
     def with_anchor(self, anchor: str) -> "Partition":
         """The same partition with another anchor; the anchor must be one of its modules."""
@@ -64,111 +69,24 @@ class Partition:
         return dataclasses.replace(self, anchor=anchor)
 
 
-def _matches(name: str, prefix: str) -> bool:
-    return prefix == "" or name == prefix.rstrip(".") or name.startswith(prefix if prefix.endswith(".") else prefix + ".")
+def single_module_warning(order) -> str | None:
+    """The warning for a partition of one module, or None: AGVM matches every module's
+    gradient variance to the anchor's, and the anchor's multiplier is 1 by definition, so
+    with the anchor alone nothing is ever modulated (the run is the base optimizer's)."""
+    if len(order) != 1:
+        return None
+    return (f"agvm modules: every trainable parameter is in one module ({order[0]!r}): AGVM will modulate "
+            f"nothing (the anchor's multiplier is 1 by definition); name two or more modules for it to act")
 
 
-def classify_parameters(model: nn.Module, modules: Mapping[str, list[str] | str]):
-    """Apply the partition rule without raising.
-
-    Returns ``(owner, unassigned, ambiguous, empty)``: trainable parameter name → module
-    (longest matching prefix wins), names matching no module, names matched by two modules
-    with equally long prefixes, and modules that match no trainable parameter. The one
-    rule every caller (training, the API, the partition report) uses; the report needs the
-    problem cases listed rather than raised.
-    """
-    norm = OrderedDict((m, [p] if isinstance(p, str) else list(p)) for m, p in modules.items())
-    owner: OrderedDict[str, str] = OrderedDict()
-    unassigned, ambiguous = [], []
-    hits = {m: 0 for m in norm}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        best, best_len, tie = None, -1, False
-        for m, prefixes in norm.items():
-            for pre in prefixes:
-                if not _matches(name, pre):
-                    continue
-                if len(pre) > best_len:
-                    best, best_len, tie = m, len(pre), False
-                elif len(pre) == best_len and m != best:
-                    tie = True
-        if best is None:
-            unassigned.append(name)
-        elif tie:
-            ambiguous.append(name)
-        else:
-            owner[name] = best
-            hits[best] += 1
-    empty = [m for m, n in hits.items() if n == 0]
-    return owner, unassigned, ambiguous, empty
-
-
-@dataclasses.dataclass(frozen=True)
-class InferredPartition:
-    """What :func:`infer_partition` found: ``modules`` (name → prefixes, anchor first), the
-    ``anchor``, the ``layout`` that fitted (:mod:`agvm_ds.layouts`; ``"generic"`` for the
-    fallback) and the layouts tried before it, each with why it did not fit."""
-
-    modules: "OrderedDict[str, list[str]]"
-    anchor: str
-    layout: str
-    rejected: tuple[tuple[str, str], ...] = ()
-
-    @property
-    def generic(self) -> bool:
-        return self.layout == GENERIC
-
-
-def infer_partition(model: nn.Module) -> InferredPartition:
-    """The AGVM partition of a model that declares none, read from its attribute names.
-
-    The layouts of :data:`agvm_ds.layouts.LAYOUTS` (torchvision, detectron2, DETR,
-    mmdetection) are tried in order; the first whose required submodules exist and whose
-    modules, once those without trainable parameters are dropped, leave no trainable
-    parameter out (and keep at least two modules) wins. Otherwise the generic fallback:
-    one module per top-level child (or top-level parameter) that holds trainable
-    parameters, ``backbone`` as the anchor when there is one. Raises
-    :class:`PartitionError` when the model has no trainable parameter at all.
-    """
-    rejected = []
-    names = [n for n, _ in model.named_parameters()]
-    for layout in LAYOUTS:
-        if not all(has_path(model, path) for path in layout.requires):
-            continue
-        # a path that holds no parameter (a sine position embedding, an absent head) is no prefix
-        modules = OrderedDict((m, [f"{p}." for p in paths if any(_matches(n, p) for n in names)])
-                              for m, paths in layout.modules)
-        modules = OrderedDict((m, ps) for m, ps in modules.items() if ps)
-        owner, unassigned, ambiguous, empty = classify_parameters(model, modules)
-        live = OrderedDict((m, ps) for m, ps in modules.items() if m not in empty)
-        if unassigned or ambiguous or len(live) < 2:
-            why = (f"{len(unassigned)} trainable parameter(s) outside its modules, e.g. {unassigned[0]}"
-                   if unassigned else f"only {len(live)} module(s) hold trainable parameters")
-            rejected.append((layout.name, why))
-            continue
-        anchor = layout.anchor if layout.anchor in live else next(iter(live))
-        return InferredPartition(live, anchor, layout.name, tuple(rejected))
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    if not trainable:
-        raise PartitionError(f"{type(model).__name__} has no trainable parameter")
-    modules = OrderedDict()
-    for name in trainable:
-        top = name.split(".", 1)[0]
-        modules.setdefault(top, [f"{top}."])
-    anchor = "backbone" if "backbone" in modules else next(iter(modules))
-    modules.move_to_end(anchor, last=False)
-    return InferredPartition(modules, anchor, GENERIC, tuple(rejected))
-
-
-def _declared_or_inferred(model: nn.Module) -> tuple["OrderedDict[str, list[str]]", str, str]:
+def _declared_or_inferred(model: nn.Module):
     """The partition and anchor a model declares (``agvm_modules`` / ``agvm_anchor``), else
-    the inferred one; and where it came from."""
+    the inferred one; where it came from; and the :class:`InferredPartition` (or None)."""
     modules = getattr(model, "agvm_modules", None)
     if modules:
-        return OrderedDict(modules), getattr(model, "agvm_anchor", None) or next(iter(modules)), "declared"
+        return OrderedDict(modules), getattr(model, "agvm_anchor", None) or next(iter(modules)), "declared", None
     inferred = infer_partition(model)
-    return inferred.modules, inferred.anchor, inferred.layout
+    return inferred.modules, inferred.anchor, inferred.name, inferred
 
 
 def _dead_prefixes(model: nn.Module, modules: "OrderedDict[str, list[str]]") -> list[tuple[str, str]]:
@@ -217,9 +135,9 @@ def resolve_partition(model: nn.Module, modules: Mapping[str, list[str] | str] |
     is the anchor unless ``anchor`` names another one. Errors name the dead prefix (one that
     matches no parameter) and the two modules that claim the same parameters.
     """
-    source = "given"
+    source, inferred = "given", None
     if modules is None:
-        modules, declared, source = _declared_or_inferred(model)
+        modules, declared, source, inferred = _declared_or_inferred(model)
         anchor = anchor if anchor is not None else declared
     if not modules:
         raise PartitionError("the module partition is empty")
@@ -244,7 +162,7 @@ def resolve_partition(model: nn.Module, modules: Mapping[str, list[str] | str] |
         raise PartitionError(orphans)
     if empty:
         raise PartitionError(f"module(s) {empty} match no trainable parameter (prefixes {[modules[m] for m in empty]})")
-    return Partition(owner=owner, order=tuple(modules), anchor=anchor, source=source)
+    return Partition(owner=owner, order=tuple(modules), anchor=anchor, source=source, inferred=inferred)
 
 
 # Parameter (leaf) names that are embeddings/tables, not weights: timm lists them in

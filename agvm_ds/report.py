@@ -30,7 +30,8 @@ from typing import Any
 from torch import nn
 
 from agvm_ds.models.build import assign_modules, partition_problems
-from agvm_ds.partition import PartitionError, infer_partition, param_groups, resolve_partition
+from agvm_ds.partition import (PartitionError, infer_partition, param_groups, resolve_partition,
+                               single_module_warning)
 from agvm_ds.zero.settings import BATCH_KEYS, parse, precision_of, resolve_batch, zero_stage
 
 __all__ = ["optimizer_state_bytes", "zero_memory", "partition_report", "format_report"]
@@ -113,14 +114,17 @@ def partition_report(model: nn.Module, ds_config: dict | None = None, world_size
                      modules: dict | None = None) -> dict[str, Any]:
     """Everything ``launch/partition.py`` prints, as one JSON-able dict, for any model:
     ``modules`` as given, else the model's ``agvm_modules``, else :func:`infer_partition`'s
-    (``"layout"`` says which; ``"generic"`` for the fallback)."""
+    (``"layout"`` says which; ``"generic"`` for the fallback, ``"... inside 'net'"`` for a
+    wrapper looked through). ``"notes"`` are inference's lines on what it decided for AGVM
+    (strays joining the anchor, an anchor handed over); ``"warnings"`` the lines
+    ``initialize`` prints as ``warning:`` (a partition of one module modulates nothing)."""
     ds_config = ds_config or {}
-    anchor, layout = None, "given" if modules is not None else "declared"
+    anchor, layout, notes = None, "given" if modules is not None else "declared", []
     if modules is None and getattr(model, "agvm_modules", None):
         modules, anchor = model.agvm_modules, getattr(model, "agvm_anchor", None)
     elif modules is None:
         inferred = infer_partition(model)
-        modules, anchor, layout = inferred.modules, inferred.anchor, inferred.layout
+        modules, anchor, layout, notes = inferred.modules, inferred.anchor, inferred.name, list(inferred.notes)
     modules = {m: [p] if isinstance(p, str) else list(p) for m, p in modules.items()}
     anchor = anchor or next(iter(modules))
     owners = assign_modules(model, modules)
@@ -165,6 +169,8 @@ def partition_report(model: nn.Module, ds_config: dict | None = None, world_size
         "unassigned_params": count(unassigned),
         "ambiguous_params": count(ambiguous),
         "problems": problems,
+        "notes": notes,
+        "warnings": [w for w in [single_module_warning(list(report_modules))] if w],
         "param_groups": groups,
         "world_size": int(world_size),
         "precision": precision,
@@ -196,6 +202,7 @@ def format_report(r: dict[str, Any]) -> str:
                  f" unassigned {r['unassigned_params']:,}, frozen {r['frozen_params']:,})")
     for p in r["problems"]:
         lines.append(f"PROBLEM: {p}")
+    lines += [f"note: {n}" for n in r.get("notes", [])] + [f"warning: {w}" for w in r.get("warnings", [])]
     lines.append("")
     lines.append(f"ZeRO memory per rank, {r['world_size']} ranks, {r['precision']}, optimizer "
                  f"{r['optimizer']} ({r['optimizer_state_bytes_per_param']} B/param of state"

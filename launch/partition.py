@@ -123,6 +123,8 @@ def _report(args: argparse.Namespace, start: float, out) -> int:
     report["config"] = str(path) if path else None
     report["seconds"] = round(time.time() - start, 2)
     if args.json:
+        for line in report["warnings"]:  # stdout is the JSON only; the table prints them itself
+            print(f"warning: {line}", file=sys.stderr)
         print(json.dumps(report), file=out, flush=True)
     else:
         print(format_report(report), file=out)

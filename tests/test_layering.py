@@ -25,7 +25,12 @@ FORBIDDEN = {
     "config": ("models", "train", "core", "data", "evaluation", "api"),
     "data": ("evaluation", "models", "train", "core", "api"),
     "partition": ("models", "core", "train", "data", "evaluation", "api", "optim"),
-    "layouts": ("partition", "models", "core", "train", "data", "evaluation", "api", "optim", "config"),
+    "layouts": ("partition", "partition_rule", "partition_infer", "models", "core", "train", "data", "evaluation",
+                "api", "optim", "config"),
+    # the prefix rule under both resolution (partition) and inference (partition_infer)
+    "partition_rule": ("partition", "partition_infer", "layouts", "models", "core", "train", "data", "evaluation",
+                       "api", "optim", "config"),
+    "partition_infer": ("partition", "models", "core", "train", "data", "evaluation", "api", "optim", "config"),
     "core": ("train", "models", "data", "evaluation", "api"),
     "models": ("train", "core", "data", "evaluation", "api"),
     # optim/: base optimizers and their exact layer-wise norms; refusals use agvm_ds.errors

@@ -263,4 +263,6 @@ def test_hugging_face_detr_family_gets_its_layout(hf_detectors, which):
     if frozen:  # as transformers builds it: the frozen backbone holds no module, the encoder anchors
         part = resolve_partition(model)
         assert "backbone" not in part.order and part.anchor == "encoder"
+        assert part.inferred.notes == ("the layout's anchor 'backbone' holds no trainable parameter (frozen?); "
+                                       "'encoder' anchors instead",)
         assert set(part.owner) == {n for n, p in model.named_parameters() if p.requires_grad}
