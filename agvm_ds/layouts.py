@@ -1,19 +1,19 @@
-"""Module layouts of detectors agvm-ds did not write: the data :func:`agvm_ds.partition.infer_partition` tries.
+"""Module layouts of detectors agvm-ds did not write: the data :func:`agvm_ds.partition_infer.infer_partition` tries.
 
 A model built by agvm-ds declares its AGVM partition (``agvm_modules``). A torchvision,
-mmdetection-, detectron2- or DETR-style model does not, but its attribute names say which
+mmdetection-, detectron2-, DETR-style or Hugging Face DETR-family model does not, but its attribute names say which
 parts are the backbone, the neck and the heads. Each :class:`Layout` below is one such
 naming scheme: the submodules that must exist for it to apply (``requires``), then the AGVM
 modules it cuts, each a list of submodule paths. Paths may nest — the longest prefix wins
-(:func:`agvm_ds.partition.classify_parameters`) — so a module may name a parent as a
+(:func:`agvm_ds.partition_rule.classify_parameters`) — so a module may name a parent as a
 catch-all (detectron2's FPN is ``backbone`` around ``backbone.bottom_up``; everything under
 ``roi_heads`` that is not the mask head is the box head).
 
 Layouts are tried in order; the first whose ``requires`` exist *and* whose modules cover
 every trainable parameter wins (modules that hold no trainable parameter, e.g. a Faster
-R-CNN's absent mask head, are dropped). When none fits, the generic fallback cuts the
-model's top-level children that hold trainable parameters (anchor ``backbone`` when there
-is one) and says so. Pure data and a lookup: nothing here imports the rest of the package.
+R-CNN's absent mask head, are dropped, and so are paths that hold no parameter). Stray
+top-level parameters, wrappers and the generic fallback are :mod:`agvm_ds.partition_infer`'s.
+Pure data and a lookup: nothing here imports the rest of the package.
 """
 
 from __future__ import annotations
@@ -128,7 +128,8 @@ _HF_DETR = Layout(
              ("box_head", ("bbox_predictor", "bbox_embed", "model.decoder.bbox_embed", "model.enc_bbox_head"))))
 
 #: tried in this order; torchvision before mmdetection, whose only requirement is ``backbone``
-LAYOUTS: tuple[Layout, ...] = (_RCNN_TV, _ONE_STAGE_TV, _DETECTRON2, _DETR, _DETR_FLAT, _HF_DETR, _SEGMENTATION_TV, _MMDET)
+LAYOUTS: tuple[Layout, ...] = (_RCNN_TV, _ONE_STAGE_TV, _DETECTRON2, _DETR, _DETR_FLAT, _HF_DETR, _SEGMENTATION_TV,
+                               _MMDET)
 
 
 def has_path(model: nn.Module, path: str) -> bool:

@@ -30,7 +30,8 @@ from agvm_ds.partition_infer import InferredPartition, infer_partition
 from agvm_ds.partition_rule import PartitionError, classify_parameters, matches as _matches
 
 __all__ = ["NORM_TYPES", "PartitionError", "Partition", "InferredPartition", "classify_parameters",
-           "infer_partition", "single_module_warning", "resolve_partition", "listed_no_decay", "param_groups", "groups_from_parameters"]
+           "infer_partition", "single_module_warning", "resolve_partition", "listed_no_decay", "param_groups",
+           "groups_from_parameters"]
 
 # Norm layers get no weight decay (see param_groups); keep this tuple complete.
 # FrozenBatchNorm2d is absent on purpose: it owns no parameters, and a residual branch must

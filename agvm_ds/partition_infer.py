@@ -99,10 +99,12 @@ def _fit(root: nn.Module, layout: Layout, prefix: str, strays: list[str], numel:
     owner, unassigned, ambiguous, empty = classify_parameters(root, modules)
     live = OrderedDict((m, ps) for m, ps in modules.items() if m not in empty)
     outside = [n for n in unassigned if "." in n]  # the root's own parameters may be strays
-    if outside or ambiguous or len(live) < 2:
-        return (f"{len(outside)} trainable parameter(s) outside its modules, e.g. {prefix}{outside[0]}"
-                if outside else f"{len(ambiguous)} parameter(s) claimed twice, e.g. {prefix}{ambiguous[0]}"
-                if ambiguous else f"only {len(live)} module(s) hold trainable parameters")
+    if outside:
+        return f"{len(outside)} trainable parameter(s) outside its modules, e.g. {prefix}{outside[0]}"
+    if ambiguous:
+        return f"{len(ambiguous)} parameter(s) claimed by two of its modules, e.g. {prefix}{ambiguous[0]}"
+    if len(live) < 2:
+        return f"only {len(live)} module(s) hold trainable parameters"
     anchor = layout.anchor if layout.anchor in live else next(iter(live))
     notes = [] if anchor == layout.anchor else [
         f"the layout's anchor {layout.anchor!r} holds no trainable parameter (frozen?); {anchor!r} anchors instead"]

@@ -21,7 +21,9 @@ class PartitionError(ValueError):
 
 def matches(name: str, prefix: str) -> bool:
     """Whether parameter ``name`` lies under ``prefix`` (with or without its dot; ``""`` is everything)."""
-    return prefix == "" or name == prefix.rstrip(".") or name.startswith(prefix if prefix.endswith(".") else prefix + ".")
+    if prefix == "" or name == prefix.rstrip("."):
+        return True
+    return name.startswith(prefix if prefix.endswith(".") else prefix + ".")
 
 
 def classify_parameters(model: nn.Module, modules: Mapping[str, list[str] | str]):

@@ -228,14 +228,18 @@ _HF_EXPECTED = {
              "class_labels_classifier.weight": "class_head", "bbox_predictor.layers.2.bias": "box_head"},
     "deformable": {"model.level_embed": "encoder", "model.input_proj.1.0.weight": "encoder",
                    "model.enc_output.weight": "encoder", "model.pos_trans.weight": "decoder",
-                   "model.decoder.layers.1.mlp.fc2.weight": "decoder", "model.decoder.class_embed.2.weight": "class_head",
+                   "model.decoder.layers.1.mlp.fc2.weight": "decoder",
+                   "model.decoder.class_embed.2.weight": "class_head",
                    "model.decoder.bbox_embed.0.layers.0.weight": "box_head"},
     "rt_detr": {"model.backbone.model.embedder.embedder.0.convolution.weight": "backbone",
-                "model.encoder_input_proj.0.0.weight": "encoder", "model.encoder.fpn_blocks.0.conv1.conv.weight": "encoder",
+                "model.encoder_input_proj.0.0.weight": "encoder",
+                "model.encoder.fpn_blocks.0.conv1.conv.weight": "encoder",
                 "model.enc_output.0.weight": "encoder", "model.denoising_class_embed.weight": "decoder",
-                "model.decoder_input_proj.0.0.weight": "decoder", "model.decoder.query_pos_head.layers.0.weight": "decoder",
+                "model.decoder_input_proj.0.0.weight": "decoder",
+                "model.decoder.query_pos_head.layers.0.weight": "decoder",
                 "model.decoder.class_embed.0.weight": "class_head", "model.enc_score_head.weight": "class_head",
-                "model.decoder.bbox_embed.0.layers.1.weight": "box_head", "model.enc_bbox_head.layers.0.bias": "box_head"},
+                "model.decoder.bbox_embed.0.layers.1.weight": "box_head",
+                "model.enc_bbox_head.layers.0.bias": "box_head"},
 }
 
 
