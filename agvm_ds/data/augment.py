@@ -111,7 +111,7 @@ class Sample:
         bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
         keep = (bw > 0) & (bh > 0) & (bw * bh >= min_area)
         if self.masks is not None:
-            keep &= self.masks.flatten(1).any(1)
+            keep &= self.masks.flatten(1).amax(1) > 0
         self.boxes, self.labels = boxes[keep], self.labels[keep]
         if self.masks is not None:
             self.masks = self.masks[keep]
