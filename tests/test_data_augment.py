@@ -22,7 +22,7 @@ from PIL import Image
 from agvm_ds.config.base import parse_section
 from agvm_ds.config.data import DataConfig
 from agvm_ds.data.augment import (Flip, LargeScaleJitter, Photometric, RandomCrop, Resize,
-                                  build_step)
+                                  Sample, build_step)
 from agvm_ds.data.build import build_transform
 from agvm_ds.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Transform, collate
 from agvm_ds.errors import ConfigError
@@ -104,9 +104,11 @@ def test_default_pipeline_reproduces_the_previous_one(min_size, max_size, flip_p
         image, target = random_sample(rng, int(rng.integers(20, 70)), int(rng.integers(20, 70)), k % 4, k)
         torch.manual_seed(k)
         new = Transform(min_size, max_size, flip_prob)(image, dict(target))
+        after_new = torch.rand(4)
         torch.manual_seed(k)
         old = previous_transform(image, dict(target), sizes, max_size, flip_prob)
         assert_same(new, old)
+        assert torch.equal(after_new, torch.rand(4))  # the same number of draws, too
         flips += new[1]["flipped"]
     assert (flips == 0) == (flip_prob == 0.0)
 
@@ -165,7 +167,24 @@ def test_random_crop_against_a_per_pixel_replay(crop):
         dropped += len(ref) - len(kept)
         check_against_masks(out, ref, kept)
         assert out["sem_seg"].shape == (h, w)
+        # detection targets (no masks): the box rule alone drops the same instances
+        boxes_only = {key: v for key, v in target.items() if key != "masks"}
+        torch.manual_seed(100 + k)
+        _, det = Transform(None, None, steps=[crop, Flip(0.5)])(image, boxes_only)
+        assert det["labels"].tolist() == kept and torch.equal(det["boxes"], out["boxes"])
     assert dropped > 0 or crop.size == (80, 80)  # the small crops did drop instances
+
+
+def test_crop_drops_an_instance_whose_mask_leaves_the_window_though_its_box_stays():
+    masks = torch.zeros((2, 20, 20), dtype=torch.uint8)
+    masks[0, 15:, 15:] = 1  # box [0, 0, 20, 20] (an L-shaped object's corner), mask off-window
+    masks[0, 0, 0] = 1
+    masks[1, 2:6, 2:6] = 1
+    sample = Sample(Image.new("RGB", (20, 20)), boxes=torch.tensor([[1.0, 1, 20, 20], [2, 2, 6, 6]]),
+                    labels=torch.tensor([0, 1]), masks=masks)
+    sample.crop(2, 2, 10, 10, min_area=1.0)
+    assert sample.labels.tolist() == [1] and sample.masks.shape == (1, 10, 10)
+    assert sample.boxes.tolist() == [[0.0, 0.0, 4.0, 4.0]] and sample.masks[0, :4, :4].all()
 
 
 def test_large_scale_jitter_against_a_per_pixel_replay():
