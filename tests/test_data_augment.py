@@ -11,6 +11,7 @@ found by searching for the window of the input whose pixels the output holds.
 from __future__ import annotations
 
 import colorsys
+import json
 import math
 
 import numpy as np
@@ -306,6 +307,16 @@ def test_config_builds_training_steps_and_evaluation_ignores_them():
                                                    "transforms": [{"type": "resize"}]}, "data").transforms[0],
                         [40, 50], 90)
     assert resize.min_sizes == [40, 50] and resize.max_size == 90
+
+
+@pytest.mark.parametrize("steps, flips", [([{"type": "random_crop", "size": [8, 9]}], 0.0),
+                                          ([{"type": "flip", "prob": 0.3}], 0.3), (None, 0.5)])
+def test_the_recorded_config_reads_back_the_same(steps, flips):
+    # config.json writes every field (flip_prob too): reading it back must give the same section
+    cfg = parse_section(DataConfig, {"transforms": steps} if steps else {}, "data")
+    assert cfg.flip_prob == flips == build_transform(cfg, train=True).flip_prob
+    again = parse_section(DataConfig, json.loads(json.dumps(cfg.model_dump(mode="json"))), "data")
+    assert again == cfg
 
 
 @pytest.mark.parametrize("steps, extra, needle", [

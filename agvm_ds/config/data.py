@@ -24,7 +24,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from agvm_ds.config.augment import TransformStep, check_order, flip_prob_of
+from agvm_ds.config.augment import FlipStep, TransformStep, check_order, flip_prob_of
 from agvm_ds.config.base import ConfigModel
 
 
@@ -105,11 +105,24 @@ class DataConfig(ConfigModel):
             check_order(v)
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _flip_prob_of_the_steps(cls, data):
+        # with transforms, flip_prob states the pipeline's flip probability, so the resolved
+        # config.json (every field written out) reads back without contradicting itself
+        if isinstance(data, dict) and isinstance(data.get("transforms"), list) and "flip_prob" not in data:
+            default = FlipStep.model_fields["prob"].default
+            probs = [step.get("prob", default) for step in data["transforms"]
+                     if isinstance(step, dict) and step.get("type") == "flip"]
+            if all(isinstance(p, (int, float)) and 0 <= p <= 1 for p in probs):
+                data = {**data, "flip_prob": flip_prob_of([FlipStep(type="flip", prob=p) for p in probs])}
+        return data
+
     @model_validator(mode="after")
     def _one_flip_setting(self):
         # a run file (or a _base_ it extends) may keep flip_prob next to transforms only when
         # the two agree; otherwise one of them would be silently ignored
-        if self.transforms is not None and "flip_prob" in self.model_fields_set:
+        if self.transforms is not None:
             p = flip_prob_of(self.transforms)
             if abs(p - self.flip_prob) > 1e-9:
                 raise ValueError(f"flip_prob ({self.flip_prob}) disagrees with data.transforms "
