@@ -167,7 +167,9 @@ def test_random_crop_against_a_per_pixel_replay(crop):
         kept = [k for k in range(len(ref)) if ref[k].any()]
         dropped += len(ref) - len(kept)
         check_against_masks(out, ref, kept)
-        assert out["sem_seg"].shape == (h, w)
+        sem = target["sem_seg"][y0:y0 + h, x0:x0 + w]
+        assert torch.equal(out["sem_seg"], torch.from_numpy(np.ascontiguousarray(
+            sem[:, ::-1] if out["flipped"] else sem)))
         # detection targets (no masks): the box rule alone drops the same instances
         boxes_only = {key: v for key, v in target.items() if key != "masks"}
         torch.manual_seed(100 + k)
@@ -219,7 +221,12 @@ def test_large_scale_jitter_against_a_per_pixel_replay():
         kept = [k for k in range(len(ref)) if ref[k].any()]
         dropped += len(ref) - len(kept)
         check_against_masks(out, ref, kept)
+        sem = target["sem_seg"]
+        assert out["sem_seg"].tolist() == [[sem[min(h0 - 1, math.floor((y0 + i + 0.5) * h0 / h)),
+                                                 min(w0 - 1, math.floor((x0 + j + 0.5) * w0 / w))]
+                                             for j in range(cw)] for i in range(ch)]
     assert max(seen_scales) > 1.2 and min(seen_scales) < 0.9  # the draw spans the range
+    assert dropped > 0  # some crops cut instances away
 
 
 @pytest.mark.parametrize("factors", [(1.3, 1.0, 1.0, 0.0), (1.0, 0.6, 1.0, 0.0), (1.0, 1.0, 0.3, 0.0),
