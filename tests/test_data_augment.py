@@ -329,7 +329,8 @@ def test_the_recorded_config_reads_back_the_same(steps, flips):
 @pytest.mark.parametrize("steps, extra, needle", [
     ([{"type": "jitter"}], {}, "does not match any of the expected tags"),
     ([{"type": "random_crop", "size": 8, "relative": 0.5}], {}, "exactly one of size"),
-    ([{"type": "random_crop", "size": 8, "min_aera": 2}], {}, "min_aera: unknown key (did you mean 'min_area'?)"),
+    ([{"type": "random_crop", "size": 8, "min_aera": 2}], {},
+     "transforms.0.random_crop.min_aera: unknown key (did you mean 'min_area'?)"),
     ([{"type": "large_scale_jitter", "size": 64, "min_scale": 2, "max_scale": 1}], {}, "min_scale"),
     ([{"type": "photometric", "hue": [0, 0.7]}], {}, "hue"),
     ([{"type": "photometric"}, {"type": "flip"}], {}, "after a 'photometric' step"),
