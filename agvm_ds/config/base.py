@@ -39,6 +39,12 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
     return found
 
 
+def _has_tag(cls: type[BaseModel], tag) -> bool:
+    """Whether ``tag`` is the value of one of ``cls``'s ``Literal`` fields (its union tag)."""
+    return any(typing.get_origin(f.annotation) is typing.Literal and tag in typing.get_args(f.annotation)
+               for f in cls.model_fields.values())
+
+
 def _known_keys(model: Optional[type[BaseModel]], path: tuple) -> list[str]:
     """The keys the object at ``path`` (a pydantic error location) inside ``model`` accepts."""
     candidates = [model] if model is not None else []
@@ -52,6 +58,8 @@ def _known_keys(model: Optional[type[BaseModel]], path: tuple) -> list[str]:
                 field = next((f for f in cls.model_fields.values() if f.alias == part), None)
             if field is not None:
                 nxt += _models_in(field.annotation)
+            elif _has_tag(cls, part):  # a discriminated union names the member it validated
+                nxt.append(cls)
         candidates = nxt
     keys: list[str] = []
     for cls in candidates:

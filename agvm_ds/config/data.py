@@ -5,6 +5,13 @@
 benchmark (short side 128 px); for real COCO use e.g. ``min_size: [640, ..., 800]`` and
 ``max_size: 1333`` with ``train_split: "train2017"``, ``val_split: "val2017"``.
 
+Augmentation: without ``transforms``, training resizes by ``min_size``/``max_size`` and flips
+by ``flip_prob``; ``transforms`` replaces that with a list of typed steps (large-scale
+jitter, random crop, photometric jitter, flip, resize: :mod:`agvm_ds.config.augment`).
+Either way the steps apply to training only: evaluation resizes the short side to
+``test_min_size`` (default: the largest ``min_size``) capped by ``max_size``, never flips,
+crops or jitters.
+
 Example::
 
     "data": {"task": "instance", "synthetic": {"train": 2000, "val": 200, "seed": 0, "size": 128},
@@ -17,6 +24,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from agvm_ds.config.augment import FlipStep, TransformStep, check_order, flip_prob_of
 from agvm_ds.config.base import ConfigModel
 
 
@@ -50,7 +58,11 @@ class DataConfig(ConfigModel):
     test_min_size: int | None = Field(None, ge=1, description="short side at evaluation; "
                                       "null = the largest min_size")
     max_size: int | None = Field(224, ge=1, description="cap on the long side")
-    flip_prob: float = Field(0.5, ge=0.0, le=1.0)
+    flip_prob: float = Field(0.5, ge=0.0, le=1.0, description="training flips (without "
+                             "data.transforms)")
+    transforms: list[TransformStep] | None = Field(None, description="the training augmentation "
+                                                   "steps (agvm_ds.config.augment); null = resize "
+                                                   "by min_size/max_size, then flip by flip_prob")
     num_workers: int = Field(0, ge=0, le=64)
     image_memo_mb: int = Field(0, ge=0, description="MiB of decoded training/evaluation images "
                                "each process keeps after their first load (0: decode every time)")
@@ -85,6 +97,38 @@ class DataConfig(ConfigModel):
         except (KeyError, IndexError, ValueError):
             raise ValueError("may only use the placeholder {split}") from None
         return v
+
+    @field_validator("transforms")
+    @classmethod
+    def _order(cls, v):
+        if v is not None:
+            check_order(v)
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flip_prob_of_the_steps(cls, data):
+        # with transforms, flip_prob states the pipeline's flip probability, so the resolved
+        # config.json (every field written out) reads back without contradicting itself
+        if isinstance(data, dict) and isinstance(data.get("transforms"), list) and "flip_prob" not in data:
+            default = FlipStep.model_fields["prob"].default
+            probs = [step.get("prob", default) for step in data["transforms"]
+                     if isinstance(step, dict) and step.get("type") == "flip"]
+            if all(isinstance(p, (int, float)) and 0 <= p <= 1 for p in probs):
+                data = {**data, "flip_prob": flip_prob_of([FlipStep(type="flip", prob=p) for p in probs])}
+        return data
+
+    @model_validator(mode="after")
+    def _one_flip_setting(self):
+        # a run file (or a _base_ it extends) may keep flip_prob next to transforms only when
+        # the two agree; otherwise one of them would be silently ignored
+        if self.transforms is not None:
+            p = flip_prob_of(self.transforms)
+            if abs(p - self.flip_prob) > 1e-9:
+                raise ValueError(f"flip_prob ({self.flip_prob}) disagrees with data.transforms "
+                                 f"(flips with probability {p:g}); with transforms, set the 'flip' "
+                                 "step's prob and drop flip_prob")
+        return self
 
     @model_validator(mode="after")
     def _synthetic_splits(self):

@@ -13,6 +13,7 @@ from agvm_ds.data.coco import CocoDataset
 from agvm_ds.data.sampler import ResumableDistributedSampler
 from agvm_ds.data.semantic import SemanticSegDataset
 from agvm_ds.data.synthetic import ensure_synthetic
+from agvm_ds.data.augment import build_step
 from agvm_ds.data.transforms import Transform, collate
 
 
@@ -38,9 +39,15 @@ def dataset_root(cfg: DataConfig, announce=None) -> Path:
 
 
 def build_transform(cfg: DataConfig, train: bool) -> Transform:
-    if train:
+    """Training: ``data.transforms`` (or resize + flip without it). Evaluation: the resize
+    to ``eval_min_size`` only, whatever ``data.transforms`` holds (crops and jitter are for
+    training; evaluation maps predictions back through the resize and flip alone)."""
+    if not train:
+        return Transform(cfg.eval_min_size, cfg.max_size, 0.0, cfg.mean, cfg.std)
+    if cfg.transforms is None:
         return Transform(cfg.min_size, cfg.max_size, cfg.flip_prob, cfg.mean, cfg.std)
-    return Transform(cfg.eval_min_size, cfg.max_size, 0.0, cfg.mean, cfg.std)
+    steps = [build_step(step, cfg.min_size, cfg.max_size) for step in cfg.transforms]
+    return Transform(None, None, 0.0, cfg.mean, cfg.std, steps=steps)
 
 
 def build_dataset(cfg: DataConfig, split: str, train: bool):

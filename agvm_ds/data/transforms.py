@@ -1,9 +1,11 @@
-"""Transforms detection users expect, and the batch collate function.
+"""The per-image transform of the datasets, and the batch collate function.
 
-One :class:`Transform` does resize → (random) horizontal flip → to-tensor + normalize on an
-``(PIL image, numpy target)`` pair, keeping boxes, instance masks and semantic maps in
-step with the pixels. Randomness uses torch's generator so DataLoader workers (which torch
-seeds per worker) are reproducible without extra plumbing.
+One :class:`Transform` runs a list of augmentation steps (:mod:`agvm_ds.data.augment`) on an
+``(PIL image, numpy target)`` pair, keeping boxes, instance masks and semantic maps in step
+with the pixels, then converts to a normalized tensor. Without explicit steps it is what it
+always was: resize → (random) horizontal flip → normalize. Randomness uses torch's
+generator so DataLoader workers (which torch seeds per worker) are reproducible without
+extra plumbing.
 
 Resize follows Detectron/mmdet's "shortest edge" rule: scale the short side to
 ``min_size`` unless that makes the long side exceed ``max_size``, in which case the long
@@ -14,94 +16,86 @@ training: one is drawn per image.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
+
+from agvm_ds.data.augment import Flip, Photometric, Resize, Sample, pixels_of, resized_shape
+
+__all__ = ["IGNORE_INDEX", "IMAGENET_MEAN", "IMAGENET_STD", "Transform", "collate", "padded_size",
+           "resized_shape", "unpad_groups"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IGNORE_INDEX = 255
 
 
-def resized_shape(height: int, width: int, min_size: int, max_size: int | None) -> tuple[int, int, float]:
-    """``(new_h, new_w, scale)`` for the shortest-edge rule (see module docstring)."""
-    scale = min_size / min(height, width)
-    if max_size is not None and max(height, width) * scale > max_size:
-        scale = max_size / max(height, width)
-    return max(1, int(round(height * scale))), max(1, int(round(width * scale))), scale
-
-
 class Transform:
-    """Resize / flip / normalize an image together with its target.
+    """Augment / normalize an image together with its target.
 
     Args:
         min_size: short-side length, a sequence to draw from per image, or None (no resize).
         max_size: cap on the long side after resizing (None: no cap).
         flip_prob: probability of a horizontal flip (use 0 for evaluation).
         mean, std: per-channel normalization of pixels scaled to [0, 1].
+        steps: the augmentation steps to run instead of resize + flip (then ``min_size``,
+            ``max_size`` and ``flip_prob`` are not used); photometric steps come last.
+
+    The target gets ``image_size`` (the augmented image, before any padding),
+    ``scale_factor`` (product of the resize factors), ``orig_size`` and ``flipped``.
     """
 
     def __init__(self, min_size: int | Sequence[int] | None, max_size: int | None,
                  flip_prob: float = 0.0, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD):
-        sizes = [min_size] if isinstance(min_size, int) else list(min_size or [])
-        if any(s <= 0 for s in sizes) or (max_size is not None and max_size <= 0):
-            raise ValueError(f"Transform: sizes must be positive, got min_size={min_size}, "
-                             f"max_size={max_size}")
-        if not 0.0 <= flip_prob <= 1.0:
-            raise ValueError(f"Transform: flip_prob must be in [0, 1], got {flip_prob}")
+                 std: Sequence[float] = IMAGENET_STD,
+                 steps: Sequence[Callable[[Sample], None]] | None = None):
         if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
             raise ValueError(f"Transform: mean/std need 3 values, std > 0; got {mean}, {std}")
-        self.min_sizes, self.max_size, self.flip_prob = sizes, max_size, flip_prob
+        if steps is None:
+            steps = [Resize(min_size, max_size), Flip(flip_prob)]
+        colour = [isinstance(s, Photometric) for s in steps]
+        if any(colour) and not all(colour[colour.index(True):]):
+            raise ValueError("Transform: photometric steps must come after every geometric step")
+        self.steps = list(steps)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
+    @property
+    def flip_prob(self) -> float:
+        """The probability that this transform returns a flipped image."""
+        p = 0.0
+        for step in self.steps:
+            if isinstance(step, Flip):
+                p = p * (1 - step.prob) + (1 - p) * step.prob
+        return p
+
     def __call__(self, image: Image.Image, target: dict) -> tuple[torch.Tensor, dict]:
         w0, h0 = image.size
-        if self.min_sizes:
-            pick = self.min_sizes[int(torch.randint(len(self.min_sizes), ()))] \
-                if len(self.min_sizes) > 1 else self.min_sizes[0]
-            h, w, scale = resized_shape(h0, w0, pick, self.max_size)
-        else:
-            h, w, scale = h0, w0, 1.0
-        if (h, w) != (h0, w0):
-            image = image.resize((w, h), Image.BILINEAR)
-        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-        flip = self.flip_prob > 0 and float(torch.rand(())) < self.flip_prob
-        out = {"image_id": target["image_id"], "orig_size": (h0, w0), "image_size": (h, w),
-               "scale_factor": float(scale), "flipped": bool(flip)}
+        sample = Sample(image)
         if "boxes" in target:
-            boxes = torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4).clone()
-            boxes[:, 0::2] *= w / w0
-            boxes[:, 1::2] *= h / h0
-            if flip:
-                boxes[:, [0, 2]] = w - boxes[:, [2, 0]]
-            out["boxes"] = boxes
-            out["labels"] = torch.as_tensor(target["labels"], dtype=torch.int64)
+            sample.boxes = torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4).clone()
+            sample.labels = torch.as_tensor(target["labels"], dtype=torch.int64)
         if "masks" in target:
-            out["masks"] = _resize_nearest(torch.as_tensor(target["masks"]), h, w).to(torch.uint8)
+            sample.masks = torch.as_tensor(target["masks"]).to(torch.uint8)
         if "sem_seg" in target:
-            out["sem_seg"] = _resize_nearest(torch.as_tensor(target["sem_seg"])[None], h, w)[0].long()
-        if flip:
-            pixels = pixels.flip(-1)
-            for key in ("masks", "sem_seg"):
-                if key in out:
-                    out[key] = out[key].flip(-1)
-        tensor = (pixels.float() / 255.0 - self.mean) / self.std
+            sample.sem_seg = torch.as_tensor(target["sem_seg"]).long()
+        for step in self.steps:
+            step(sample)
+        h, w = sample.size
+        out = {"image_id": target["image_id"], "orig_size": (h0, w0), "image_size": (h, w),
+               "scale_factor": float(sample.scale), "flipped": bool(sample.flipped)}
+        for key in ("boxes", "labels", "masks", "sem_seg"):
+            value = getattr(sample, key)
+            if value is not None:
+                out[key] = value
+        pixels = sample.pixels if sample.pixels is not None else pixels_of(sample.image).float() / 255.0
+        tensor = (pixels - self.mean) / self.std
+        if sample.pad_to is not None and tuple(sample.pad_to) != (h, w):
+            padded = tensor.new_zeros((3, max(h, sample.pad_to[0]), max(w, sample.pad_to[1])))
+            padded[:, :h, :w] = tensor
+            tensor = padded
         return tensor.contiguous(), out
-
-
-def _resize_nearest(stack: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Nearest-neighbour resize of an ``[n, H, W]`` integer stack (labels must not blend)."""
-    if tuple(stack.shape[-2:]) == (h, w):
-        return stack
-    if stack.shape[0] == 0:
-        return stack.new_zeros((0, h, w))
-    # "nearest-exact" samples pixel centres, as PIL's bilinear resize of the image does.
-    return F.interpolate(stack[None].float(), size=(h, w), mode="nearest-exact")[0].to(stack.dtype)
 
 
 def collate(batch: list, size_divisibility: int = 32) -> tuple[torch.Tensor, list[dict]]:
