@@ -154,7 +154,9 @@ def model_groups(ds_path: str):
     from agvm_ds.models import build_model
     from agvm_ds.partition import param_groups, resolve_partition
 
-    ds = json.loads((ROOT / ds_path).read_text())
+    from agvm_ds.config.inherit import read_run_file
+
+    ds = read_run_file(ROOT / ds_path)  # the file in full: a shipped config may be a delta (_base_)
     cfg = parse_section(ModelConfig, ds["model"], "model")
     with torch.device("meta"):
         model = build_model(cfg.model_spec(), check_partition=False)
