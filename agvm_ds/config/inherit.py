@@ -60,7 +60,7 @@ def _resolve(path: Path, chain: tuple[Path, ...]) -> dict:
     if any(real == link.resolve() for link in chain):
         links = " -> ".join(_shown(p) for p in (*chain, path))
         raise ConfigError(f"{_shown(chain[0])}: _base_ cycle: {links}")
-    data = read_json(path, what="run file" if not chain else "base run file")
+    data = read_json(path) if not chain else read_json(path, what="base config file")
     where = _shown(path)
     if DELETE_KEY in data:
         raise ConfigError(f"{where}: _delete_ at the top level replaces nothing; to start from no base, "
