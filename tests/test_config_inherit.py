@@ -215,6 +215,17 @@ def test_cycles_are_refused_naming_the_chain(tmp_path):
     assert _refusal(tmp_path / "me.json") == f"{tmp_path}/me.json: _base_ cycle: {tmp_path}/me.json -> {tmp_path}/me.json"
 
 
+def test_the_checker_reports_a_cycle_in_one_error_line(tmp_path, capsys):
+    from agvm_ds.config.run import main
+
+    _write(tmp_path / "a.json", {"_base_": "b.json"})
+    _write(tmp_path / "b.json", {"_base_": "a.json"})
+    assert main([str(tmp_path / "a.json")]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == (f"error: {tmp_path}/a.json: _base_ cycle: {tmp_path}/a.json -> "
+                                         f"{tmp_path}/b.json -> {tmp_path}/a.json\n")
+
+
 def test_a_missing_base_names_the_file_that_names_it(tmp_path):
     _write(tmp_path / "run.json", {"_base_": "mid.json"})
     _write(tmp_path / "mid.json", {"_base_": ["_base_/gone.json"]})
@@ -270,6 +281,10 @@ def test_the_api_reader_resolves_paths_and_refuses_a_dict_with_bases(tmp_path):
     assert read_config(delta) == read_config(flat)  # comments dropped from both
     with pytest.raises(ConfigError, match="_base_: a config dict has no file"):
         read_config({"_base_": "zero2_offload.json"})
+    from agvm_ds.config.run import validate_run_dict
+
+    with pytest.raises(ConfigError, match="_base_: the dict was not resolved"):
+        validate_run_dict({"_base_": "base.json", **TINY}, tmp_path / "run.json")
 
 
 def test_a_resume_compares_resolved_dicts_so_an_edited_base_is_caught(tmp_path):

@@ -154,6 +154,9 @@ def _check_launcher_rules(ds: dict, train: TrainConfig) -> None:
 
 def validate_run_dict(raw: dict, path: Path, world_size: Optional[int] = None, import_code: bool = False) -> RunConfig:
     """Validate an already-read (and overridden) run dict. See :func:`load_run_config`."""
+    if BASE_KEY in raw:  # a comment key to strip_comments: its bases would vanish without a word
+        raise ConfigError(f"{path}: _base_: the dict was not resolved; read the file with "
+                          f"agvm_ds.config.inherit.read_run_file (or load_run_config)")
     raw = strip_comments(raw)
     check_finite(raw)  # NaN / infinity anywhere, DeepSpeed's sections included
     for sec in OWN_SECTIONS:
