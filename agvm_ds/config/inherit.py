@@ -129,6 +129,7 @@ def _marked(node: Any, where: str, dotted: str) -> Any:
 
 
 def unmarked(node: Any) -> Any:
+    """A copy of ``node`` without ``_delete_`` keys (a resolved file as the checks read it)."""
     if isinstance(node, dict):
         return {k: unmarked(v) for k, v in node.items() if k != DELETE_KEY}
     if isinstance(node, list):
