@@ -27,7 +27,8 @@ from agvm_ds.config.agvm import AGVMConfig
 from agvm_ds.config.base import parse_section
 from agvm_ds.errors import ConfigError
 from agvm_ds.config.checks import check_finite
-from agvm_ds.config.files import OWN_SECTIONS, read_json, strip_comments
+from agvm_ds.config.files import OWN_SECTIONS, strip_comments
+from agvm_ds.config.inherit import BASE_KEY, read_run_file
 from agvm_ds.config.preflight import Preflight, check_optimizer_section, preflight
 from agvm_ds.zero.settings import resolve_batch
 from agvm_ds.core.modulator import Modulator
@@ -38,12 +39,16 @@ from agvm_ds.partition import (Partition, PartitionError, groups_from_parameters
 
 
 def read_config(config) -> dict:
-    """A run dict from a JSON path or a dict (copied), comments (``_`` keys) removed — the
-    same reader and comment rule as the launcher's (:mod:`agvm_ds.config.files`)."""
+    """A run dict from a JSON path (its ``_base_`` chain resolved) or a dict (copied),
+    comments (``_`` keys) removed — the same reader and comment rule as the launcher's
+    (:mod:`agvm_ds.config.inherit`, :mod:`agvm_ds.config.files`)."""
     if isinstance(config, (str, os.PathLike)):
-        return strip_comments(read_json(config))
+        return strip_comments(read_run_file(config))
     if not isinstance(config, dict):
         raise ConfigError(f"config must be a dict or a path, got {type(config).__name__}")
+    if BASE_KEY in config:  # a comment key otherwise: the bases would be dropped without a word
+        raise ConfigError("_base_: a config dict has no file its bases are relative to; pass the run "
+                          "file's path, or a dict from agvm_ds.config.inherit.read_run_file(path)")
     return strip_comments(copy.deepcopy(config))
 
 

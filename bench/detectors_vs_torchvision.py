@@ -54,14 +54,15 @@ _spec.loader.exec_module(retina_bench)  # make_step, measure, git_head: one timi
 
 def build_ours(kind: str) -> nn.Module:
     from agvm_ds.config.base import parse_section
-    from agvm_ds.config.files import read_json, strip_comments
+    from agvm_ds.config.files import strip_comments
+    from agvm_ds.config.inherit import read_run_file
     from agvm_ds.config.model import ModelConfig
     from agvm_ds.models import build_model
 
     if kind == "retina":
         return build_model("models/retinanet_resnet18.json", overrides={"backbone.name": "resnet50"})
     run = {"faster": "faster_rcnn_r50_fpn_sgd_bs1024.json", "mask": "mask_rcnn_r50_fpn_sgd_bs1024.json"}[kind]
-    section = strip_comments(read_json(ROOT / "ds_configs" / run))["model"]
+    section = strip_comments(read_run_file(ROOT / "ds_configs" / run))["model"]
     return build_model(parse_section(ModelConfig, section, "model"))
 
 

@@ -100,13 +100,14 @@ def _report(args: argparse.Namespace, start: float, out) -> int:
     from agvm_ds.config.base import parse_section
     from agvm_ds.errors import ConfigError
     from agvm_ds.config.model import ModelConfig
-    from agvm_ds.config.files import read_json, strip_comments
+    from agvm_ds.config.files import strip_comments
+    from agvm_ds.config.inherit import read_run_file
     from agvm_ds.models import build_model
     from agvm_ds.report import format_report, partition_report
 
     path = Path(args.deepspeed_config) if args.deepspeed_config else None
     try:
-        raw = strip_comments(read_json(path)) if path else {}  # "_" keys are comments, as in training
+        raw = strip_comments(read_run_file(path)) if path else {}  # "_" keys are comments, as in training
         if args.model:
             with torch.device("meta"):
                 model = _build_named(args.model, args.model_kwargs)

@@ -249,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --jobs must be >= 1", file=sys.stderr)
         return 2
     assignments = [parse_assignment(a) for a in args.assignments]
-    base = json.loads(BASE_CONFIG.read_text())
+    from agvm_ds.config.inherit import read_run_file
+
+    base = read_run_file(BASE_CONFIG)  # in full: the cells' files are written elsewhere, where a _base_ would not resolve
     configs = {c: cell_config(c, base, assignments) for c in cells}
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
 

@@ -17,6 +17,7 @@ import pytest
 
 from agvm_ds.errors import ConfigError
 from agvm_ds.config.files import apply_override, parse_override
+from agvm_ds.config.inherit import read_run_file
 from agvm_ds.config.run import load_run_config, validate_run_dict
 from agvm_ds.zero.settings import resolve_batch
 from agvm_ds.config.run import main as run_main
@@ -135,8 +136,9 @@ def test_unreadable_files(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((REPO / "ds_configs").glob("*.json")), ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
-    """Each file parses and validates; its batch keys imply a whole number of ranks."""
-    raw = json.loads(path.read_text())
+    """Each file parses and validates (its ``_base_`` chain resolved, as the launcher reads
+    it); its batch keys imply a whole number of ranks."""
+    raw = read_run_file(path)
     assert isinstance(raw.get("_comment"), (str, list)), f"{path.name}: needs a _comment"
     run = validate_run_dict(raw, path, world_size=None)
     if path.name == "quickstart.json":

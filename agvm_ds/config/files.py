@@ -17,6 +17,9 @@ and a model spec obey the same rules:
 * :data:`OWN_SECTIONS` — the top-level sections agvm-ds owns; everything else is DeepSpeed's.
 * :data:`REPO_ROOT` — the checkout (for relative spec paths and the local caches).
 
+A run file's ``_base_`` chain is merged by :mod:`agvm_ds.config.inherit` (on top of
+:func:`read_json`): ``_base_`` and ``_delete_`` are the two ``_`` keys that are not comments.
+
 Dataset annotation files are read by :mod:`agvm_ds.data.coco`, whose errors are
 ``DatasetError`` (a broken dataset, not a broken config).
 """

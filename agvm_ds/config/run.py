@@ -1,6 +1,7 @@
 """Load one run file: DeepSpeed's sections plus validated ``agvm``, ``model``, ``data``, ``train``.
 
-``load_run_config(path, overrides)`` reads the JSON, applies ``--override key.path=value``
+``load_run_config(path, overrides)`` reads the JSON (its ``_base_`` chain resolved:
+:mod:`agvm_ds.config.inherit`), applies ``--override key.path=value``
 (dotted path into the JSON, value JSON-parsed with a fallback to a plain string), drops
 comment keys (any key starting with ``_``, at any depth), validates the four agvm-ds
 sections with pydantic (``extra="forbid"``), checks DeepSpeed's batch keys, runs the one
@@ -31,6 +32,7 @@ Limitations:
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -42,7 +44,8 @@ from agvm_ds.config.base import parse_section
 from agvm_ds.errors import ConfigError
 from agvm_ds.config.checks import check_finite, run_checks
 from agvm_ds.config.data import DataConfig
-from agvm_ds.config.files import OWN_SECTIONS, apply_override, read_json, strip_comments
+from agvm_ds.config.files import OWN_SECTIONS, apply_override, parse_override, strip_comments
+from agvm_ds.config.inherit import BASE_KEY, read_run_file
 from agvm_ds.config.model import ModelConfig
 from agvm_ds.config.preflight import Preflight, preflight
 from agvm_ds.config.train import TrainConfig
@@ -151,6 +154,9 @@ def _check_launcher_rules(ds: dict, train: TrainConfig) -> None:
 
 def validate_run_dict(raw: dict, path: Path, world_size: Optional[int] = None, import_code: bool = False) -> RunConfig:
     """Validate an already-read (and overridden) run dict. See :func:`load_run_config`."""
+    if BASE_KEY in raw:  # a comment key to strip_comments: its bases would vanish without a word
+        raise ConfigError(f"{path}: _base_: the dict was not resolved; read the file with "
+                          f"agvm_ds.config.inherit.read_run_file (or load_run_config)")
     raw = strip_comments(raw)
     check_finite(raw)  # NaN / infinity anywhere, DeepSpeed's sections included
     for sec in OWN_SECTIONS:
@@ -190,32 +196,55 @@ def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None,
             code a file names — such a class is reported as not checked.
     """
     path = Path(path)
-    raw = read_json(path)
-    for text in overrides or []:
-        apply_override(raw, text)
+    return validate_run_dict(read_run_dict(path, overrides), path, _launched_world(world_size), import_code)
+
+
+def _launched_world(world_size: Optional[int]) -> Optional[int]:
+    """``world_size``, else the ``WORLD_SIZE`` the launchers set, else None."""
     if world_size is None and os.environ.get("WORLD_SIZE", "").isdigit():
-        world_size = int(os.environ["WORLD_SIZE"])
-    return validate_run_dict(raw, path, world_size, import_code)
+        return int(os.environ["WORLD_SIZE"])
+    return world_size
+
+
+def read_run_dict(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
+    """The run file at ``path``, its bases resolved, with ``overrides`` applied in order —
+    unvalidated, comments kept: what ``--print-resolved`` shows and the checks then read."""
+    raw = read_run_file(path)
+    for text in overrides or []:
+        if parse_override(text)[0][0] == BASE_KEY:  # bases were merged already: it would do nothing
+            raise ConfigError(f"--override {text!r}: bases are named by the run file's _base_, not by --override")
+        apply_override(raw, text)
+    return raw
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m agvm_ds.config.run FILE [--override k=v …] [--world_size N]``: check a file."""
+    """``python -m agvm_ds.config.run FILE [--override k=v …] [--world_size N] [--print-resolved]``:
+    check a file; ``--print-resolved`` then prints it as the launcher reads it (its ``_base_``
+    chain merged, the overrides applied, comments kept) as JSON on stdout."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("file")
     parser.add_argument("--override", action="append", default=[])
     parser.add_argument("--world_size", type=int, default=None)
+    parser.add_argument("--print-resolved", action="store_true",
+                        help="print the file with its _base_ chain merged and the overrides applied (JSON)")
     args = parser.parse_args(argv)
     try:
-        run = load_run_config(args.file, args.override, args.world_size)
+        raw = read_run_dict(args.file, args.override)
+        resolved = json.dumps(raw, indent=2)  # before the checks, which may complete keys
+        run = validate_run_dict(raw, Path(args.file), _launched_world(args.world_size))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for w in run.warnings:
         print(f"warning: {w}", file=sys.stderr)
+    # with --print-resolved, stdout is the JSON alone (redirect it to get the file in full)
     print(f"{args.file}: ok (train_batch_size {run.deepspeed.get('train_batch_size', '?')}, "
-          f"world size {run.world_size if run.world_size is not None else 'unspecified'})")
+          f"world size {run.world_size if run.world_size is not None else 'unspecified'})",
+          file=sys.stderr if args.print_resolved else sys.stdout)
+    if args.print_resolved:
+        print(resolved)
     return 0
 
 
