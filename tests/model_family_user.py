@@ -13,12 +13,12 @@ if os.environ.get("AGVM_DS_TEST_IMPORT_TRACE"):
     Path(os.environ["AGVM_DS_TEST_IMPORT_TRACE"]).write_text("imported")
 
 
-def build(num_classes: int, spec: str = "retinanet_uninet_tiny"):
+def build(num_classes: int, spec: str = "retinanet_uninet_tiny", score_thresh: float = 0.05):
     """A network that follows the package contract but declares no AGVM partition: the
     launcher infers it from the attribute names (backbone / neck / head)."""
     from agvm_ds.models import build_model
 
-    model = build_model(spec, num_classes=num_classes)
+    model = build_model(spec, num_classes=num_classes, overrides={"head.score_thresh": score_thresh})
     del model.agvm_modules, model.agvm_anchor
     return model
 

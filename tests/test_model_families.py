@@ -26,6 +26,10 @@ from train_helpers import REPO, TINY, metrics, mu_series, run_train, tail, write
 
 sys.path.insert(0, str(REPO))  # the launch/ scripts, imported as modules
 TESTS = Path(__file__).resolve().parent
+#: the acceptance runs' model sections: (a) a torchvision constructor, (c) a user's function
+FCOS = {"builder": "torchvision.models.detection.fcos_resnet50_fpn", "num_classes": 6,
+        "kwargs": {"topk_candidates": 50, "detections_per_img": 20, "score_thresh": 0.01}}
+USER = {"builder": "model_family_user:build", "num_classes": 6, "kwargs": {"score_thresh": 0.0}}
 
 
 def _section(**kw) -> ModelConfig:
@@ -141,6 +145,26 @@ def test_the_config_check_never_imports_a_user_builder_the_launcher_does(tmp_pat
         validate_run_dict(raw, tmp_path / "x.json", world_size=2, import_code=True)
 
 
+def test_a_resume_refuses_another_builder_or_other_kwargs(tmp_path):
+    from agvm_ds.config.run import load_run_config
+    from agvm_ds.train.resolve import record_before_data
+    from agvm_ds.train.resume_policy import classify, diff_records
+
+    def record(model: dict) -> dict:
+        cfg = copy.deepcopy(TINY)
+        cfg["model"] = model
+        run = load_run_config(write_config(tmp_path / "run.json", cfg), world_size=2)
+        return record_before_data(run, tmp_path / "out")
+
+    stored = record(USER)
+    assert diff_records(stored, record(copy.deepcopy(USER))) == ([], [])
+    refused, allowed = diff_records(stored, record({**USER, "kwargs": {"score_thresh": 0.5}}))
+    assert refused == [("model.kwargs.score_thresh", 0.0, 0.5)] and allowed == []
+    refused, _ = diff_records(stored, record(FCOS))
+    assert ("model.builder", USER["builder"], FCOS["builder"]) in refused
+    assert classify("model.builder") == classify("model.kwargs.x") == "refuse"
+
+
 # -- the torchvision adapter against torchvision itself ------------------------------------------
 
 def _pipeline_batch():
@@ -253,3 +277,101 @@ def test_adapter_partition_is_torchvisions_inferred_one_under_the_wrapper(tiny_r
     assert len(partition.owner) == sum(p.requires_grad for p in adapter.parameters())
     with pytest.raises(ConfigError, match=r"scores 4 classes, the dataset needs 5 \+ 1"):
         TorchvisionDetector(copy.deepcopy(tiny_rcnn), num_classes=5)
+
+
+# -- acceptance: the launcher trains, checkpoints, evaluates, exports and predicts any family --------
+
+STEPS = 3
+ACCEPTANCE = {  # model section, the AGVM modules its partition must have (inferred, not declared)
+    "torchvision_fcos": (FCOS, {"backbone", "fpn", "cls_head", "reg_head"}),
+    "user_function": (USER, {"backbone", "neck", "head"}),
+}
+
+
+@pytest.fixture(scope="module", params=list(ACCEPTANCE))
+def trained(request, tmp_path_factory):
+    """(name, run dir, checkpoint dir) of a 2-rank run of a few steps that evaluated at its end."""
+    name = request.param
+    tmp = tmp_path_factory.mktemp(name)
+    cfg = copy.deepcopy(TINY)
+    cfg.update(train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1)
+    cfg["model"] = ACCEPTANCE[name][0]
+    cfg["agvm"] = {"interval": 1, "start_step": 0, "momentum": 0.5}
+    cfg["data"]["synthetic"].update(train=8, val=4)
+    cfg["train"].update(max_steps=STEPS, warmup_steps=1, milestones=[0.9], checkpoint_every=0, eval_at_end=True)
+    cfg["train"]["grad_clip"] = {"max_norm": 1.0, "start_step": 0, "end_step": 1}
+    path = f"{TESTS}:{REPO}"  # the ranks import the user's module from tests/
+    proc = run_train(write_config(tmp / f"{name}.json", cfg), tmp / "run", extra_env={"PYTHONPATH": path})
+    assert proc.returncode == 0, tail(proc)
+    return name, tmp / "run", tmp / "run" / "checkpoints" / f"step_{STEPS:07d}", proc
+
+
+@pytest.mark.slow
+def test_the_launcher_runs_every_family_to_predictions(trained, tmp_path, capsys):
+    import agvm_ds
+    from agvm_ds.errors import UntrustedCodeError
+    from launch import evaluate, export, predict
+
+    name, run_dir, ckpt, proc = trained
+    user = name == "user_function"
+    # 1. μ per inferred module on every AGVM update (interval 1 from step 0)
+    rows = metrics(run_dir)
+    mu = mu_series(rows)
+    assert {m for _, m in mu} == ACCEPTANCE[name][1], proc.stdout[-2000:]
+    assert {s for s, _ in mu} == set(range(1, STEPS + 1)) and all(v > 0 for v in mu.values())
+    assert ckpt.is_dir() and (run_dir / "eval.json").is_file()
+    trust = ["--trust_code"] if user else []
+
+    # 2. one process evaluates the 2-rank checkpoint: training's own numbers
+    if user:  # user code is not run without --trust_code: one line naming it
+        capsys.readouterr()
+        assert evaluate.main(["--model", str(ckpt), "--output_dir", str(tmp_path / "no")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "'model_family_user:build'" in err and "trust_code" in err and len(err.splitlines()) == 1
+    assert evaluate.main(["--model", str(ckpt), "--output_dir", str(tmp_path / "eval"), *trust]) == 0
+    ours = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    ref = json.loads((run_dir / "eval.json").read_text())
+    scalars = [k for k, v in ref.items() if isinstance(v, float) and k != "eval_time_s"]
+    assert "bbox_AP" in scalars
+    for key in scalars:
+        assert abs(ours[key] - ref[key]) <= 1e-3, (key, ours[key], ref[key])
+
+    # 3. export records the builder; load_model rebuilds it (user code only when trusted)
+    assert export.main(["--checkpoint", str(ckpt), "--output_dir", str(tmp_path / "export"), *trust]) == 0
+    record = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert "model_spec" not in record
+    assert record["model_builder"] == {"builder": ACCEPTANCE[name][0]["builder"], "num_classes": 6,
+                                       "kwargs": ACCEPTANCE[name][0].get("kwargs", {})}
+    if user:
+        with pytest.raises(UntrustedCodeError, match="built by user code 'model_family_user:build'"):
+            agvm_ds.load_model(tmp_path / "export")
+    model = agvm_ds.load_model(tmp_path / "export", trust_code=user)
+    from safetensors.torch import load_file
+
+    exported = load_file(str(tmp_path / "export" / "model.safetensors"))
+    assert model.state_dict().keys() == exported.keys()
+    assert all(torch.equal(model.state_dict()[k], v.float() if v.is_floating_point() else v)
+               for k, v in exported.items())
+
+    # 4. predict on a val image: what evaluation scored for it, in original-image pixels
+    from agvm_ds.config.data import DataConfig
+    from agvm_ds.data import build_dataset
+
+    data = build_dataset(DataConfig.model_validate(model.info["run"]["data"]), "val", train=False)
+    image_id = list(data.ids)[0]
+    path = data.image_root / data.coco.imgs[image_id]["file_name"]
+    pred = model.predict([path])[0]
+    scored = [r for r in json.loads((tmp_path / "eval" / "predictions.json").read_text())
+              if r["image_id"] == image_id]
+    assert len(pred["boxes"]) == len(scored) > 0
+    mine = sorted(zip(pred["scores"].tolist(), pred["boxes"].tolist()), reverse=True)
+    theirs = sorted(((r["score"], r["bbox"]) for r in scored), key=lambda r: -r[0])
+    for (s, (x1, y1, x2, y2)), (t, bbox) in zip(mine, theirs):
+        assert s == pytest.approx(t, abs=1e-5) and [x1, y1, x2 - x1, y2 - y1] == pytest.approx(bbox, abs=1e-3)
+    w, h = Image.open(path).size
+    assert float(pred["boxes"][:, 2].max()) <= w and float(pred["boxes"][:, 3].max()) <= h
+    if user:  # launch/predict.py too (its --trust_code); each load of the FCOS is seconds of init
+        assert predict.main(["--model", str(tmp_path / "export"), "--images", str(path), "--output_dir",
+                             str(tmp_path / "pred"), "--score_threshold", "0", *trust]) == 0
+        records = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+        assert len(records[path.name]) == len(scored)
