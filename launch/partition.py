@@ -114,9 +114,12 @@ def _report(args: argparse.Namespace, start: float, out) -> int:
             if "model" not in raw:
                 raise ConfigError(f"{path}: model: missing section")
             cfg = parse_section(ModelConfig, raw["model"], "model")
-            with torch.device("meta"):  # user code is not run by reading a file: pass it as --model
+            if cfg.builder_kind == "user":  # user code is not run by reading a file
+                raise ConfigError(f"model.builder {cfg.builder!r}: user code is not run by reading a file; "
+                                  "report it with --model package.module.function [--model_kwargs JSON]")
+            with torch.device("meta"):
                 model = (build_model(cfg.model_spec(), check_partition=False) if cfg.is_spec_built
-                         else build_from_section(cfg, trust_code=False))
+                         else build_from_section(cfg))
         report = partition_report(model, raw, _world_size(raw, args.world_size))  # reads the agvm section
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

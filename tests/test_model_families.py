@@ -110,9 +110,18 @@ def test_a_registered_row_builds_and_a_duplicate_or_wrong_task_is_refused(tmp_pa
     from agvm_ds.config.run import validate_run_dict
     from agvm_ds.models import build_from_section
 
-    row = families.Family("tiny_user_family", "model_family_user:build", task="boxes", partition="inferred")
+    row = families.Family("tiny_user_family", "model_family_user:build", task="boxes", partition="inferred",
+                          check="model_family_user:check")
     families.register_family(row)
+    families.register_family(families.Family("bare_user_family", "model_family_user:bare", task="boxes",
+                                             partition="declared"))
     try:
+        with pytest.raises(ConfigError, match="model.kwargs: depth: not an argument"):
+            _section(builder="tiny_user_family", num_classes=4, kwargs={"depth": 3})
+        with pytest.raises(ConfigError, match="returned a Linear without predict"):
+            build_from_section(_section(builder="bare_user_family", num_classes=4))
+        with pytest.raises(ConfigError, match=r"model.kwargs: model_family_user:build\(num_classes=\.\.\., \*\*kwargs\)"):
+            build_from_section(_section(builder="model_family_user:build", num_classes=4, kwargs={"x": 1}))
         assert families.register_family(row) is row  # the same row again is no conflict
         with pytest.raises(ValueError, match="already registered"):
             families.register_family(families.Family("tiny_user_family", "x:y", task="masks", partition="inferred"))
@@ -125,6 +134,7 @@ def test_a_registered_row_builds_and_a_duplicate_or_wrong_task_is_refused(tmp_pa
             validate_run_dict(raw, tmp_path / "x.json", world_size=2)
     finally:
         families.FAMILIES.pop("tiny_user_family", None)
+        families.FAMILIES.pop("bare_user_family", None)
 
 
 def test_the_config_check_never_imports_a_user_builder_the_launcher_does(tmp_path, monkeypatch):
