@@ -81,8 +81,9 @@ class Family:
         """The row's own cheap check of ``model.kwargs`` (ConfigError naming the key)."""
         if self.check is None:
             return
+        check = import_target(self.check, f"model.builder: family {self.name!r} check")
         try:
-            import_target(self.check, f"model.builder: family {self.name!r} check")(dict(kwargs))
+            check(dict(kwargs))
         except (ValueError, TypeError) as err:
             raise ConfigError(f"model.kwargs: {err}") from None
 
