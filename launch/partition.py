@@ -102,7 +102,7 @@ def _report(args: argparse.Namespace, start: float, out) -> int:
     from agvm_ds.config.model import ModelConfig
     from agvm_ds.config.files import strip_comments
     from agvm_ds.config.inherit import read_run_file
-    from agvm_ds.models import build_model
+    from agvm_ds.models import build_from_section, build_model
     from agvm_ds.report import format_report, partition_report
 
     path = Path(args.deepspeed_config) if args.deepspeed_config else None
@@ -115,8 +115,12 @@ def _report(args: argparse.Namespace, start: float, out) -> int:
             if "model" not in raw:
                 raise ConfigError(f"{path}: model: missing section")
             cfg = parse_section(ModelConfig, raw["model"], "model")
+            if cfg.builder_kind == "user":  # user code is not run by reading a file
+                raise ConfigError(f"model.builder {cfg.builder!r}: user code is not run by reading a file; "
+                                  "report it with --model package.module.function [--model_kwargs JSON]")
             with torch.device("meta"):
-                model = build_model(cfg.model_spec(), check_partition=False)
+                model = (build_model(cfg.model_spec(), check_partition=False) if cfg.is_spec_built
+                         else build_from_section(cfg))
         report = partition_report(model, raw, _world_size(raw, args.world_size))  # reads the agvm section
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
