@@ -155,9 +155,9 @@ def build_hf_detector(model_type: str, config: dict, num_classes: int, *, score_
     family = FAMILIES[model_type]
     try:
         hf_config = getattr(transformers, family.config_class)(**kwargs)
-    except (TypeError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"{where}: transformers refused the {model_type} config: {first}") from None
+    except Exception as exc:  # strict-dataclass validation errors are no ValueError subclass
+        raise ConfigError(f"{where}: transformers refused the {model_type} config: "
+                          f"{type(exc).__name__}: {' '.join(str(exc).split())}") from None
     install_assignment()
     model = getattr(transformers, family.model_class)(hf_config)
     return HFDetector(model, model_type, num_classes, score_thresh=score_thresh,
