@@ -104,8 +104,31 @@ _DETR_FLAT = Layout(
              ("class_head", ("class_embed", "class_labels_classifier")),
              ("box_head", ("bbox_embed", "bbox_predictor"))))
 
+_HF_DETR = Layout(
+    "Hugging Face DETR family (DETR / Deformable DETR / RT-DETR)",
+    requires=("model.backbone", "model.encoder", "model.decoder"),
+    modules=(("backbone", ("model.backbone",)),
+             # what turns backbone maps into the encoder's memory: input projections, level
+             # and learned position embeddings (a newer layout has them at model.*, an older
+             # one inside the backbone wrapper), RT-DETR's hybrid encoder, and the two-stage
+             # proposal layers that read the memory (enc_output*)
+             ("encoder", ("model.encoder", "model.input_projection", "model.input_proj", "model.encoder_input_proj",
+                          "model.level_embed", "model.position_embedding", "model.backbone.position_embedding",
+                          "model.enc_output", "model.enc_output_norm")),
+             # the queries and what feeds the decoder: query embeddings, reference points,
+             # RT-DETR's denoising label embedding and decoder-side projections
+             ("decoder", ("model.decoder", "model.query_position_embeddings", "model.reference_points",
+                          "model.decoder_input_proj", "model.denoising_class_embed", "model.pos_trans",
+                          "model.pos_trans_norm")),
+             # heads by what they predict, wherever they hang: DETR's on top, Deformable DETR's
+             # (box refinement / two-stage) and RT-DETR's inside the decoder, the two-stage
+             # query-selection heads next to the encoder (enc_score_head / enc_bbox_head)
+             ("class_head", ("class_labels_classifier", "class_embed", "model.decoder.class_embed",
+                             "model.enc_score_head")),
+             ("box_head", ("bbox_predictor", "bbox_embed", "model.decoder.bbox_embed", "model.enc_bbox_head"))))
+
 #: tried in this order; torchvision before mmdetection, whose only requirement is ``backbone``
-LAYOUTS: tuple[Layout, ...] = (_RCNN_TV, _ONE_STAGE_TV, _DETECTRON2, _DETR, _DETR_FLAT, _SEGMENTATION_TV, _MMDET)
+LAYOUTS: tuple[Layout, ...] = (_RCNN_TV, _ONE_STAGE_TV, _DETECTRON2, _DETR, _DETR_FLAT, _HF_DETR, _SEGMENTATION_TV, _MMDET)
 
 
 def has_path(model: nn.Module, path: str) -> bool:

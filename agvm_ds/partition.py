@@ -132,10 +132,13 @@ def infer_partition(model: nn.Module) -> InferredPartition:
     :class:`PartitionError` when the model has no trainable parameter at all.
     """
     rejected = []
+    names = [n for n, _ in model.named_parameters()]
     for layout in LAYOUTS:
         if not all(has_path(model, path) for path in layout.requires):
             continue
-        modules = OrderedDict((m, [f"{p}." for p in paths if has_path(model, p)]) for m, paths in layout.modules)
+        # a path that holds no parameter (a sine position embedding, an absent head) is no prefix
+        modules = OrderedDict((m, [f"{p}." for p in paths if any(_matches(n, p) for n in names)])
+                              for m, paths in layout.modules)
         modules = OrderedDict((m, ps) for m, ps in modules.items() if ps)
         owner, unassigned, ambiguous, empty = classify_parameters(model, modules)
         live = OrderedDict((m, ps) for m, ps in modules.items() if m not in empty)

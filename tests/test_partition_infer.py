@@ -194,3 +194,73 @@ def test_partition_cli_prints_the_table_for_any_importable_model(capsys):
     assert cli.main(["--model", "torchvision.models.detection.no_such_builder"]) == 2
     assert capsys.readouterr().err.startswith("error: --model: cannot import 'torchvision.models.detection.no_such")
     assert cli.main([]) == 2 and "give --deepspeed_config or --model" in capsys.readouterr().err
+
+
+# Hugging Face DETR family, built tiny from config (no download). transformers after agvm_ds.
+_HF_BACKBONE = {"model_type": "resnet", "depths": [1, 1, 1, 1], "hidden_sizes": [16, 32, 64, 128], "embedding_size": 16}
+_HF_SIZES = dict(d_model=32, encoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                 encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=10, num_labels=3)
+
+
+@pytest.fixture(scope="module")
+def hf_detectors():
+    transformers = pytest.importorskip("transformers")
+    detr = transformers.DetrForObjectDetection(transformers.DetrConfig(
+        use_timm_backbone=False, use_pretrained_backbone=False, backbone_config=_HF_BACKBONE, decoder_layers=1,
+        **_HF_SIZES))
+    # two-stage with box refinement: the class / box heads hang inside the decoder
+    deformable = transformers.DeformableDetrForObjectDetection(transformers.DeformableDetrConfig(
+        use_timm_backbone=False, use_pretrained_backbone=False, backbone_config=_HF_BACKBONE, decoder_layers=2,
+        num_feature_levels=2, encoder_n_points=2, decoder_n_points=2, two_stage=True, with_box_refine=True,
+        **_HF_SIZES))
+    rt_detr = transformers.RTDetrForObjectDetection(transformers.RTDetrConfig(
+        backbone_config=transformers.RTDetrResNetConfig(depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 64, 128],
+                                                        embedding_size=16, out_features=["stage2", "stage3", "stage4"]),
+        encoder_hidden_dim=32, decoder_layers=1, **_HF_SIZES))
+    return {"detr": detr, "deformable": deformable, "rt_detr": rt_detr}
+
+
+# a few parameters per model and the module each must land in (names checked to exist)
+_HF_EXPECTED = {
+    "detr": {"model.backbone.model.embedder.embedder.convolution.weight": "backbone",
+             "model.input_projection.weight": "encoder", "model.encoder.layers.0.mlp.fc1.weight": "encoder",
+             "model.query_position_embeddings.weight": "decoder", "model.decoder.layernorm.weight": "decoder",
+             "class_labels_classifier.weight": "class_head", "bbox_predictor.layers.2.bias": "box_head"},
+    "deformable": {"model.level_embed": "encoder", "model.input_proj.1.0.weight": "encoder",
+                   "model.enc_output.weight": "encoder", "model.pos_trans.weight": "decoder",
+                   "model.decoder.layers.1.mlp.fc2.weight": "decoder", "model.decoder.class_embed.2.weight": "class_head",
+                   "model.decoder.bbox_embed.0.layers.0.weight": "box_head"},
+    "rt_detr": {"model.backbone.model.embedder.embedder.0.convolution.weight": "backbone",
+                "model.encoder_input_proj.0.0.weight": "encoder", "model.encoder.fpn_blocks.0.conv1.conv.weight": "encoder",
+                "model.enc_output.0.weight": "encoder", "model.denoising_class_embed.weight": "decoder",
+                "model.decoder_input_proj.0.0.weight": "decoder", "model.decoder.query_pos_head.layers.0.weight": "decoder",
+                "model.decoder.class_embed.0.weight": "class_head", "model.enc_score_head.weight": "class_head",
+                "model.decoder.bbox_embed.0.layers.1.weight": "box_head", "model.enc_bbox_head.layers.0.bias": "box_head"},
+}
+
+
+@pytest.mark.parametrize("which", ["detr", "deformable", "rt_detr"])
+def test_hugging_face_detr_family_gets_its_layout(hf_detectors, which):
+    model = hf_detectors[which]
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    try:
+        # transformers freezes a HF-ResNet backbone whole (it looks for 'stage.1', the stages are
+        # 'stages.1'): train it here so the backbone module is exercised
+        model.model.backbone.requires_grad_(True)
+        inferred = agvm_ds.infer_partition(model)
+        assert inferred.layout.startswith("Hugging Face DETR family"), inferred.layout
+        part = resolve_partition(model)
+        assert part.order == ("backbone", "encoder", "decoder", "class_head", "box_head") and part.anchor == "backbone"
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        assert list(part.owner) == trainable  # every trainable parameter has its module
+        params = dict(model.named_parameters())
+        for name, module in _HF_EXPECTED[which].items():
+            assert name in params, name
+            assert part.owner[name] == module, (name, part.owner[name], module)
+    finally:
+        for name in frozen:
+            model.get_parameter(name).requires_grad_(False)
+    if frozen:  # as transformers builds it: the frozen backbone holds no module, the encoder anchors
+        part = resolve_partition(model)
+        assert "backbone" not in part.order and part.anchor == "encoder"
+        assert set(part.owner) == {n for n, p in model.named_parameters() if p.requires_grad}
