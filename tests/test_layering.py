@@ -32,6 +32,9 @@ FORBIDDEN = {
     "optim": ("config", "core", "train", "models", "data", "evaluation", "api", "partition"),
     # the ground floor: DeepSpeed's flat partitions and the user-error type
     "zero_layout": ("config", "core", "optim", "train", "models", "data", "evaluation", "api", "partition"),
+    # the model-family registry: pure rows and a lookup, imported by config/ and models/ alike
+    "families": ("config", "core", "optim", "train", "models", "data", "evaluation", "api", "partition",
+                 "inference", "zero"),
     "errors": ("config", "core", "optim", "train", "models", "data", "evaluation", "api", "partition"),
     # DeepSpeed's settings, read once (issue 30): the one reader, the allow-list, the support table
     "zero": ("config", "core", "optim", "train", "models", "data", "evaluation", "api", "partition", "inference",

@@ -149,6 +149,25 @@ def _check_launcher_rules(ds: dict, train: TrainConfig) -> None:
                           "gradient_clipping and train.grad_clip, not both")
 
 
+def check_model_builder(model: ModelConfig, data: DataConfig, import_code: bool) -> list[str]:
+    """The network's task against ``data.task``; a user's ``package.module:function`` builder
+    is imported only with ``import_code`` (the training launcher), else reported as not
+    checked — a file must not run code by being checked (the rule of ``optimizer.type``)."""
+    from agvm_ds import families
+
+    task = model.task
+    if task is not None and not families.task_fits(task, data.task):
+        raise ConfigError(f"model: {model.builder or model.spec} predicts {task}, which does not train on "
+                          f"data.task {data.task!r}")
+    if model.builder_kind != "user":
+        return []
+    if import_code:
+        families.import_target(model.builder, "model.builder")
+        return []
+    return [f"model.builder {model.builder!r}: not checked: custom builder (imported only by the training "
+            "launcher or the Python API, which check it then)"]
+
+
 def validate_run_dict(raw: dict, path: Path, world_size: Optional[int] = None, import_code: bool = False) -> RunConfig:
     """Validate an already-read (and overridden) run dict. See :func:`load_run_config`."""
     raw = strip_comments(raw)
@@ -169,7 +188,7 @@ def validate_run_dict(raw: dict, path: Path, world_size: Optional[int] = None, i
     # this world size, the support table and the base optimizer (agvm_ds.config.preflight)
     checked = preflight(ds, agvm, ws if world_size is not None else None, import_code=import_code)
     check_monitors(ds)
-    warnings = list(checked.warnings)
+    warnings = list(checked.warnings) + check_model_builder(model, data, import_code)
     run = RunConfig(path=path, name=path.stem, deepspeed=ds, agvm=agvm, model=model,
                     data=data, train=train, world_size=ws, warnings=warnings, preflight=checked)
     # the checks across sections, the world size and the base optimizer (config/checks.py)

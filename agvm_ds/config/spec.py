@@ -17,11 +17,13 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from agvm_ds.config.base import ConfigModel, format_validation_error
 from agvm_ds.errors import ConfigError
+from agvm_ds.families import spec_families
 from agvm_ds.config.files import REPO_ROOT, read_json, set_dotted
 
 __all__ = ["ModelSpec", "UniNetSpec", "UniNetStageSpec", "TimmBackboneSpec", "FPNSpec",
            "AnchorSpec", "RetinaHeadSpec", "RPNSpec", "ROIBoxSpec", "ROIMaskSpec",
-           "SemanticHeadSpec", "ARCHITECTURE_SECTIONS", "DEFAULT_MODULES", "load_spec",
+           "SemanticHeadSpec", "ARCHITECTURE_SECTIONS", "DEFAULT_MODULES", "architecture_sections",
+           "default_modules", "load_spec",
            "resolve_spec_path"]
 
 # Norm layers (agvm_ds.models.layers.make_norm): bn = per-rank BatchNorm (its running
@@ -182,27 +184,26 @@ class SemanticHeadSpec(ConfigModel):
     loss_weight: float = Field(1.0, ge=0)
 
 
-ARCHITECTURE_SECTIONS = {
-    "retinanet": ("head",),
-    "faster_rcnn": ("rpn", "roi_box"),
-    "mask_rcnn": ("rpn", "roi_box", "roi_mask"),
-    "semantic_fpn": ("decode",),
-}
-_OPTIONAL_SECTIONS = ("head", "rpn", "roi_box", "roi_mask", "decode")
+def architecture_sections() -> dict[str, tuple[str, ...]]:
+    """Spec family name -> the spec sections it uses (rows of :mod:`agvm_ds.families`)."""
+    return {name: row.spec_sections for name, row in spec_families().items()}
 
-DEFAULT_MODULES = {
-    "retinanet": {"backbone": ["backbone"], "neck": ["neck"], "head": ["head"]},
-    "faster_rcnn": {"backbone": ["backbone"], "neck": ["neck"], "rpn": ["rpn"], "roi_box": ["roi_box"]},
-    "mask_rcnn": {"backbone": ["backbone"], "neck": ["neck"], "rpn": ["rpn"], "roi_box": ["roi_box"],
-                  "roi_mask": ["roi_mask"]},
-    "semantic_fpn": {"backbone": ["backbone"], "neck": ["neck"], "decode": ["decode"]},
-}
+
+def default_modules(architecture: str) -> dict[str, list[str]]:
+    """The AGVM modules of a spec family when its spec names none."""
+    return {m: list(p) for m, p in spec_families()[architecture].default_modules}
+
+
+_OPTIONAL_SECTIONS = ("head", "rpn", "roi_box", "roi_mask", "decode")
+#: the package's own architectures as they stand at import (register_family may add more)
+ARCHITECTURE_SECTIONS = architecture_sections()
+DEFAULT_MODULES = {name: default_modules(name) for name in ARCHITECTURE_SECTIONS}
 
 
 class ModelSpec(ConfigModel):
     name: str
     description: str = ""
-    architecture: Literal["retinanet", "faster_rcnn", "mask_rcnn", "semantic_fpn"]
+    architecture: str = Field(description="a spec family of agvm_ds.families (retinanet, faster_rcnn, ...)")
     num_classes: int = Field(80, ge=1, description="semantic_fpn: including background")
     backbone: Annotated[Union[UniNetSpec, TimmBackboneSpec], Field(discriminator="type")]
     neck: FPNSpec = Field(default_factory=FPNSpec)
@@ -219,18 +220,26 @@ class ModelSpec(ConfigModel):
     @classmethod
     def _fill_sections(cls, data):
         """Sections the architecture needs default to their standard settings when omitted."""
-        if isinstance(data, dict) and data.get("architecture") in ARCHITECTURE_SECTIONS:
+        sections = architecture_sections()
+        if isinstance(data, dict) and data.get("architecture") in sections:
             data = dict(data)
-            for key in ARCHITECTURE_SECTIONS[data["architecture"]]:
+            for key in sections[data["architecture"]]:
                 if data.get(key) is None:
                     data[key] = {}
             if data.get("modules") is None:
-                data["modules"] = {k: list(v) for k, v in DEFAULT_MODULES[data["architecture"]].items()}
+                data["modules"] = default_modules(data["architecture"])
         return data
+
+    @field_validator("architecture")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in spec_families():
+            raise ValueError(f"{v!r} is not a spec family (one of {', '.join(spec_families())})")
+        return v
 
     @model_validator(mode="after")
     def _check(self):
-        needed = ARCHITECTURE_SECTIONS[self.architecture]
+        needed = architecture_sections()[self.architecture]
         for key in _OPTIONAL_SECTIONS:
             if key not in needed and getattr(self, key) is not None:
                 raise ValueError(f"{key}: not used by architecture {self.architecture!r} "

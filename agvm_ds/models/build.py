@@ -15,20 +15,11 @@ from typing import Any
 from torch import nn
 
 from agvm_ds.errors import ConfigError
+from agvm_ds.families import get_family
 from agvm_ds.config.spec import ModelSpec, load_spec
 from agvm_ds.partition import classify_parameters
 
 __all__ = ["build_model", "assign_modules", "partition_problems"]
-
-
-def _architectures():
-    from agvm_ds.models.detectors.rcnn import FasterRCNN, MaskRCNN
-    from agvm_ds.models.detectors.retinanet import RetinaNet
-    from agvm_ds.models.detectors.semantic_fpn import SemanticFPN
-    return {"retinanet": RetinaNet, "faster_rcnn": FasterRCNN, "mask_rcnn": MaskRCNN,
-            "semantic_fpn": SemanticFPN}
-
-
 
 
 def assign_modules(model: nn.Module, modules: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
@@ -80,7 +71,7 @@ def build_model(spec: "ModelSpec | dict | str | Path | Any", *, num_classes: int
     if num_classes is not None:
         overrides["num_classes"] = int(num_classes)
     spec = load_spec(spec, overrides)
-    model = _architectures()[spec.architecture](spec)
+    model = get_family(spec.architecture).load()(spec)  # the family's row (agvm_ds.families)
     if check_partition:
         problems = partition_problems(model)
         if problems:
