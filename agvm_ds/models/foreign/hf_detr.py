@@ -1,8 +1,9 @@
 """Hugging Face DETR-family detectors (DETR, Deformable DETR, RT-DETR) behind agvm-ds's detector contract.
 
 :func:`build_hf_detector` builds ``transformers``' ``*ForObjectDetection`` from a config dict,
-with random weights and nothing downloaded, and wraps it in :class:`HFDetector`, which speaks
-the contract of docs/interfaces.md (``model(images, targets)`` → scalar losses,
+with random weights and nothing downloaded, as a subclass of HF's class with
+:class:`HFDetectorContract` mixed in (so its modules and state-dict keys stay HF's own), which
+speaks the contract of docs/interfaces.md (``model(images, targets)`` → scalar losses,
 ``model.predict(images, targets)`` → detections in original-image pixels).
 
 Conventions, each checked in tests/test_hf_detr.py:
@@ -41,7 +42,9 @@ from agvm_ds.models.detectors.base import image_sizes, to_original_boxes
 from agvm_ds.ops.assignment import linear_sum_assignment
 from agvm_ds.ops.boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 
-__all__ = ["FAMILIES", "HFDetector", "build_hf_detector", "install_assignment"]
+__all__ = ["FAMILIES", "HFDetectorContract", "build_hf_detector", "contract_class", "install_assignment",
+           "build_detr", "build_deformable_detr", "build_rt_detr", "check_detr", "check_deformable_detr",
+           "check_rt_detr"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,39 +71,42 @@ _NAME_KEYS = ("backbone", "_name_or_path", "name_or_path", "pretrained_model_nam
 _LOSS_MODULES = ("loss_for_object_detection", "loss_deformable_detr", "loss_rt_detr")
 
 
+def _say(where: str, key: str, text: str) -> str:
+    """``where.key: text`` (``where`` empty: the key alone; both empty: the text alone)."""
+    path = ".".join(p for p in (where, key) if p)
+    return f"{path}: {text}" if path else text
+
+
 def _refuse_downloads(config: Any, where: str) -> None:
     """One ConfigError naming the first key that would fetch weights or a config."""
-    if isinstance(config, dict):
-        for key, value in config.items():
-            path = f"{where}.{key}"
-            if key == "use_pretrained_backbone" and value:
-                raise ConfigError(f"{path}: pretrained backbones are not downloaded here; set it to false "
-                                  "(and load local weights through model.backbone_checkpoint)")
-            if key in _NAME_KEYS and isinstance(value, str) and ("/" in value or ":" in value):
-                raise ConfigError(f"{path}: {value!r} names a Hub repository or file, which would be downloaded; "
-                                  "describe the backbone with backbone_config instead")
-            _refuse_downloads(value, path)
-    elif isinstance(config, (list, tuple)):
-        for i, value in enumerate(config):
-            _refuse_downloads(value, f"{where}.{i}")
+    items = config.items() if isinstance(config, dict) else enumerate(config) if isinstance(config, (list, tuple)) else ()
+    for key, value in items:
+        path = ".".join(p for p in (where, str(key)) if p)
+        if key == "use_pretrained_backbone" and value:
+            raise ConfigError(_say(path, "", "pretrained backbones are not downloaded here; set it to false "
+                                             "(and load local weights into the built model)"))
+        if key in _NAME_KEYS and isinstance(value, str) and ("/" in value or ":" in value):
+            raise ConfigError(_say(path, "", f"{value!r} names a Hub repository or file, which would be "
+                                             "downloaded; describe the backbone with backbone_config instead"))
+        _refuse_downloads(value, path)
 
 
 def _check_config(model_type: str, config: Any, num_classes: int, where: str) -> dict:
     if model_type not in FAMILIES:
-        raise ConfigError(f"{where}: unknown Hugging Face detector {model_type!r}; one of {sorted(FAMILIES)}")
+        raise ConfigError(_say(where, "", f"unknown Hugging Face detector {model_type!r}; one of {sorted(FAMILIES)}"))
     if not isinstance(config, dict):
-        raise ConfigError(f"{where}: the {model_type} config must be a mapping, got {type(config).__name__}")
+        raise ConfigError(_say(where, "", f"the {model_type} config must be a mapping, got {type(config).__name__}"))
     _refuse_downloads(config, where)
     if isinstance(config.get("backbone"), str) and config.get("use_timm_backbone") is False:
         # transformers then asks the Hub whether the name is a repository (a network call)
-        raise ConfigError(f"{where}.backbone: with use_timm_backbone false, transformers looks "
-                          f"{config['backbone']!r} up on the Hub; describe it with backbone_config instead")
+        raise ConfigError(_say(where, "backbone", f"with use_timm_backbone false, transformers looks "
+                               f"{config['backbone']!r} up on the Hub; describe it with backbone_config instead"))
     labels = config.get("num_labels", num_classes)
     if labels != num_classes:
-        raise ConfigError(f"{where}.num_labels: {labels} but the dataset has {num_classes} classes")
+        raise ConfigError(_say(where, "num_labels", f"{labels} but the dataset has {num_classes} classes"))
     if model_type == "rt_detr" and config.get("use_focal_loss", True) is False:
-        raise ConfigError(f"{where}.use_focal_loss: false is not supported for rt_detr "
-                          "(its class head has no no-object logit to drop)")
+        raise ConfigError(_say(where, "use_focal_loss", "false is not supported for rt_detr "
+                               "(its class head has no no-object logit to drop)"))
     return {**config, "num_labels": num_classes}
 
 
@@ -135,13 +141,15 @@ def _without_scipy(check):
 
 
 def build_hf_detector(model_type: str, config: dict, num_classes: int, *, score_thresh: float = 0.05,
-                      max_detections: int = 100, where: str = "model.kwargs") -> "HFDetector":
+                      max_detections: int = 100, where: str = "model.kwargs") -> "HFDetectorContract":
     """A ``transformers`` DETR-family detector from its config dict, randomly initialized.
 
     ``model_type``: ``"detr"``, ``"deformable_detr"`` or ``"rt_detr"``; ``config``: the keyword
     arguments of its ``*Config`` (``num_labels`` may be left out: it is ``num_classes``).
     Refused in one line before anything is built: an unknown type, ``use_pretrained_backbone``,
-    a Hub name, a ``num_labels`` other than ``num_classes``. ``where`` prefixes the key names."""
+    a Hub name, a ``num_labels`` other than ``num_classes``. ``where`` prefixes the key names.
+    The result *is* the HF model (its class a subclass of HF's with the contract mixed in), so
+    its modules and state-dict keys are HF's own: ``model.backbone``, ``class_labels_classifier``."""
     if not 0.0 <= score_thresh <= 1.0:
         raise ConfigError(f"score_thresh: {score_thresh} is not in [0, 1]")
     if max_detections < 1:
@@ -150,40 +158,87 @@ def build_hf_detector(model_type: str, config: dict, num_classes: int, *, score_
     try:
         import transformers
     except ImportError as exc:
-        raise ConfigError(f"{where}: Hugging Face detectors need transformers "
-                          f"(pip install 'agvm-ds[hf]'): {exc}") from None
+        raise ConfigError(_say(where, "", f"Hugging Face detectors need transformers "
+                               f"(pip install 'agvm-ds[hf]'): {exc}")) from None
     family = FAMILIES[model_type]
     try:
         hf_config = getattr(transformers, family.config_class)(**kwargs)
     except Exception as exc:  # strict-dataclass validation errors are no ValueError subclass
-        raise ConfigError(f"{where}: transformers refused the {model_type} config: "
-                          f"{type(exc).__name__}: {' '.join(str(exc).split())}") from None
+        raise ConfigError(_say(where, "", f"transformers refused the {model_type} config: "
+                               f"{type(exc).__name__}: {' '.join(str(exc).split())}")) from None
     install_assignment()
-    model = getattr(transformers, family.model_class)(hf_config)
-    return HFDetector(model, model_type, num_classes, score_thresh=score_thresh,
-                      max_detections=max_detections, config=dict(config))
+    model = contract_class(model_type)(hf_config)
+    model.hf_family = family
+    model.num_classes = num_classes
+    model.score_thresh = float(score_thresh)
+    model.max_detections = int(max_detections)
+    model.build_kwargs = {"model_type": model_type, "config": dict(config)}
+    return model
 
 
-class HFDetector(nn.Module):
-    """A ``transformers`` ``*ForObjectDetection`` (its only child, ``detector``) under the contract.
+# -- the launcher's family rows (agvm_ds.families): target(num_classes=N, **model.kwargs) --------
 
-    ``model_type`` and ``config`` (the dict it was built from) are kept so that a builder can
-    be recorded and the same network rebuilt."""
+def build_detr(num_classes: int, **config) -> "HFDetectorContract":
+    return build_hf_detector("detr", config, num_classes)
 
-    def __init__(self, detector: nn.Module, model_type: str, num_classes: int, *,
-                 score_thresh: float = 0.05, max_detections: int = 100, config: dict | None = None):
-        super().__init__()
-        self.detector = detector
-        self.model_type = model_type
-        self.family = FAMILIES[model_type]
-        self.num_classes = num_classes
-        self.score_thresh = float(score_thresh)
-        self.max_detections = int(max_detections)
-        self.config = dict(config or {})
+
+def build_deformable_detr(num_classes: int, **config) -> "HFDetectorContract":
+    return build_hf_detector("deformable_detr", config, num_classes)
+
+
+def build_rt_detr(num_classes: int, **config) -> "HFDetectorContract":
+    return build_hf_detector("rt_detr", config, num_classes)
+
+
+def _check_row(model_type: str, config: dict) -> None:
+    """The rows' cheap config check (no transformers import); keys relative to model.kwargs."""
+    _check_config(model_type, config, config.get("num_labels", 1), where="")
+
+
+def check_detr(config: dict) -> None:
+    _check_row("detr", config)
+
+
+def check_deformable_detr(config: dict) -> None:
+    _check_row("deformable_detr", config)
+
+
+def check_rt_detr(config: dict) -> None:
+    _check_row("rt_detr", config)
+
+
+# -- the contract, mixed into HF's own class -----------------------------------------------------
+
+_CLASSES: dict[str, type] = {}
+
+
+def contract_class(model_type: str) -> type:
+    """``HFDetectorContract`` + the family's ``*ForObjectDetection``, made once per family and
+    bound in this module (``Agvm<HF class name>``) so pickling finds it by name."""
+    if model_type not in _CLASSES:
+        import transformers
+
+        base = getattr(transformers, FAMILIES[model_type].model_class)
+        cls = type(f"Agvm{base.__name__}", (HFDetectorContract, base), {"__module__": __name__})
+        _CLASSES[model_type] = globals()[cls.__name__] = cls
+    return _CLASSES[model_type]
+
+
+class HFDetectorContract(nn.Module):
+    """The detector contract over a ``transformers`` ``*ForObjectDetection`` (mixed in first,
+    so ``forward`` is ours and ``super().forward`` is HF's). Set by :func:`build_hf_detector`:
+    ``hf_family`` (its :class:`Family`), ``num_classes``, ``score_thresh``, ``max_detections``
+    and ``build_kwargs`` (what it was built from, to record a builder and rebuild it)."""
+
+    hf_family: Family
+    num_classes: int
+    score_thresh: float
+    max_detections: int
+    build_kwargs: dict
 
     # ---- inputs ---------------------------------------------------------------------------
     @staticmethod
-    def pixel_mask(images: Tensor, sizes: list[tuple[int, int]]) -> Tensor:
+    def pixel_mask_of(images: Tensor, sizes: list[tuple[int, int]]) -> Tensor:
         """1 on each image's valid pixels, 0 on the padding (HF's ``pixel_mask``)."""
         mask = torch.zeros((images.shape[0], *images.shape[-2:]), dtype=torch.long, device=images.device)
         for i, (h, w) in enumerate(sizes):
@@ -191,7 +246,7 @@ class HFDetector(nn.Module):
         return mask
 
     def _frame(self, images: Tensor, size: tuple[int, int]) -> tuple[int, int]:
-        return size if self.family.frame == "valid" else tuple(images.shape[-2:])
+        return size if self.hf_family.frame == "valid" else tuple(images.shape[-2:])
 
     def hf_labels(self, images: Tensor, targets: list[dict]) -> list[dict]:
         """Our targets → HF's ``labels``: ``class_labels`` and normalized cxcywh ``boxes``."""
@@ -211,15 +266,15 @@ class HFDetector(nn.Module):
                              "targets; use .predict(images, targets) for inference")
         if len(targets) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(targets)} targets")
-        out = self.detector(pixel_values=images, pixel_mask=self.pixel_mask(images, image_sizes(images, targets)),
-                            labels=self.hf_labels(images, targets))
+        out = super().forward(pixel_values=images, pixel_mask=self.pixel_mask_of(images, image_sizes(images, targets)),
+                              labels=self.hf_labels(images, targets))
         return self.weighted_losses(out.loss_dict)
 
     def weighted_losses(self, loss_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         """HF's loss components, each times its weight: the terms HF sums into ``outputs.loss``."""
-        if self.family.weighted:
+        if self.hf_family.weighted:
             return dict(loss_dict)
-        cfg = self.detector.config
+        cfg = self.config
         weights = {"loss_ce": 1.0, "loss_bbox": cfg.bbox_loss_coefficient, "loss_giou": cfg.giou_loss_coefficient}
         out = {}
         for key, value in loss_dict.items():
@@ -236,7 +291,7 @@ class HFDetector(nn.Module):
         self.eval()
         try:
             sizes = image_sizes(images, targets)
-            out = self.detector(pixel_values=images, pixel_mask=self.pixel_mask(images, sizes))
+            out = super().forward(pixel_values=images, pixel_mask=self.pixel_mask_of(images, sizes))
         finally:
             self.train(was_training)
         results = []
@@ -251,7 +306,7 @@ class HFDetector(nn.Module):
 
     def select(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One image's ``[queries, classes]`` logits → kept (scores, labels, query index), best first."""
-        if self.family.sigmoid:
+        if self.hf_family.sigmoid:
             prob = logits.sigmoid().flatten()
             scores, flat = prob.topk(min(self.max_detections, prob.numel()))
             labels, query = flat % logits.shape[1], flat // logits.shape[1]
