@@ -9,6 +9,7 @@ Hungarian solver used where scipy is missing is the optimum of a brute force.
 from __future__ import annotations
 
 import itertools
+import json
 import socket
 
 import numpy as np
@@ -260,3 +261,24 @@ def test_partition_is_inferred_from_hf_module_names(model_type):
         for head, words in heads.items():
             if set(words) & set(name.split(".")):
                 assert module == head, name
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(CONFIGS["detr"], use_pretrained_backbone=True), r"^model: .*model\.kwargs: use_pretrained_backbone: "),
+    ({"backbone_config": {"model_type": "timm_backbone", "backbone": "hf-hub:timm/resnet18.a1_in1k"}},
+     r"^model: .*model\.kwargs: backbone_config\.backbone: 'hf-hub:timm/resnet18.a1_in1k' names a Hub repository"),
+])
+def test_run_file_rows_refuse_downloads_when_the_file_is_checked(tmp_path, kwargs, match):
+    from train_helpers import TINY
+
+    from agvm_ds.config.run import load_run_config
+
+    for builder in ("hf_detr", "hf_deformable_detr", "hf_rt_detr"):
+        cfg = dict(TINY, model={"builder": builder, "num_classes": 6, "kwargs": CONFIGS[builder[3:]]})
+        (tmp_path / "ok.json").write_text(json.dumps(cfg))
+        assert load_run_config(tmp_path / "ok.json").model.family.name == builder
+        cfg["model"]["kwargs"] = kwargs
+        (tmp_path / "bad.json").write_text(json.dumps(cfg))
+        with pytest.raises(ConfigError, match=match) as err:
+            load_run_config(tmp_path / "bad.json")
+        assert "\n" not in str(err.value)
