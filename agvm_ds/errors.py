@@ -29,3 +29,8 @@ class CheckpointError(ConfigError):
 class ModelFileError(ConfigError):
     """A model folder, weights file or image that cannot be used; the message names it
     (:mod:`agvm_ds.inference`)."""
+
+
+class UntrustedCodeError(ConfigError):
+    """A model whose builder is user code (``model.builder`` ``package.module:function``),
+    rebuilt without ``trust_code=True``: the message names the code."""

@@ -56,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-verify", dest="no_verify", action="store_true",
                         help="read a checkpoint without checking it against its completion marker "
                         "(sizes, CRC-32), e.g. one copied without its agvm_ds_complete.json")
+    parser.add_argument("--trust_code", action="store_true",
+                        help="import and run the user code that built the model (model.builder "
+                        "'package.module:function'); without it such a model is refused")
     parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.model is None and (args.gt is None or args.detections is None):
@@ -139,7 +142,8 @@ def evaluate_model(args) -> int:
     rank = collectives.rank()
     device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
               if torch.cuda.is_available() else torch.device("cpu"))
-    model = agvm_ds.load_model(args.model, device=device, verify=not args.no_verify)
+    model = agvm_ds.load_model(args.model, device=device, verify=not args.no_verify,
+                               trust_code=args.trust_code)
     data, batch = evaluation_settings(model.info["run"], args.override)
     out = Path(args.output_dir) if args.output_dir else default_output_dir(Path(args.model), model.info)
     val = build_dataset(data, "val", train=False)

@@ -32,6 +32,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-verify", dest="no_verify", action="store_true",
                    help="read a checkpoint without checking it against its completion marker "
                    "(sizes, CRC-32), e.g. one copied without its agvm_ds_complete.json")
+    p.add_argument("--trust_code", action="store_true",
+                   help="import and run the user code that built the model (model.builder "
+                   "'package.module:function'); without it such a model is refused")
     return p.parse_args(argv)
 
 
@@ -43,7 +46,7 @@ def main(argv=None) -> int:
 
     try:
         out = export_checkpoint(args.checkpoint, args.output_dir, args.dtype,
-                                verify=not args.no_verify)
+                                verify=not args.no_verify, trust_code=args.trust_code)
     except (ConfigError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

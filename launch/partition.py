@@ -101,7 +101,7 @@ def _report(args: argparse.Namespace, start: float, out) -> int:
     from agvm_ds.errors import ConfigError
     from agvm_ds.config.model import ModelConfig
     from agvm_ds.config.files import read_json, strip_comments
-    from agvm_ds.models import build_model
+    from agvm_ds.models import build_from_section, build_model
     from agvm_ds.report import format_report, partition_report
 
     path = Path(args.deepspeed_config) if args.deepspeed_config else None
@@ -114,8 +114,9 @@ def _report(args: argparse.Namespace, start: float, out) -> int:
             if "model" not in raw:
                 raise ConfigError(f"{path}: model: missing section")
             cfg = parse_section(ModelConfig, raw["model"], "model")
-            with torch.device("meta"):
-                model = build_model(cfg.model_spec(), check_partition=False)
+            with torch.device("meta"):  # user code is not run by reading a file: pass it as --model
+                model = (build_model(cfg.model_spec(), check_partition=False) if cfg.is_spec_built
+                         else build_from_section(cfg, trust_code=False))
         report = partition_report(model, raw, _world_size(raw, args.world_size))  # reads the agvm section
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

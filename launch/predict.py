@@ -47,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-verify", dest="no_verify", action="store_true",
                    help="load a checkpoint without checking it against its completion marker "
                    "(sizes, CRC-32)")
+    p.add_argument("--trust_code", action="store_true",
+                   help="import and run the user code that built the model (model.builder "
+                   "'package.module:function'); without it such a model is refused")
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error("--batch_size: must be >= 1")
@@ -162,7 +165,8 @@ def _run(args) -> int:
         raise ModelFileError(f"{', '.join(args.images)}: no images found")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ModelFileError("--device cuda: no CUDA device is available here")
-    model = agvm_ds.load_model(args.model, device=args.device, verify=not args.no_verify)
+    model = agvm_ds.load_model(args.model, device=args.device, verify=not args.no_verify,
+                               trust_code=args.trust_code)
     out.mkdir(parents=True, exist_ok=True)
     semantic = model.info["task"] == "semantic"
     keys, stems = output_names(files)

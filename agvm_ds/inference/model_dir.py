@@ -7,7 +7,10 @@ An export folder (``launch/export.py``) holds
   (for a timm backbone: the state dict of timm's ``features_only`` model, loadable with
   ``timm.create_model(name, features_only=True).load_state_dict``);
 * ``config.json``: ``model_spec`` (the full network description, no file of ``models/``
-  needed), ``task``, ``num_classes``, ``class_names`` and ``category_ids`` (contiguous label
+  needed) or, for a network a builder made (``model.builder``: a registered family, a
+  torchvision constructor, a user's ``package.module:function``), ``model_builder`` (the
+  builder, its kwargs and ``num_classes``; user code is imported again only with
+  ``trust_code=True``), ``task``, ``num_classes``, ``class_names`` and ``category_ids`` (contiguous label
   ``c`` is COCO category ``category_ids[c]``), ``transform`` (the test-time resize and
   normalization), ``dtype``, ``source`` (checkpoint, step, ZeRO stage, training ranks) and
   ``run`` (the training run's resolved ``config.json``, which evaluation reads its dataset
@@ -31,7 +34,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from agvm_ds.errors import ConfigError, ModelFileError
+from agvm_ds.errors import ConfigError, ModelFileError, UntrustedCodeError
 from agvm_ds.inference.verify import NO_VERIFY_HINT, crc32_of, member_path
 
 FORMAT = "agvm-ds-export"
@@ -71,12 +74,18 @@ def model_info(run: dict, run_file: str) -> dict[str, Any]:
     try:
         model_cfg = ModelConfig.model_validate(run.get("model") or {})
         data = DataConfig.model_validate(run.get("data") or {})
-        spec = model_cfg.model_spec().model_dump(mode="json")
+        if model_cfg.is_spec_built:
+            spec = model_cfg.model_spec().model_dump(mode="json")
+            spec["backbone"]["checkpoint"] = None
+            network, num_classes = {"model_spec": spec}, spec["num_classes"]
+        else:
+            from agvm_ds.models.builders import builder_record
+
+            network, num_classes = {"model_builder": builder_record(model_cfg)}, model_cfg.num_classes
     except ValueError as err:
         raise ModelFileError(f"{run_file}: invalid model/data section ({err})") from None
-    spec["backbone"]["checkpoint"] = None
-    names, ids = _classes(data, spec["num_classes"])
-    return {"model_spec": spec, "task": data.task, "num_classes": spec["num_classes"],
+    names, ids = _classes(data, num_classes)
+    return {**network, "task": data.task, "num_classes": num_classes,
             "class_names": names, "category_ids": ids,
             "transform": {"min_size": data.eval_min_size, "max_size": data.max_size,
                           "mean": list(data.mean), "std": list(data.std),
@@ -139,23 +148,43 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise ModelFileError(f"{path}: damaged safetensors file ({err})") from None
 
 
-def build_network(info: dict) -> nn.Module:
-    from agvm_ds.models import build_model
+def build_network(info: dict, trust_code: bool = False) -> nn.Module:
+    """The network ``info`` (an export's ``config.json``) describes: its ``model_spec``, or
+    its ``model_builder`` (user code only with ``trust_code``)."""
+    from agvm_ds.models import build_from_section, build_model
 
-    return build_model(info["model_spec"])
+    if "model_spec" in info:
+        return build_model(info["model_spec"])
+    from agvm_ds.config.model import ModelConfig
+
+    try:
+        section = ModelConfig.model_validate(info["model_builder"])
+    except ValueError as err:
+        raise ConfigError(f"model_builder: {err}") from None
+    return build_from_section(section, trust_code=trust_code)
 
 
 def backbone_prefix(model: nn.Module) -> str:
-    """Key prefix of the backbone's own state dict: timm's model sits in ``backbone.body``."""
+    """Key prefix of the backbone's own state dict: what the model declares
+    (``backbone_key_prefix``), timm's model in ``backbone.body``, else ``backbone.`` (empty
+    when the model has no ``backbone``: then no tensor goes to the backbone file)."""
     from agvm_ds.models.backbones.timm_backbone import TimmBackbone
 
-    return "backbone.body." if isinstance(model.backbone, TimmBackbone) else "backbone."
+    declared = getattr(model, "backbone_key_prefix", None)
+    if isinstance(declared, str):
+        return declared
+    backbone = getattr(model, "backbone", None)
+    if backbone is None:
+        return ""
+    return "backbone.body." if isinstance(backbone, TimmBackbone) else "backbone."
 
 
 def backbone_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The backbone's tensors of a whole-network ``state``, keyed as the backbone (for a timm
     backbone: timm's ``features_only`` model) names them."""
     prefix = backbone_prefix(model)
+    if not prefix:
+        return {}
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
@@ -190,11 +219,12 @@ def _file_record(out: Path, names: tuple[str, ...]) -> dict[str, dict[str, int]]
 
 
 def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, dtype: str = "fp32",
-                      verify: bool = True) -> Path:
+                      verify: bool = True, trust_code: bool = False) -> Path:
     """Write ``model.safetensors``, ``backbone.safetensors`` and ``config.json`` (which
     records both files' sizes and CRC-32) of a training checkpoint into ``output_dir``;
     return ``output_dir``. ``verify``: check the checkpoint against its marker first
-    (:func:`~agvm_ds.inference.verify.verify_checkpoint`)."""
+    (:func:`~agvm_ds.inference.verify.verify_checkpoint`); ``trust_code``: a run whose
+    ``model.builder`` is user code imports it (to check the tensors against the network)."""
     from safetensors.torch import save_file
 
     from agvm_ds.inference.deepspeed_files import find_checkpoint, read_weights
@@ -207,7 +237,7 @@ def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, dtype: str
     run = _read_json(run_file, "the run's config.json beside the checkpoints")
     info = model_info(run, str(run_file))
     state, source = read_weights(tag_dir, verify)
-    model = build_network(info)
+    model = build_network(info, trust_code)
     check_state(model, state, str(tag_dir))
     target = DTYPES[dtype]
     state = {k: (v.to(target) if v.is_floating_point() else v).contiguous().clone()
@@ -244,7 +274,7 @@ def _verified_weights(path: Path, info: dict, verify: bool) -> Path:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",
-               dtype: Optional[torch.dtype] = None, verify: bool = True) -> nn.Module:
+               dtype: Optional[torch.dtype] = None, verify: bool = True, trust_code: bool = False) -> nn.Module:
     """The network of an export folder or of a training checkpoint folder, in eval mode.
 
     Args:
@@ -255,6 +285,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         verify: check a checkpoint against its completion marker (sizes, CRC-32; a folder
             without one is refused) and an export's weights against the sizes and CRC-32 its
             ``config.json`` records, before loading; False reads them unverified.
+        trust_code: a network built by user code (``model.builder`` ``package.module:function``)
+            is rebuilt by importing and running that code only when True; otherwise this
+            raises one line naming the code.
 
     Returns the ``nn.Module`` with ``model.info`` (the export's ``config.json`` content),
     ``model.class_names`` and ``model.predict(images, score_threshold=0.0)`` for images
@@ -286,7 +319,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         info.update(dtype="checkpoint", source=source_info, run=copy.deepcopy(run))
         source, where = str(tag_dir), run_file
     try:
-        model = build_network(info)
+        model = build_network(info, trust_code)
+    except UntrustedCodeError as err:
+        raise UntrustedCodeError(f"{where}: {err}") from None
     except (KeyError, TypeError, ConfigError) as err:
         raise ModelFileError(f"{where}: invalid model spec ({err})") from None
     check_state(model, state, source)

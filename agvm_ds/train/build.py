@@ -38,9 +38,9 @@ def build_model(run: RunConfig, num_classes: Optional[int] = None) -> nn.Module:
     if num_classes is not None and num_classes != run.model.num_classes:
         raise ConfigError(f"model.num_classes: {run.model.num_classes} but the dataset has "
                           f"{num_classes} classes")
-    from agvm_ds.models import build_model as build_network
+    from agvm_ds.models import build_from_section
 
-    return build_network(run.model.model_spec())
+    return build_from_section(run.model, trust_code=True)  # the launcher runs the code its run file names
 
 
 def build_datasets(run: RunConfig, rank: int = 0, need_val: bool = True, announce=None):
