@@ -49,6 +49,15 @@ HF_TOP_K = {"detr": 100, "deformable_detr": 100, "rt_detr": _SMALL["num_queries"
 NUM_CLASSES = 3
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """2 shared cores: torch's default threads oversubscribe them (many times slower under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _batch():
     """Two padded images: one filling the canvas (scaled ×0.5), one smaller, flipped, with a box
     near the padding; labels 0-based as our datasets emit them; a third empty image."""
