@@ -291,3 +291,20 @@ def test_run_file_rows_refuse_downloads_when_the_file_is_checked(tmp_path, kwarg
         with pytest.raises(ConfigError, match=match) as err:
             load_run_config(tmp_path / "bad.json")
         assert "\n" not in str(err.value)
+
+
+def test_a_pickled_detector_loads_where_its_class_was_never_made(monkeypatch):
+    import pickle
+
+    from agvm_ds.models.foreign import hf_detr
+
+    model = build_hf_detector("rt_detr", CONFIGS["rt_detr"], NUM_CLASSES)
+    blob = pickle.dumps(model)
+    # as in a fresh process: the contract class not made yet, so the module makes it on lookup
+    monkeypatch.delitem(hf_detr._CLASSES, "rt_detr")
+    monkeypatch.delitem(vars(hf_detr), "AgvmRTDetrForObjectDetection")
+    loaded = pickle.loads(blob)
+    assert type(loaded) is not type(model) and type(loaded).__name__ == "AgvmRTDetrForObjectDetection"
+    assert isinstance(loaded, transformers.RTDetrForObjectDetection) and loaded.hf_family.frame == "padded"
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -214,7 +214,7 @@ _CLASSES: dict[str, type] = {}
 
 def contract_class(model_type: str) -> type:
     """``HFDetectorContract`` + the family's ``*ForObjectDetection``, made once per family and
-    bound in this module (``Agvm<HF class name>``) so pickling finds it by name."""
+    bound in this module as ``Agvm<HF class name>`` (pickle looks classes up by name)."""
     if model_type not in _CLASSES:
         import transformers
 
@@ -222,6 +222,14 @@ def contract_class(model_type: str) -> type:
         cls = type(f"Agvm{base.__name__}", (HFDetectorContract, base), {"__module__": __name__})
         _CLASSES[model_type] = globals()[cls.__name__] = cls
     return _CLASSES[model_type]
+
+
+def __getattr__(name: str) -> type:
+    """``Agvm<HF class>`` made on first lookup, so an unpickling process finds it by name."""
+    for model_type, family in FAMILIES.items():
+        if name == f"Agvm{family.model_class}":
+            return contract_class(model_type)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class HFDetectorContract(nn.Module):
