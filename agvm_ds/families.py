@@ -106,6 +106,11 @@ ROWS: tuple[Family, ...] = (
     Family("semantic_fpn", "agvm_ds.models.detectors.semantic_fpn:SemanticFPN", task="semantic",
            partition="declared", spec_sections=("decode",),
            default_modules=_modules(**_DENSE, decode=("decode",))),
+    # Hugging Face transformers, built from config (model.kwargs: the *Config's keyword
+    # arguments), random weights, nothing downloaded; partition from agvm_ds.layouts
+    *(Family(f"hf_{t}", f"agvm_ds.models.foreign.hf_detr:build_{t}", task="boxes", partition="inferred",
+             check=f"agvm_ds.models.foreign.hf_detr:check_{t}", note=f"Hugging Face {name} from its config")
+      for t, name in (("detr", "DETR"), ("deformable_detr", "Deformable DETR"), ("rt_detr", "RT-DETR"))),
 )
 
 #: name → row: the package's rows, then whatever :func:`register_family` adds (in order)
