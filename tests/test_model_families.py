@@ -52,9 +52,11 @@ def _shapes(model) -> dict:
 
 
 def _shipped_sections() -> list[tuple[str, dict]]:
+    from agvm_ds.config.inherit import read_run_file  # run files may be _base_ deltas
+
     out = [(p.name, {"spec": str(p), "num_classes": json.loads(p.read_text()).get("num_classes", 80)})
            for p in sorted((REPO / "models").glob("*.json"))]
-    out += [(p.name, json.loads(p.read_text())["model"]) for p in sorted((REPO / "ds_configs").glob("*.json"))]
+    out += [(p.name, read_run_file(p)["model"]) for p in sorted((REPO / "ds_configs").glob("*.json"))]
     return out
 
 
