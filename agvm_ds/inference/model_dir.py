@@ -32,9 +32,9 @@ import torch
 from torch import nn
 
 from agvm_ds.errors import ConfigError, ModelFileError
+from agvm_ds.inference.record import FORMAT, check_export_record
 from agvm_ds.inference.verify import NO_VERIFY_HINT, crc32_of, member_path
 
-FORMAT = "agvm-ds-export"
 FORMAT_VERSION = 2  # 2: config.json records each weights file's size and CRC-32
 WEIGHTS = "model.safetensors"
 BACKBONE_WEIGHTS = "backbone.safetensors"
@@ -65,12 +65,13 @@ def model_info(run: dict, run_file: str) -> dict[str, Any]:
     the spec (with ``backbone.checkpoint`` dropped: the weights are in the export), the
     task, class names and ids (from the dataset's val split when it is readable, else
     ``class_<k>``), and the test-time transform."""
+    from agvm_ds.config.base import parse_section
     from agvm_ds.config.data import DataConfig
     from agvm_ds.config.model import ModelConfig
 
-    try:
-        model_cfg = ModelConfig.model_validate(run.get("model") or {})
-        data = DataConfig.model_validate(run.get("data") or {})
+    try:  # parse_section: one line naming the dotted key, not pydantic's report
+        model_cfg = parse_section(ModelConfig, run.get("model"), "model")
+        data = parse_section(DataConfig, run.get("data"), "data")
         spec = model_cfg.model_spec().model_dump(mode="json")
     except ValueError as err:
         raise ModelFileError(f"{run_file}: invalid model/data section ({err})") from None
@@ -272,7 +273,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         raise ModelFileError(f"{path}: no such model folder (an export or a checkpoint)")
     exported = _read_json(path / CONFIG, "export config") if (path / CONFIG).is_file() else {}
     if exported.get("format") == FORMAT:
-        info, where = exported, path / CONFIG
+        info, where = check_export_record(exported, path / CONFIG), path / CONFIG
         source = str(_verified_weights(path, info, verify))
         state = read_safetensors(Path(source))
     else:
