@@ -162,13 +162,18 @@ def evaluate_model(args) -> int:
     from agvm_ds.data import build_dataset
     from agvm_ds.evaluation.distributed import evaluate_dataset, infer_task
 
+    from agvm_ds.inference.model_dir import check_output_folder
+
     rank = collectives.rank()
     device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
               if torch.cuda.is_available() else torch.device("cpu"))
+    if args.output_dir:  # before the model is read
+        check_output_folder(Path(args.output_dir))
     model = agvm_ds.load_model(args.model, device=device, verify=not args.no_verify)
     data, batch = evaluation_settings(model.info["run"], args.override,
                                       run_source(Path(args.model), model.info))
     out = Path(args.output_dir) if args.output_dir else default_output_dir(Path(args.model), model.info)
+    check_output_folder(out)
     val = build_dataset(data, "val", train=False)
     check_classes(val, model.info["num_classes"], args.model)
     semantic = infer_task(val) == "semantic"

@@ -160,12 +160,22 @@ def backbone_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def check_output_folder(out: Path) -> None:
+    """Refuse an output folder that cannot be made because it, or a folder above it, is a
+    file (one line, before any work, instead of ``mkdir``'s ``FileExistsError`` at the end)."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise ModelFileError(f"--output_dir {out}: is a file, not a folder" if path == out
+                                     else f"--output_dir {out}: {path} is a file, not a folder")
+            return
+
+
 def check_export_destination(out: Path) -> None:
     """Refuse an ``out`` that export would overwrite someone else's files in: a file, a
     training run's folder (its ``config.json`` / ``checkpoints/``), or any non-empty folder
     that is not an earlier export (``config.json`` with this format; it is rewritten)."""
-    if out.exists() and not out.is_dir():
-        raise ModelFileError(f"--output_dir {out}: is a file, not a folder")
+    check_output_folder(out)
     if not out.is_dir():
         return
     if (out / "checkpoints").exists():
