@@ -114,7 +114,11 @@ def main(argv: list[str] | None = None, console=None) -> int:
 
     ok, folder = False, None
     try:
-        rank, world, _local = init_distributed()
+        try:
+            rank, world, _local = init_distributed()
+        except ConfigError as err:  # the rendezvous port in use: only the rank that binds it
+            print(f"error: {err}", file=sys.stderr, flush=True)  # (rank 0) knows and says so
+            return 2
         from agvm_ds.train.loop import USER_ERRORS, train
         from agvm_ds.train.rundir import claim_run_folder
 
