@@ -22,8 +22,9 @@ scored: ``predictions.json`` (COCO results of boxes / masks) or, for semantic se
 ``--gt`` / ``--detections``: score a COCO results file; ``--iou_type`` may be repeated or
 comma-separated (``bbox,segm``); prints the stats as one JSON object.
 
-Exit codes: 0 done; 2 a missing or malformed file, a bad ``--override`` or an unusable model
-(one ``error:`` line naming it, no traceback); 1 anything else.
+Exit codes: 0 done; 2 a missing or malformed file, a bad ``--override``, a dataset whose class
+count is not the model's, or an unusable model (one ``error:`` line naming it, no traceback);
+1 anything else.
 """
 
 from __future__ import annotations
@@ -161,7 +162,6 @@ def evaluate_model(args) -> int:
     from agvm_ds import collectives
     from agvm_ds.data import build_dataset
     from agvm_ds.evaluation.distributed import evaluate_dataset, infer_task
-
     from agvm_ds.inference.model_dir import check_output_folder
 
     rank = collectives.rank()

@@ -22,9 +22,9 @@ Console: run as a script, each rank shows only agvm-ds's own lines (``[agvm-ds] 
 ``error: …``, ``warning: …``) and the progress bar; what DeepSpeed, torch and other
 libraries print or warn goes to ``DIR/log_rank<N>.txt`` (:mod:`agvm_ds.train.console`).
 
-Exit codes: 0 success; 2 a user mistake (bad config, bad data, bad ``--resume``), reported
-as one ``error: …`` line on stderr without a traceback; 1 any other failure. The launcher
-exits non-zero when any rank does.
+Exit codes: 0 success; 2 a user mistake (bad config, bad data, bad ``--resume``, a
+rendezvous port in use: pass ``--master_port``), reported as one ``error: …`` line on stderr
+without a traceback; 1 any other failure. The launcher exits non-zero when any rank does.
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ def _segmentation_problem(segm, height: int, width: int) -> str | None:
     counts = segm["counts"]
     if isinstance(counts, list) and all(isinstance(c, int) and c >= 0 for c in counts):
         return None
-    if isinstance(counts, str):
+    if isinstance(counts, (str, bytes)):  # compressed RLE (pycocotools' own encode gives bytes)
         return None
     return f"RLE 'counts' must be a string or a list of run lengths, got {counts!r:.40}"
 
