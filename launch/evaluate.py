@@ -22,8 +22,9 @@ scored: ``predictions.json`` (COCO results of boxes / masks) or, for semantic se
 ``--gt`` / ``--detections``: score a COCO results file; ``--iou_type`` may be repeated or
 comma-separated (``bbox,segm``); prints the stats as one JSON object.
 
-Exit codes: 0 done; 2 a missing or malformed file, a bad ``--override`` or an unusable model
-(one ``error:`` line naming it, no traceback); 1 anything else.
+Exit codes: 0 done; 2 a missing or malformed file, a bad ``--override``, a dataset whose class
+count is not the model's, or an unusable model (one ``error:`` line naming it, no traceback);
+1 anything else.
 """
 
 from __future__ import annotations
@@ -107,11 +108,24 @@ def default_output_dir(model_path: Path, info: dict) -> Path:
     return model_path / "evaluate"
 
 
-def evaluation_settings(run: dict, overrides: list[str]):
-    """(DataConfig, eval batch size) of a run's ``config.json`` after ``--override``s."""
+def run_source(model_path: Path, info: dict) -> str:
+    """Where the run record of a loaded model lives, as the prefix of a key's name: the run's
+    ``config.json`` (a checkpoint) or the export's ``config.json`` (its ``run`` key)."""
+    from agvm_ds.inference.model_dir import CONFIG, run_config_of
+
+    checkpoint = info.get("source", {}).get("checkpoint")
+    if info.get("dtype") == "checkpoint" and checkpoint:
+        return f"{run_config_of(Path(checkpoint))}: "
+    return f"{model_path / CONFIG}: run."
+
+
+def evaluation_settings(run: dict, overrides: list[str], source: str = ""):
+    """(DataConfig, eval batch size) of a run's ``config.json`` after ``--override``s;
+    ``source`` prefixes the key a refusal names (:func:`run_source`)."""
     import copy
 
     from agvm_ds.errors import ConfigError
+    from agvm_ds.config.base import parse_section
     from agvm_ds.config.data import DataConfig
     from agvm_ds.config.files import apply_override
 
@@ -121,14 +135,27 @@ def evaluation_settings(run: dict, overrides: list[str]):
             raise ConfigError(f"--override {text}: only data.* and train.* values can change "
                               "for an evaluation (the network is fixed by the checkpoint)")
         apply_override(run, text)
-    try:
-        data = DataConfig.model_validate(run.get("data") or {})
-    except ValueError as err:
-        raise ConfigError(f"data: {err}") from None
-    batch = (run.get("train") or {}).get("eval_batch_size") or run.get("train_micro_batch_size_per_gpu") or 1
+    try:  # one line naming the dotted key (an --override's or the file's), not pydantic's report
+        data = parse_section(DataConfig, run.get("data"), "data")
+    except ConfigError as err:
+        raise ConfigError(f"{source}{err}") from None
+    train = run.get("train") if isinstance(run.get("train"), dict) else {}
+    batch = train.get("eval_batch_size") or run.get("train_micro_batch_size_per_gpu") or 1
     if not isinstance(batch, int) or batch < 1:
         raise ConfigError(f"train.eval_batch_size: must be a positive integer, got {batch!r}")
     return data, batch
+
+
+def check_classes(dataset, model_classes: int, model_path: str) -> None:
+    """Refuse a dataset whose class count is not the model's: with fewer, a predicted label
+    has no category (a traceback deep in scoring); with more, labels map to the wrong ids."""
+    from agvm_ds.errors import ConfigError
+
+    if dataset.num_classes != model_classes:
+        source = getattr(dataset, "ann_file", None) or getattr(dataset, "root", "the dataset")
+        raise ConfigError(f"{source}: the dataset has {dataset.num_classes} classes but the model "
+                          f"{model_path} has {model_classes} (model.num_classes); evaluate it on a "
+                          "dataset with its classes (--override data.root=...)")
 
 
 def evaluate_model(args) -> int:
@@ -138,15 +165,21 @@ def evaluate_model(args) -> int:
     from agvm_ds import collectives
     from agvm_ds.data import build_dataset
     from agvm_ds.evaluation.distributed import evaluate_dataset, infer_task
+    from agvm_ds.inference.model_dir import check_output_folder
 
     rank = collectives.rank()
     device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
               if torch.cuda.is_available() else torch.device("cpu"))
+    if args.output_dir:  # before the model is read
+        check_output_folder(Path(args.output_dir))
     model = agvm_ds.load_model(args.model, device=device, verify=not args.no_verify,
                                trust_code=args.trust_code)
-    data, batch = evaluation_settings(model.info["run"], args.override)
+    data, batch = evaluation_settings(model.info["run"], args.override,
+                                      run_source(Path(args.model), model.info))
     out = Path(args.output_dir) if args.output_dir else default_output_dir(Path(args.model), model.info)
+    check_output_folder(out)
     val = build_dataset(data, "val", train=False)
+    check_classes(val, model.info["num_classes"], args.model)
     semantic = infer_task(val) == "semantic"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)

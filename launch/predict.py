@@ -92,10 +92,10 @@ def check_output_dir(output_dir: str, inputs: list[str]) -> Path:
     become one: it is, or lies inside, an input folder, or an input file lies in it (renders
     go into the folder itself, so an input folder below it is safe)."""
     from agvm_ds.inference import ModelFileError
+    from agvm_ds.inference.model_dir import check_output_folder
 
     out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise ModelFileError(f"--output_dir {out}: is a file, not a folder")
+    check_output_folder(out)
     where = out.resolve()
     for arg in inputs:
         path = Path(arg).resolve()

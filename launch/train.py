@@ -22,9 +22,9 @@ Console: run as a script, each rank shows only agvm-ds's own lines (``[agvm-ds] 
 ``error: …``, ``warning: …``) and the progress bar; what DeepSpeed, torch and other
 libraries print or warn goes to ``DIR/log_rank<N>.txt`` (:mod:`agvm_ds.train.console`).
 
-Exit codes: 0 success; 2 a user mistake (bad config, bad data, bad ``--resume``), reported
-as one ``error: …`` line on stderr without a traceback; 1 any other failure. The launcher
-exits non-zero when any rank does.
+Exit codes: 0 success; 2 a user mistake (bad config, bad data, bad ``--resume``, a
+rendezvous port in use: pass ``--master_port``), reported as one ``error: …`` line on stderr
+without a traceback; 1 any other failure. The launcher exits non-zero when any rank does.
 """
 
 from __future__ import annotations
@@ -114,7 +114,11 @@ def main(argv: list[str] | None = None, console=None) -> int:
 
     ok, folder = False, None
     try:
-        rank, world, _local = init_distributed()
+        try:
+            rank, world, _local = init_distributed()
+        except ConfigError as err:  # the rendezvous port in use: only the rank that binds it
+            print(f"error: {err}", file=sys.stderr, flush=True)  # (rank 0) knows and says so
+            return 2
         from agvm_ds.train.loop import USER_ERRORS, train
         from agvm_ds.train.rundir import claim_run_folder
 

@@ -246,3 +246,94 @@ def test_zero3_partitions_are_gathered_whole_from_any_rank_count(tmp_path):
     (tag / "bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt").unlink()
     with pytest.raises(CheckpointError, match="zero_pp_rank_2_mp_rank_00_optim_states.pt: missing"):
         read_weights(tag)
+
+
+def test_a_dataset_with_other_classes_than_the_model_is_one_line(tmp_path, capsys):
+    """Issue 31 item 8: evaluate on a val split with fewer classes than the model was a
+    traceback from the results conversion; with more, labels silently scored as other
+    ids. Training refuses either direction before the engine (train split against
+    model.num_classes, val split against the train split)."""
+    from test_data_coco import ann, write_dataset
+
+    from agvm_ds.config.run import load_run_config
+    from agvm_ds.errors import ConfigError
+    from agvm_ds.train.build import build_datasets, build_model
+
+    _, tag = _checkpoint(tmp_path)  # 6 classes
+    coco = tmp_path / "coco"
+    ann_file = coco / "annotations" / "instances_val.json"
+    for count in (2, 8):
+        cats = [{"id": i, "name": f"c{i}"} for i in range(1, count + 1)]
+        write_dataset(coco, [(1, 64, 64)], [ann(1, 1, 1, [1, 1, 20, 20])], categories=cats, split="val")
+        assert evaluate.main(["--model", str(tag), "--output_dir", str(tmp_path / "e"),
+                              "--override", f"data.root={coco}", "--override", "data.val_split=val"]) == 2
+        assert _one_error_line(capsys) == (
+            f"error: {ann_file}: the dataset has {count} classes but the model {tag} has 6 "
+            "(model.num_classes); evaluate it on a dataset with its classes (--override data.root=...)")
+    assert not (tmp_path / "e").exists()
+
+    # training: the train split (6 classes here) against the val split (8)
+    six = [{"id": i, "name": f"c{i}"} for i in range(1, 7)]
+    write_dataset(coco, [(1, 64, 64)], [ann(1, 1, 1, [1, 1, 20, 20])], categories=six, split="train")
+    config = tmp_path / "run.json"
+    data = {"root": str(coco), "train_split": "train", "val_split": "val", "min_size": 64, "max_size": 64}
+    config.write_text(json.dumps({**RUN, "train": {"max_steps": 1}, "data": data}))
+    run = load_run_config(config, [], world_size=1)
+    with pytest.raises(ConfigError) as err:
+        build_datasets(run)
+    assert str(err.value) == (f"{ann_file}: the val split has 8 classes but the train split "
+                              f"({coco / 'annotations' / 'instances_train.json'}) has 6")
+    train, _ = build_datasets(run, need_val=False)
+    run = load_run_config(config, ["model.num_classes=7"], world_size=1)
+    with pytest.raises(ConfigError, match="^model.num_classes: 7 but the dataset has 6 classes$"):
+        build_model(run, train.num_classes)
+
+
+@pytest.mark.parametrize("case, problem", [
+    ("no_class_names", "class_names: Field required"),
+    ("string_transform_size", "transform.min_size: Input should be a valid integer, unable to "
+                              "parse string as an integer"),
+    ("unknown_key", "num_clases: unknown key (did you mean 'num_classes'?)"),
+    ("short_category_ids", "category_ids: 1 entries but num_classes is 6"),
+    ("bad_run_data", "run.data.min_sise: unknown key (did you mean 'min_size'?)"),
+])
+def test_a_bad_export_config_is_one_line_naming_the_key(tmp_path, capsys, case, problem):
+    """Issue 31 item 8: a hand-edited export config.json was a KeyError / TypeError inside
+    predict, or 3-7 lines of raw pydantic from evaluate; now load_model, predict and
+    evaluate each say one line naming the file and the key."""
+    import agvm_ds
+    from agvm_ds.errors import ModelFileError
+
+    _, tag = _checkpoint(tmp_path)
+    export_dir = tmp_path / "x"
+    assert export.main(["--checkpoint", str(tag), "--output_dir", str(export_dir)]) == 0
+    capsys.readouterr()
+    config = export_dir / "config.json"
+    record = json.loads(config.read_text())
+    if case == "no_class_names":
+        del record["class_names"]
+    elif case == "string_transform_size":
+        record["transform"]["min_size"] = "big"
+    elif case == "unknown_key":
+        record["num_clases"] = 6
+    elif case == "short_category_ids":
+        record["category_ids"] = [1]
+    else:
+        record["run"]["data"]["min_sise"] = 64
+    config.write_text(json.dumps(record))
+    want = f"error: {config}: {problem}"
+    assert evaluate.main(["--model", str(export_dir)]) == 2
+    assert _one_error_line(capsys) == want
+    if case == "bad_run_data":  # only evaluation reads the run's data section; a checkpoint's
+        run_file = tmp_path / "run" / "config.json"  # run config.json is read by every reader
+        run_file.write_text(json.dumps({**RUN, "data": {**RUN["data"], "min_sise": 64}}))
+        assert evaluate.main(["--model", str(tag)]) == 2
+        assert _one_error_line(capsys) == (f"error: {run_file}: invalid model/data section "
+                                           "(data.min_sise: unknown key (did you mean 'min_size'?))")
+        return
+    assert predict.main(["--model", str(export_dir), "--images", str(_image_folder(tmp_path)),
+                         "--output_dir", str(tmp_path / "p")]) == 2
+    assert _one_error_line(capsys) == want
+    with pytest.raises(ModelFileError) as err:
+        agvm_ds.load_model(export_dir)
+    assert f"error: {err.value}" == want

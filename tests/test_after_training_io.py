@@ -156,6 +156,25 @@ def test_export_refuses_a_run_folder_or_a_folder_it_did_not_write(tmp_path, caps
     assert json.loads((tmp_path / "x" / "config.json").read_text())["dtype"] == "bf16"
 
 
+def test_an_output_dir_that_is_a_file_is_one_line_before_any_work(tmp_path, capsys):
+    """Issue 31 item 8: evaluate met an --output_dir that is a file with mkdir's
+    FileExistsError after the whole evaluation, and all three a folder below a file with
+    NotADirectoryError; the file is never touched. (Training's refusal is
+    tests/test_resume_policy.py's claim_run_folder check.)"""
+    _, tag = _checkpoint(tmp_path)
+    images = _images(tmp_path / "photos", ["a.png"])
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    for out, problem in ((file, "is a file, not a folder"),
+                         (file / "sub", f"{file} is a file, not a folder")):
+        for main, argv in ((evaluate.main, ["--model", str(tag)]),
+                           (predict.main, ["--model", str(tag), "--images", str(images)]),
+                           (export.main, ["--checkpoint", str(tag)])):
+            assert main(argv + ["--output_dir", str(out)]) == 2
+            assert _one_error_line(capsys) == f"error: --output_dir {out}: {problem}"
+    assert file.read_text() == "mine"
+
+
 def test_names_read_from_files_stay_inside_their_folder(tmp_path, capsys):
     import agvm_ds
     from agvm_ds.errors import ConfigError

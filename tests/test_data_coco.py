@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,8 @@ from agvm_ds.data.coco import CocoDataset
 from agvm_ds.data.errors import DatasetError
 from agvm_ds.data.semantic import SemanticSegDataset
 from agvm_ds.data.transforms import Transform
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the launch/ scripts, imported as modules
 
 
 def write_dataset(root: Path, images, annotations, categories=None, split="train") -> Path:
@@ -235,3 +238,42 @@ def test_image_memo_decodes_each_image_once_within_its_budget(tmp_path, monkeypa
                                                            plain.load_target(0))[0])
     with pytest.raises(DatasetError, match="0001.png: cannot read image"):
         plain[0]
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("case, problem", [
+    ("width_string", "image 1 (0001.png): 'width' must be a positive integer, got '12' (str)"),
+    ("image_number", "'images' entry #1 is not an object: 7"),
+    ("image_string", "'images' entry #1 is not an object: 'b.png'"),
+    ("mixed_category_ids", "'categories' entry #1 ('b'): 'id' must be an integer (COCO ids are), "
+                           "got '9' (str)"),
+    ("annotation_category_string", "'annotations' entry #0: 'category_id' must be an integer "
+                                   "(COCO ids are), got '3' (str)"),
+], ids=lambda value: value if " " not in value else "")
+def test_wrongly_typed_entries_are_one_line_through_the_evaluate_cli(tmp_path, capsys, case, problem):
+    """Issue 31 item 8: each was a bare TypeError traceback (or, for a string category id
+    in an annotation, an 'unknown category_id 3' beside ids [3, 9])."""
+    from launch import evaluate
+
+    path = write_dataset(tmp_path, [(1, 12, 10)], [ann(1, 1, 3, [1, 1, 2, 2])])
+    doc = json.loads(path.read_text())
+    if case == "width_string":
+        doc["images"][0]["width"] = "12"
+    elif case == "image_number":
+        doc["images"].append(7)
+    elif case == "image_string":
+        doc["images"].append("b.png")
+    elif case == "mixed_category_ids":
+        doc["categories"][1]["id"] = "9"
+    else:
+        doc["annotations"][0]["category_id"] = "3"
+    path.write_text(json.dumps(doc))
+    detections = tmp_path / "dt.json"
+    detections.write_text("[]")
+    assert evaluate.main(["--gt", str(path), "--detections", str(detections)]) == 2
+    assert _one_error_line(capsys) == f"error: {path}: {problem}"

@@ -19,6 +19,9 @@ from agvm_ds.evaluation import evaluate_coco, stat_keys, to_coco_results
 
 REPO = Path(__file__).resolve().parents[1]
 EVALUATE = REPO / "launch" / "evaluate.py"
+sys.path.insert(0, str(REPO))  # the launch/ scripts, imported as modules
+from launch import evaluate  # noqa: E402
+from test_data_coco import ann, write_dataset  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +138,30 @@ def test_cli_errors_name_the_file(bench, tmp_path):
     assert "Traceback" not in missing.stderr + broken.stderr
     bad_type = run_cli("--gt", gt_file, "--detections", tmp_path / "dt.json", "--iou_type", "keypoints")
     assert bad_type.returncode == 2 and "keypoints" in bad_type.stderr
+
+
+GOOD = {"image_id": 1, "category_id": 3, "bbox": [1, 1, 20, 20], "score": 0.9}
+
+
+@pytest.mark.parametrize("iou_type, entries, problem", [
+    ("bbox", [GOOD, 5], "detection #1 is not an object: 5"),
+    ("bbox", [GOOD, {**GOOD, "score": "high"}], "detection #1: 'score' must be a finite number, got 'high'"),
+    ("bbox", [GOOD, {**GOOD, "bbox": [1, 2]}],
+     "detection #1: 'bbox' must be 4 finite numbers [x, y, w, h], got [1, 2]"),
+    ("bbox", [GOOD, {**GOOD, "image_id": [1]}], "detection #1: 'image_id' must be an integer, got [1] (list)"),
+    ("bbox", [{**GOOD, "category_id": "3"}], "detection #0: 'category_id' must be an integer, got '3' (str)"),
+    ("segm", [{**GOOD, "segmentation": 5}], "detection #0: 'segmentation' must be polygons or an RLE "
+                                           "object with 'counts' and 'size', got 5"),
+    ("segm", [{**GOOD, "segmentation": [[1, 2]]}],
+     "detection #0: 'segmentation' must be polygons: lists of at least 3 finite (x, y) pairs"),
+], ids=["not_an_object", "score_string", "short_bbox", "list_image_id", "string_category_id",
+        "segmentation_number", "short_polygon"])
+def test_malformed_detections_are_one_line_naming_the_entry(tmp_path, capsys, iou_type, entries, problem):
+    """Issue 31 item 8: each of these was a TypeError / IndexError / pycocotools traceback
+    (or, for a string category id, 'not in the ground truth categories [3, 9]')."""
+    gt = write_dataset(tmp_path, [(1, 64, 48)], [ann(1, 1, 3, [1, 1, 20, 20])])
+    detections = tmp_path / "dt.json"
+    detections.write_text(json.dumps(entries))
+    assert evaluate.main(["--gt", str(gt), "--detections", str(detections), "--iou_type", iou_type]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {detections}: {problem}"]

@@ -94,3 +94,38 @@ def test_a_decompression_bomb_or_a_truncated_file_is_one_line(tmp_path, monkeypa
     truncated = r"t.jpg: cannot read image \((image file is truncated|Truncated File Read)"
     with pytest.raises(DatasetError, match=truncated):
         decode_image(tmp_path / "t.jpg")
+
+
+def test_a_decompression_bomb_is_one_line_in_evaluate_and_predict(tmp_path, monkeypatch, capsys):
+    """The header check that training and evaluation run before any decoding met PIL's
+    DecompressionBombError (not an OSError) as a traceback; predict skips the image with one
+    warning line, and says one error line when it was the only one."""
+    import sys
+
+    from test_after_training_inputs import REPO, _checkpoint
+    from test_data_coco import ann, write_dataset
+
+    sys.path.insert(0, str(REPO))
+    from launch import evaluate, predict
+
+    _, tag = _checkpoint(tmp_path)  # 6 classes
+    coco = tmp_path / "coco"
+    cats = [{"id": i, "name": f"c{i}"} for i in range(1, 7)]
+    ann_file = write_dataset(coco, [(1, 64, 64), (2, 16, 16)], [ann(1, 1, 1, [1, 1, 20, 20])],
+                             categories=cats, split="val")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 > 2 x 1000: PIL's error
+    big = coco / "val" / "0001.png"
+    why = (f"{big}: refused, too many pixels (Image size (4096 pixels) exceeds limit of 2000 "
+           "pixels, could be decompression bomb DOS attack.)")
+    with pytest.raises(DatasetError) as err:  # what training builds, on every rank
+        CocoDataset(coco, "val", train=True)
+    assert str(err.value) == f"{why} (listed in {ann_file})"
+    assert evaluate.main(["--model", str(tag), "--output_dir", str(tmp_path / "e"),
+                          "--override", f"data.root={coco}", "--override", "data.val_split=val"]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: {why} (listed in {ann_file})"]
+    # (beside good images it is skipped with that warning and the rest are predicted, as a
+    # truncated JPEG is in test_after_training_io.py; alone, no forward pass is needed)
+    assert predict.main(["--model", str(tag), "--images", str(big),
+                         "--output_dir", str(tmp_path / "p1")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: {why}; skipped", f"error: {big}: none of the 1 image(s) could be read (see the warnings)"]

@@ -168,6 +168,38 @@ def test_backbone_checkpoint_roundtrip(tmp_path):
         build_model("semantic_fpn_uninet_tiny", overrides={"backbone.checkpoint": str(tmp_path / "no.pth")})
 
 
+@pytest.mark.parametrize("spec", ["semantic_fpn_uninet_tiny", "retinanet_resnet18"])
+def test_a_pickled_backbone_checkpoint_is_refused_in_one_line_without_running(tmp_path, spec):
+    """Issue 31 item 8: a torch.save pickle holding an object (not only tensors) was six lines
+    of torch's UnpicklingError (UniNet) or a 'backbone.name: timm cannot build' (timm); a file
+    that is no checkpoint was a bare KeyError. Nothing in either file runs."""
+    import os
+
+    from agvm_ds.config.run import load_run_config
+    from agvm_ds.train.build import build_model as build_run_model
+    from test_after_training_inputs import RUN, _Planted
+
+    ran = tmp_path / "code_ran"
+    planted, junk = tmp_path / "planted.pth", tmp_path / "junk.pth"
+    torch.save({"state_dict": {"stem.weight": _Planted(ran)}}, planted)
+    junk.write_bytes(b"not a checkpoint at all")
+    for path, why in ((planted, f"it asks to unpickle {os.mkdir.__module__}.mkdir, which is not "
+                                "allowed: only tensors are read"),
+                      (junk, "not a PyTorch weights file: ")):  # then torch's own reason
+        with pytest.raises(ConfigError) as err:
+            build_model(spec, num_classes=3, overrides={"backbone.checkpoint": str(path)})
+        assert str(err.value).startswith(f"backbone.checkpoint: {path}: refused to load ({why}")
+        assert "\n" not in str(err.value)
+        assert not ran.exists()
+    # the run file's model.backbone_checkpoint, as training builds it
+    config = tmp_path / "run.json"
+    model = {"spec": f"models/{spec}.json", "num_classes": 6, "backbone_checkpoint": str(planted)}
+    config.write_text(json.dumps({**RUN, "model": model, "train": {"max_steps": 1}}))
+    with pytest.raises(ConfigError, match=f"^backbone.checkpoint: {planted}: refused to load"):
+        build_run_model(load_run_config(config, [], world_size=1))
+    assert not ran.exists()
+
+
 def test_param_groups_decay_split_per_module():
     model = build_model("mask_rcnn_uninet_tiny")
     groups = param_groups(model, resolve_partition(model), 0.05)

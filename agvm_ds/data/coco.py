@@ -70,6 +70,33 @@ def _require(path: Path, obj: dict, keys: tuple[str, ...], what: str) -> None:
         raise DatasetError(f"{path}: {what} is missing key(s) {missing}")
 
 
+def _objects(path: Path, doc: dict, key: str) -> list:
+    """``doc[key]``, each entry checked to be a JSON object (a number or a string there would
+    otherwise fail later as a bare ``TypeError``)."""
+    for k, entry in enumerate(doc[key]):
+        if not isinstance(entry, dict):
+            raise DatasetError(f"{path}: '{key}' entry #{k} is not an object: {entry!r:.80}")
+    return doc[key]
+
+
+def _id(path: Path, obj: dict, key: str, what: str) -> None:
+    """``obj[key]`` is an integer id: ids are compared and sorted together, and results
+    carry them as ints, so ``"2"`` beside ``1`` would fail (or never match) far from here."""
+    value = obj[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DatasetError(f"{path}: {what}: '{key}' must be an integer (COCO ids are), got "
+                           f"{value!r:.40} ({type(value).__name__})")
+
+
+def _pixels(path: Path, img: dict, key: str) -> None:
+    """``img[key]`` (width or height) is a positive whole number of pixels (``64.0`` too)."""
+    value = img[key]
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or value <= 0 or value != int(value)):
+        raise DatasetError(f"{path}: image {img['id']} ({img['file_name']}): '{key}' must be a "
+                           f"positive integer, got {value!r:.40} ({type(value).__name__})")
+
+
 def load_coco_json(path: str | os.PathLike, skip_invalid_boxes: bool = False) -> dict:
     """Read and validate a COCO instances file; return the (possibly filtered) document.
 
@@ -89,25 +116,31 @@ def load_coco_json(path: str | os.PathLike, skip_invalid_boxes: bool = False) ->
         if not isinstance(doc[key], list):
             raise DatasetError(f"{path}: '{key}' must be a list, got {type(doc[key]).__name__}")
     cats: dict[int, dict] = {}
-    for cat in doc["categories"]:
+    for k, cat in enumerate(_objects(path, doc, "categories")):
         _require(path, cat, ("id", "name"), f"category {cat!r:.80}")
+        _id(path, cat, "id", f"'categories' entry #{k} ({cat['name']!r:.40})")
         if cat["id"] in cats:
             raise DatasetError(f"{path}: duplicate category id {cat['id']}")
         cats[cat["id"]] = cat
     if not cats:
         raise DatasetError(f"{path}: 'categories' is empty")
     images: dict[int, dict] = {}
-    for img in doc["images"]:
+    for k, img in enumerate(_objects(path, doc, "images")):
         _require(path, img, ("id", "file_name", "width", "height"), f"image {img!r:.80}")
+        _id(path, img, "id", f"'images' entry #{k} ({img['file_name']!r:.60})")
         if img["id"] in images:
             raise DatasetError(f"{path}: duplicate image id {img['id']}")
-        if not (img["width"] > 0 and img["height"] > 0):
-            raise DatasetError(f"{path}: image {img['id']} ({img['file_name']}) has size "
-                               f"{img['width']}x{img['height']}")
+        if not isinstance(img["file_name"], str) or not img["file_name"]:
+            raise DatasetError(f"{path}: image {img['id']}: 'file_name' must be a non-empty "
+                               f"string, got {img['file_name']!r:.40}")
+        _pixels(path, img, "width")
+        _pixels(path, img, "height")
         images[img["id"]] = img
     kept, bad_boxes = [], []
-    for ann in doc["annotations"]:
+    for k, ann in enumerate(_objects(path, doc, "annotations")):
         _require(path, ann, ("id", "image_id", "category_id", "bbox"), f"annotation {ann!r:.80}")
+        for key in ("id", "image_id", "category_id"):
+            _id(path, ann, key, f"'annotations' entry #{k}")
         where = f"{path}: annotation id {ann['id']} (image {ann['image_id']})"
         if ann["category_id"] not in cats:
             raise DatasetError(f"{where}: unknown category_id {ann['category_id']}; "

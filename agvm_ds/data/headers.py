@@ -84,6 +84,9 @@ def check_headers(folder: Path, files: Iterable[tuple[str, Optional[tuple[int, i
                 warnings.simplefilter("ignore")  # PIL's DecompressionBombWarning and the like
                 with Image.open(path) as im:
                     got = im.size
+        except Image.DecompressionBombError as err:  # not an OSError: PIL raises it from open()
+            bad.append(f"{path}: refused, too many pixels ({err}) (listed in {what})")
+            continue
         except OSError as err:  # PIL.UnidentifiedImageError is an OSError
             why = "not an image PIL can read" if type(err).__name__ == "UnidentifiedImageError" else str(err)
             bad.append(f"{path}: {why} (listed in {what})")

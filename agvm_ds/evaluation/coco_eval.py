@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import math
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -34,18 +35,63 @@ def stat_keys(iou_type: str) -> list[str]:
 
 
 def _check_results(coco_gt: COCO, results: Sequence[dict], iou_type: str) -> None:
+    """Every result an object with the keys ``iou_type`` needs, of the types pycocotools
+    assumes (it would fail on them as a bare ``TypeError`` / ``IndexError``, or, for a
+    ``"3"`` where ids are ints, score nothing); ``ValueError`` naming the entry otherwise."""
     images, cats = set(coco_gt.imgs), set(coco_gt.cats)
     need = "bbox" if iou_type == "bbox" else "segmentation"
     for k, r in enumerate(results):
+        if not isinstance(r, dict):
+            raise ValueError(f"detection #{k} is not an object: {r!r:.80}")
         missing = [key for key in ("image_id", "category_id", "score", need) if key not in r]
         if missing:
             raise ValueError(f"detection #{k} is missing {missing} (needed for iou_type "
                              f"{iou_type!r}): {r!r:.120}")
+        for key in ("image_id", "category_id"):
+            if isinstance(r[key], bool) or not isinstance(r[key], int):
+                raise ValueError(f"detection #{k}: '{key}' must be an integer, got "
+                                 f"{r[key]!r:.40} ({type(r[key]).__name__})")
+        if not _finite(r["score"]):
+            raise ValueError(f"detection #{k}: 'score' must be a finite number, got {r['score']!r:.40}")
         if r["image_id"] not in images:
             raise ValueError(f"detection #{k}: image_id {r['image_id']} is not in the ground truth")
         if r["category_id"] not in cats:
             raise ValueError(f"detection #{k}: category_id {r['category_id']} is not in the "
                              f"ground truth categories {sorted(cats)}")
+        if iou_type == "bbox":
+            box = r["bbox"]
+            if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(map(_finite, box))):
+                raise ValueError(f"detection #{k}: 'bbox' must be 4 finite numbers [x, y, w, h], "
+                                 f"got {box!r:.60}")
+        else:
+            img = coco_gt.imgs[r["image_id"]]
+            problem = _segmentation_problem(r["segmentation"], img["height"], img["width"])
+            if problem:
+                raise ValueError(f"detection #{k}: 'segmentation' {problem}")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _segmentation_problem(segm, height: int, width: int) -> str | None:
+    """Why ``segm`` is not polygons or an RLE of a ``height`` x ``width`` image, or None."""
+    if isinstance(segm, list):
+        if not segm or not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
+                               and all(map(_finite, p)) for p in segm):
+            return "must be polygons: lists of at least 3 finite (x, y) pairs"
+        return None
+    if not isinstance(segm, dict) or "counts" not in segm or "size" not in segm:
+        return f"must be polygons or an RLE object with 'counts' and 'size', got {segm!r:.60}"
+    size = segm["size"]
+    if not isinstance(size, (list, tuple)) or list(size) != [height, width]:
+        return f"RLE 'size' {segm['size']!r:.40} is not the image's [{height}, {width}]"
+    counts = segm["counts"]
+    if isinstance(counts, list) and all(isinstance(c, int) and c >= 0 for c in counts):
+        return None
+    if isinstance(counts, (str, bytes)):  # compressed RLE (pycocotools' own encode gives bytes)
+        return None
+    return f"RLE 'counts' must be a string or a list of run lengths, got {counts!r:.40}"
 
 
 def _as_rle(segm, height: int, width: int) -> dict:

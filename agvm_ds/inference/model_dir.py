@@ -35,9 +35,9 @@ import torch
 from torch import nn
 
 from agvm_ds.errors import ConfigError, ModelFileError, UntrustedCodeError
+from agvm_ds.inference.record import FORMAT, check_export_record
 from agvm_ds.inference.verify import NO_VERIFY_HINT, crc32_of, member_path
 
-FORMAT = "agvm-ds-export"
 FORMAT_VERSION = 2  # 2: config.json records each weights file's size and CRC-32
 WEIGHTS = "model.safetensors"
 BACKBONE_WEIGHTS = "backbone.safetensors"
@@ -68,12 +68,13 @@ def model_info(run: dict, run_file: str) -> dict[str, Any]:
     the spec (with ``backbone.checkpoint`` dropped: the weights are in the export), the
     task, class names and ids (from the dataset's val split when it is readable, else
     ``class_<k>``), and the test-time transform."""
+    from agvm_ds.config.base import parse_section
     from agvm_ds.config.data import DataConfig
     from agvm_ds.config.model import ModelConfig
 
-    try:
-        model_cfg = ModelConfig.model_validate(run.get("model") or {})
-        data = DataConfig.model_validate(run.get("data") or {})
+    try:  # parse_section: one line naming the dotted key, not pydantic's report
+        model_cfg = parse_section(ModelConfig, run.get("model"), "model")
+        data = parse_section(DataConfig, run.get("data"), "data")
         if model_cfg.is_spec_built:
             spec = model_cfg.model_spec().model_dump(mode="json")
             spec["backbone"]["checkpoint"] = None
@@ -188,12 +189,22 @@ def backbone_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def check_output_folder(out: Path) -> None:
+    """Refuse an output folder that cannot be made because it, or a folder above it, is a
+    file (one line, before any work, instead of ``mkdir``'s ``FileExistsError`` at the end)."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise ModelFileError(f"--output_dir {out}: is a file, not a folder" if path == out
+                                     else f"--output_dir {out}: {path} is a file, not a folder")
+            return
+
+
 def check_export_destination(out: Path) -> None:
     """Refuse an ``out`` that export would overwrite someone else's files in: a file, a
     training run's folder (its ``config.json`` / ``checkpoints/``), or any non-empty folder
     that is not an earlier export (``config.json`` with this format; it is rewritten)."""
-    if out.exists() and not out.is_dir():
-        raise ModelFileError(f"--output_dir {out}: is a file, not a folder")
+    check_output_folder(out)
     if not out.is_dir():
         return
     if (out / "checkpoints").exists():
@@ -305,7 +316,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         raise ModelFileError(f"{path}: no such model folder (an export or a checkpoint)")
     exported = _read_json(path / CONFIG, "export config") if (path / CONFIG).is_file() else {}
     if exported.get("format") == FORMAT:
-        info, where = exported, path / CONFIG
+        info, where = check_export_record(exported, path / CONFIG), path / CONFIG
         source = str(_verified_weights(path, info, verify))
         state = read_safetensors(Path(source))
     else:

@@ -62,4 +62,14 @@ def build_datasets(run: RunConfig, rank: int = 0, need_val: bool = True, announc
             collectives.barrier()
     train = build_dataset(run.data, "train", train=True)
     val = build_dataset(run.data, "val", train=False) if need_val else None
+    if val is not None and val.num_classes != train.num_classes:
+        # build_model compares the train split with the model; a val split with another
+        # count would fail (or score wrong ids) only at the first evaluation, hours in
+        raise ConfigError(f"{_source(val)}: the val split has {val.num_classes} classes but the "
+                          f"train split ({_source(train)}) has {train.num_classes}")
     return train, val
+
+
+def _source(dataset) -> str:
+    """The file that defines a dataset's classes (COCO: the annotation file)."""
+    return str(getattr(dataset, "ann_file", None) or getattr(dataset, "root", "the dataset"))

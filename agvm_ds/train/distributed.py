@@ -41,11 +41,28 @@ def init_distributed() -> tuple[int, int, int]:
     if on_cpu and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     skip_shm_comm_build()
-    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else None, verbose=False)
+    try:
+        deepspeed.init_distributed(dist_backend="gloo" if on_cpu else None, verbose=False)
+    except RuntimeError as err:  # torch's DistNetworkError is one
+        _refuse_port_in_use(err)
+        raise
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not on_cpu:
         get_accelerator().set_device(local_rank)
     return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def _refuse_port_in_use(err: BaseException) -> None:
+    """The rank that opens the rendezvous store (rank 0) finds ``MASTER_PORT`` taken by
+    another process: torch's ``DistNetworkError`` (EADDRINUSE) becomes one line that says
+    what to do. Other failures are left as they are."""
+    from agvm_ds.errors import ConfigError
+
+    text = str(err)
+    if "EADDRINUSE" in text or "address already in use" in text.lower():
+        raise ConfigError(f"the rendezvous port {os.environ.get('MASTER_PORT', '?')} on "
+                          f"{os.environ.get('MASTER_ADDR', '?')} is already in use (another job, or "
+                          "one still exiting): pass the launcher a free port with --master_port") from None
 
 
 def skip_shm_comm_build() -> None:

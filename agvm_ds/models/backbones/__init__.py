@@ -10,6 +10,7 @@ from torch import nn
 from agvm_ds.errors import ConfigError
 from agvm_ds.models.backbones.timm_backbone import TimmBackbone
 from agvm_ds.models.backbones.uninet import UniNet
+from agvm_ds.models.backbones.weights_file import read_weights_file
 
 __all__ = ["build_backbone", "UniNet", "TimmBackbone"]
 
@@ -29,7 +30,7 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(f"backbone.checkpoint: {p} does not exist")
-    state = torch.load(p, map_location="cpu", weights_only=True)
+    state = read_weights_file(p)  # a pickle of anything but tensors: one line, nothing run
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from agvm_ds.errors import ConfigError
 from agvm_ds.models.layers import convert_batchnorm
+from agvm_ds.models.backbones.weights_file import read_weights_file
 from agvm_ds.models.norms import count_batchnorms
 
 __all__ = ["TimmBackbone"]
@@ -50,6 +51,8 @@ class TimmBackbone(nn.Module):
             path = Path(spec.checkpoint).expanduser()
             if not path.is_file():
                 raise ConfigError(f"backbone.checkpoint: {path} does not exist")
+            if path.suffix != ".safetensors":  # timm unpickles the rest: refuse there in one line
+                read_weights_file(path, mmap=True)  # mapped, not read: a check of its globals
             pretrained = True
             kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
         def create(out_indices):
