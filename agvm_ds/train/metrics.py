@@ -90,6 +90,16 @@ def _finite(x: Any) -> Any:
     return x
 
 
+#: What each module's entry of the ``"agvm"`` record holds (numbers become monitor events).
+AGVM_KEYS = ("cos", "phi", "mu", "b_noise")
+#: the whole model's AGVM fields of an update record (:func:`agvm_model_fields`)
+AGVM_MODEL_KEYS = ("agvm_b_noise",)
+
+
+def _scalar(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 class MetricsWriter:
     """Appends step records on rank 0 and mirrors scalars to DeepSpeed's monitor."""
 
@@ -105,17 +115,28 @@ class MetricsWriter:
                 fh.write(json.dumps(r) + "\n")
         self._fh = open(path, "a", buffering=1)
 
-    def write(self, record: dict[str, Any], to_monitor: bool = True) -> None:
+    def write(self, record: dict[str, Any], train_events: bool = True) -> None:
+        """Append ``record``; to the monitor go its ``Train/*`` scalars when ``train_events``
+        (the logged steps) and, whatever ``train_events`` is, the AGVM scalars of an update
+        step (``AGVM/<stat>/<module>`` and ``Train/agvm_b_noise``): updates fall every τ
+        steps from ``agvm.start_step``, which need not meet ``train.log_every``'s multiples,
+        and a μ curve missing from TensorBoard/W&B is the thing a user comes for."""
         if not self.enabled:
             return
         self._fh.write(json.dumps(_finite(record)) + "\n")
-        if to_monitor and self.monitor is not None and getattr(self.monitor, "enabled", False):
-            step = record["step"]
-            events = [(f"Train/{k}", float(v), step) for k, v in record.items()
-                      if k not in ("step", "epoch") and isinstance(v, (int, float))]
-            for module, stats in (record.get("agvm") or {}).items():
-                events += [(f"AGVM/{k}/{module}", float(v), step) for k, v in stats.items()
-                           if isinstance(v, (int, float))]
+        if self.monitor is None or not getattr(self.monitor, "enabled", False):
+            return
+        step = record["step"]
+        update = record.get("agvm") or {}
+        events = []
+        for k, v in record.items():
+            if k in ("step", "epoch") or not _scalar(v):  # None (undefined B_noise) is no event
+                continue
+            if (bool(update) if k in AGVM_MODEL_KEYS else train_events):
+                events.append((f"Train/{k}", float(v), step))
+        for module, stats in update.items():
+            events += [(f"AGVM/{k}/{module}", float(v), step) for k, v in stats.items() if _scalar(v)]
+        if events:
             self.monitor.write_events(events)
 
     def write_eval(self, step: int, stats: dict[str, float]) -> None:
@@ -129,8 +150,6 @@ class MetricsWriter:
             self._fh = None
 
 
-#: What each module's entry of the ``"agvm"`` record holds (numbers become monitor events).
-AGVM_KEYS = ("cos", "phi", "mu", "b_noise")
 
 
 def _number(x: Any) -> Optional[float]:
