@@ -9,7 +9,8 @@ An export folder (``launch/export.py``) holds
 * ``config.json``: ``model_spec`` (the full network description, no file of ``models/``
   needed), ``task``, ``num_classes``, ``class_names`` and ``category_ids`` (contiguous label
   ``c`` is COCO category ``category_ids[c]``), ``transform`` (the test-time resize and
-  normalization), ``dtype``, ``source`` (checkpoint, step, ZeRO stage, training ranks) and
+  normalization; ``min_size`` a list: test-time augmentation), ``score_threshold`` (when
+  exported with one: ``predict``'s default; :mod:`agvm_ds.inference.test_time`), ``dtype``, ``source`` (checkpoint, step, ZeRO stage, training ranks) and
   ``run`` (the training run's resolved ``config.json``, which evaluation reads its dataset
   and batch size from), and ``files`` (size and CRC-32 of both weights files, checked on
   load; format version 2).
@@ -190,11 +191,15 @@ def _file_record(out: Path, names: tuple[str, ...]) -> dict[str, dict[str, int]]
 
 
 def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, dtype: str = "fp32",
-                      verify: bool = True) -> Path:
+                      verify: bool = True, test_options: Optional[dict] = None) -> Path:
     """Write ``model.safetensors``, ``backbone.safetensors`` and ``config.json`` (which
     records both files' sizes and CRC-32) of a training checkpoint into ``output_dir``;
     return ``output_dir``. ``verify``: check the checkpoint against its marker first
-    (:func:`~agvm_ds.inference.verify.verify_checkpoint`)."""
+    (:func:`~agvm_ds.inference.verify.verify_checkpoint`). ``test_options``: keyword
+    arguments of :func:`~agvm_ds.inference.test_time.apply_test_options` (``min_size``,
+    ``max_size``, ``score``), recorded in ``config.json`` for ``load_model``/``predict``."""
+    from agvm_ds.inference.test_time import apply_test_options
+
     from safetensors.torch import save_file
 
     from agvm_ds.inference.deepspeed_files import find_checkpoint, read_weights
@@ -205,7 +210,7 @@ def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, dtype: str
     tag_dir = find_checkpoint(checkpoint)
     run_file = run_config_of(tag_dir)
     run = _read_json(run_file, "the run's config.json beside the checkpoints")
-    info = model_info(run, str(run_file))
+    info = apply_test_options(model_info(run, str(run_file)), **(test_options or {}))
     state, source = read_weights(tag_dir, verify)
     model = build_network(info)
     check_state(model, state, str(tag_dir))
