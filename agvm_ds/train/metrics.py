@@ -186,7 +186,14 @@ def noise_scale_line(modulation: Optional[dict], global_batch: int) -> Optional[
     if not modulation or not modulation.get("modules"):
         return None
     per = ", ".join(f"{name} {_samples(s.get('b_noise'))}" for name, s in modulation["modules"].items())
-    model = modulation.get("b_noise")
-    model = "model undefined" if model is None else f"model ≈ {model:.3g} samples"
-    return (f"gradient-noise scale (last smoothed): {model}, per module {per}; "
-            f"this run's global batch: {global_batch}")
+    b_noise = modulation.get("b_noise")
+    model = "model undefined" if b_noise is None else f"model ≈ {b_noise:.3g} samples"
+    ratio = "" if not b_noise else f" ({global_batch / b_noise:.2g} × B_noise)"
+    return (f"gradient-noise scale B_noise (last smoothed): {model}, per module {per}; "
+            f"this run's global batch: {global_batch}{ratio}. {NOISE_MEANING}")
+
+
+#: what the B_noise number says, printed with it (docs/agvm.md, "Gradient-noise scale")
+NOISE_MEANING = ("B_noise is the batch at which gradient noise and signal are about equal: far below it a "
+                 "larger batch trains about as well per sample in fewer steps, far above it a larger "
+                 "batch buys little per step (McCandlish et al. 2018)")
