@@ -152,7 +152,10 @@ def test_time_info(info: dict, data, args) -> dict:
 
     if any(o.split("=", 1)[0].strip() in SIZE_OVERRIDES for o in args.override):
         info = apply_test_options(info, [data.eval_min_size], data.max_size)
-    return apply_test_options(info, args.min_size, args.max_size)
+    info = apply_test_options(info, args.min_size, args.max_size)
+    # the normalization is the (overridden) data section's, as the dataset's own transform was
+    info["transform"].update(mean=list(data.mean), std=list(data.std))
+    return info
 
 
 def evaluate_model(args) -> int:

@@ -59,8 +59,6 @@ def test_readme_states_the_path_template_defaults():
     # issue 32: the defaults of image_dir / ann_file / sem_seg_dir are written in README's data table
     from pathlib import Path
 
-    from agvm_ds.config.data import DataConfig
-
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     row = next(line for line in readme.splitlines() if line.startswith("| `image_dir`, `ann_file`, `sem_seg_dir` |"))
     stated = [v.strip().strip("`") for v in row.split("|")[2].split(",")]

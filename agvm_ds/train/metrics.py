@@ -7,6 +7,12 @@ where AGVM updated μ, ``"agvm": {module: {"cos", "phi", "mu", "b_noise"}}`` and
 model's ``"agvm_b_noise"`` (:func:`agvm_model_fields`). ``b_noise`` is the smoothed
 gradient-noise scale in samples (:mod:`agvm_ds.core.modulator`), ``null`` while undefined.
 
+The monitor gets ``Train/*`` on the logged steps (``train.log_every``) and ``AGVM/*`` on every
+update step, whatever ``train.log_every`` is (:meth:`MetricsWriter.write`); both are written
+when the records are, at the next logged step, with the record's own step number. The AGVM
+values come from the modulator's host-side state, which ``controller._resolve`` fills on
+update steps (its one host read per update): writing them costs no device sync.
+
 Notes:
     On resume the file is cut back to the steps before the resumed one, so it always has
     exactly one line per step of the run, as if it had never stopped.
