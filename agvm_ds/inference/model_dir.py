@@ -262,8 +262,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
             ``config.json`` records, before loading; False reads them unverified.
 
     Returns the ``nn.Module`` with ``model.info`` (the export's ``config.json`` content),
-    ``model.class_names`` and ``model.predict(images, score_threshold=0.0)`` for images
-    (file paths, PIL images, ``H x W x 3`` uint8 arrays); a padded batch tensor with
+    ``model.class_names`` and ``model.predict(images, score_threshold=None)`` for images
+    (file paths, PIL images, ``H x W x 3`` uint8 arrays; at the recorded test-time sizes,
+    with the export's recorded score threshold unless one is given, else 0); a padded batch tensor with
     targets still goes to the network's own ``predict(images, targets)``.
 
     Raises:
