@@ -19,8 +19,8 @@ first (sizes, CRC-32; ``--no-verify`` reads one without a marker). ``--override`
 model's (an export's recorded one, a checkpoint's evaluation size); several ``--min_size``
 values (or an export recording several) predict each image at each size and merge the boxes
 (test-time augmentation, :mod:`agvm_ds.inference.test_time`; not for semantic segmentation).
-No score threshold applies beyond the heads' own: AP ranks every detection. Writes into ``DIR`` (default ``runs/X/evaluate/step_N`` for a
-checkpoint, ``<export>/evaluate`` for an export): ``eval.json`` (training's keys: ``step``, the
+No score threshold applies beyond the heads' own: AP ranks every detection. Writes into
+``DIR`` (default ``runs/X/evaluate/step_N`` for a checkpoint, ``<export>/evaluate`` for an export): ``eval.json`` (training's keys: ``step``, the
 COCO stats or ``mIoU``/``mAcc``/``aAcc``/``IoU``, ``eval_time_s``), and the predictions it
 scored: ``predictions.json`` (COCO results of boxes / masks) or, for semantic segmentation,
 ``labels/<image>.png`` (the predicted class index per pixel).
@@ -145,7 +145,7 @@ def evaluation_settings(run: dict, overrides: list[str]):
 SIZE_OVERRIDES = ("data.test_min_size", "data.min_size", "data.max_size")
 
 
-def test_time_info(info: dict, data, args) -> dict:
+def evaluation_info(info: dict, data, args) -> dict:
     """``model.info`` with the evaluation's test-time resize: ``--min_size`` / ``--max_size``
     over an ``--override`` of the data section's sizes over the model's own."""
     from agvm_ds.inference.test_time import apply_test_options
@@ -166,7 +166,7 @@ def evaluate_model(args) -> int:
     from agvm_ds.data import build_dataset
     from agvm_ds.data.transforms import collate
     from agvm_ds.evaluation.distributed import evaluate_dataset, infer_task
-    from agvm_ds.inference.test_time import MultiScale, merge_predictions, merge_settings, test_sizes, transforms
+    from agvm_ds.inference.test_time import MultiScale, merge_predictions, merge_settings, sizes_of, transforms
 
     divisor = 32  # collate's default, which evaluate_dataset pads to
 
@@ -175,11 +175,11 @@ def evaluate_model(args) -> int:
               if torch.cuda.is_available() else torch.device("cpu"))
     model = agvm_ds.load_model(args.model, device=device, verify=not args.no_verify)
     data, batch = evaluation_settings(model.info["run"], args.override)
-    info = test_time_info(model.info, data, args)
+    info = evaluation_info(model.info, data, args)
     out = Path(args.output_dir) if args.output_dir else default_output_dir(Path(args.model), model.info)
     val = build_dataset(data, "val", train=False)
     val.transform = MultiScale(transforms(info))
-    several = len(test_sizes(info)) > 1
+    several = len(sizes_of(info)) > 1
     nms_thresh, max_detections = merge_settings(info.get("model_spec") or {})
     semantic = infer_task(val) == "semantic"
     if rank == 0:
@@ -213,7 +213,7 @@ def evaluate_model(args) -> int:
              "eval_time_s": round(time.perf_counter() - t0, 2)}
     if rank == 0:
         (out / "eval.json").write_text(json.dumps(stats, indent=2))
-        sizes = "/".join(str(s) for s in test_sizes(info))
+        sizes = "/".join(str(s) for s in sizes_of(info))
         print(f"[agvm-ds] {args.model} (min_size {sizes}, max_size {info['transform']['max_size']}): "
               + ", ".join(f"{k}={v:.4f}" for k, v in stats.items() if k.endswith(("AP", "mIoU")))
               + f"; {out / 'eval.json'}", flush=True)

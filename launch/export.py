@@ -11,8 +11,8 @@ network is. ``DIR`` then holds ``model.safetensors`` (all weights), ``backbone.s
 ``agvm_ds.load_model(DIR)`` returns the network. ``--min_size`` / ``--max_size`` (default:
 the run's evaluation size) and ``--score_threshold`` are recorded in ``config.json`` as the
 test-time resize (several sizes: test-time augmentation) and ``predict``'s default threshold,
-which ``load_model(DIR).predict``, ``launch/predict.py`` and ``launch/evaluate.py`` use. The checkpoint is first checked against its
-completion marker (sizes, CRC-32; ``--no-verify`` reads one without a marker), and ``DIR``
+which ``load_model(DIR).predict``, ``launch/predict.py`` and ``launch/evaluate.py`` use.
+The checkpoint is first checked against its completion marker (sizes, CRC-32; ``--no-verify`` reads one without a marker), and ``DIR``
 must be new, empty or an earlier export: a training run's folder or any other non-empty
 folder is refused. Exit codes: 0 done; 2 a missing, damaged, unsafe or mismatched checkpoint
 or a refused ``DIR`` (one ``error:`` line naming the file); 1 anything else.

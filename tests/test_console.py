@@ -9,8 +9,9 @@
   with one ``error:`` line for the whole 2-rank job; a tiny 2-rank run with tensorboard
   installed and ``log_every: 10`` writes ``Train/*`` (steps 10 and 12), ``AGVM/*`` (every
   update step: 1, 6, 11) and ``Eval/*`` scalars equal to ``metrics.jsonl`` and ``eval.json``
-  (issue 32 item 2), the progress bar ending on the last update's μ, and its console holds nothing but agvm-ds's lines and the progress bar
-  between agvm-ds's first and last line, the rest being in ``log_rank<N>.txt``.
+  (issue 32 item 2), the progress bar ending on the last update's μ, and its console holds
+  nothing but agvm-ds's lines and the progress bar between agvm-ds's first and last line,
+  the rest being in ``log_rank<N>.txt``.
 """
 
 from __future__ import annotations

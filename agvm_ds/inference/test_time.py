@@ -27,7 +27,7 @@ import torch
 from agvm_ds.errors import ConfigError
 
 __all__ = ["MultiScale", "apply_test_options", "merge_predictions", "merge_settings", "score_threshold",
-           "test_sizes", "transforms"]
+           "sizes_of", "transforms"]
 
 #: where the class-wise NMS settings of a merge come from, first found wins (R-CNN, RetinaNet)
 _HEAD_SECTIONS = ("roi_box", "head")
@@ -35,7 +35,7 @@ _HEAD_SECTIONS = ("roi_box", "head")
 DEFAULT_NMS, DEFAULT_DETECTIONS = 0.5, 100
 
 
-def test_sizes(info: dict) -> list[int]:
+def sizes_of(info: dict) -> list[int]:
     """The recorded ``transform.min_size`` as a list (one entry: one size)."""
     sizes = info["transform"]["min_size"]
     return [int(sizes)] if isinstance(sizes, int) else [int(s) for s in sizes]
@@ -68,12 +68,12 @@ def apply_test_options(info: dict, min_size: Optional[Sequence[int]] = None,
             raise ConfigError(f"--max_size: a positive integer, got {max_size}")
         t["max_size"] = max_size
     cap = t.get("max_size")
-    if min_size is not None and cap is not None and max(test_sizes(out)) > cap:
+    if min_size is not None and cap is not None and max(sizes_of(out)) > cap:
         # the cap would win on every image: the short side could never be min_size
         where = "--max_size" if max_size is not None else "the model's max_size"
-        raise ConfigError(f"--min_size {max(test_sizes(out))}: larger than {where} {cap}, which caps the "
+        raise ConfigError(f"--min_size {max(sizes_of(out))}: larger than {where} {cap}, which caps the "
                           f"long side, so no short side could reach it; give --max_size too")
-    if len(test_sizes(out)) > 1 and out.get("task") == "semantic":
+    if len(sizes_of(out)) > 1 and out.get("task") == "semantic":
         raise ConfigError("--min_size: several sizes (test-time augmentation) merge scored boxes; a "
                           "semantic segmentation model predicts class maps, give one size")
     if score is not None:
@@ -88,7 +88,7 @@ def transforms(info: dict) -> list:
     from agvm_ds.data.transforms import Transform
 
     t = info["transform"]
-    return [Transform(s, t["max_size"], 0.0, t["mean"], t["std"]) for s in test_sizes(info)]
+    return [Transform(s, t["max_size"], 0.0, t["mean"], t["std"]) for s in sizes_of(info)]
 
 
 def merge_settings(spec: dict) -> tuple[float, int]:
