@@ -1,6 +1,7 @@
 """Evaluate a trained model, or score an existing COCO results file.
 
     python launch/evaluate.py --model PATH [--output_dir DIR] [--override key.path=value ...]
+        [--min_size N [N ...]] [--max_size N]
     torchrun --nproc_per_node N launch/evaluate.py --model PATH ...      # or: deepspeed --num_gpus N
     python launch/evaluate.py --gt GT.json --detections DT.json [--iou_type bbox|segm]
 
@@ -13,8 +14,13 @@ evaluation (:func:`agvm_ds.evaluation.distributed.evaluate_dataset`), so the num
 it, and they do not depend on the number of ranks or the eval batch size (each image is
 padded as in a batch of its own). A checkpoint is checked against its completion marker
 first (sizes, CRC-32; ``--no-verify`` reads one without a marker). ``--override`` changes the run's ``data`` / ``train`` values (e.g. ``data.root=/coco``,
-``train.eval_batch_size=4``). Writes into ``DIR`` (default ``runs/X/evaluate/step_N`` for a
-checkpoint, ``<export>/evaluate`` for an export): ``eval.json`` (training's keys: ``step``, the
+``train.eval_batch_size=4``). The test-time resize is ``--min_size`` / ``--max_size``, else an
+``--override`` of ``data.test_min_size`` / ``data.min_size`` / ``data.max_size``, else the
+model's (an export's recorded one, a checkpoint's evaluation size); several ``--min_size``
+values (or an export recording several) predict each image at each size and merge the boxes
+(test-time augmentation, :mod:`agvm_ds.inference.test_time`; not for semantic segmentation).
+No score threshold applies beyond the heads' own: AP ranks every detection. Writes into
+``DIR`` (default ``runs/X/evaluate/step_N`` for a checkpoint, ``<export>/evaluate`` for an export): ``eval.json`` (training's keys: ``step``, the
 COCO stats or ``mIoU``/``mAcc``/``aAcc``/``IoU``, ``eval_time_s``), and the predictions it
 scored: ``predictions.json`` (COCO results of boxes / masks) or, for semantic segmentation,
 ``labels/<image>.png`` (the predicted class index per pixel).
@@ -40,6 +46,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
 
+from launch.tool_setup import add_test_arguments, check_test_arguments, set_cpu_threads  # noqa: E402
+
 IOU_TYPES = ("bbox", "segm")
 
 
@@ -60,8 +68,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--trust_code", action="store_true",
                         help="import and run the user code that built the model (model.builder "
                         "'package.module:function'); without it such a model is refused")
+    add_test_arguments(parser, score=False)
     parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    check_test_arguments(parser, args)
+    if args.model is None and (args.min_size or args.max_size):
+        parser.error("--min_size/--max_size: resize the images of --model's evaluation; a results file "
+                     "is scored as it is")
     if args.model is None and (args.gt is None or args.detections is None):
         parser.error("give --model PATH, or --gt and --detections")
     if args.model is not None and (args.gt or args.detections):
@@ -158,14 +171,35 @@ def check_classes(dataset, model_classes: int, model_path: str) -> None:
                           "dataset with its classes (--override data.root=...)")
 
 
+#: overrides that set the test-time resize of the run's data section
+SIZE_OVERRIDES = ("data.test_min_size", "data.min_size", "data.max_size")
+
+
+def evaluation_info(info: dict, data, args) -> dict:
+    """``model.info`` with the evaluation's test-time resize: ``--min_size`` / ``--max_size``
+    over an ``--override`` of the data section's sizes over the model's own."""
+    from agvm_ds.inference.test_time import apply_test_options
+
+    if any(o.split("=", 1)[0].strip() in SIZE_OVERRIDES for o in args.override):
+        info = apply_test_options(info, [data.eval_min_size], data.max_size)
+    info = apply_test_options(info, args.min_size, args.max_size)
+    # the normalization is the (overridden) data section's, as the dataset's own transform was
+    info["transform"].update(mean=list(data.mean), std=list(data.std))
+    return info
+
+
 def evaluate_model(args) -> int:
     import torch
 
     import agvm_ds
     from agvm_ds import collectives
     from agvm_ds.data import build_dataset
+    from agvm_ds.data.transforms import collate
     from agvm_ds.evaluation.distributed import evaluate_dataset, infer_task
     from agvm_ds.inference.model_dir import check_output_folder
+    from agvm_ds.inference.test_time import MultiScale, merge_predictions, merge_settings, sizes_of, transforms
+
+    divisor = 32  # collate's default, which evaluate_dataset pads to
 
     rank = collectives.rank()
     device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -176,10 +210,14 @@ def evaluate_model(args) -> int:
                                trust_code=args.trust_code)
     data, batch = evaluation_settings(model.info["run"], args.override,
                                       run_source(Path(args.model), model.info))
+    info = evaluation_info(model.info, data, args)
     out = Path(args.output_dir) if args.output_dir else default_output_dir(Path(args.model), model.info)
     check_output_folder(out)
     val = build_dataset(data, "val", train=False)
     check_classes(val, model.info["num_classes"], args.model)
+    val.transform = MultiScale(transforms(info))
+    several = len(sizes_of(info)) > 1
+    nms_thresh, max_detections = merge_settings(info.get("model_spec") or {})
     semantic = infer_task(val) == "semantic"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -189,6 +227,10 @@ def evaluate_model(args) -> int:
 
     def predict(images, targets):
         preds = model.predict(images, targets)
+        if several:  # the other sizes, each image padded alone, merged with the first
+            preds = [merge_predictions([pred, *(model.predict(collate([more], divisor)[0].to(images), [more[1]])[0]
+                                                 for more in target["more_sizes"])], nms_thresh, max_detections)
+                     for pred, target in zip(preds, targets)]
         if semantic:  # every rank writes the label maps of its own shard
             from PIL import Image
 
@@ -208,14 +250,16 @@ def evaluate_model(args) -> int:
              "eval_time_s": round(time.perf_counter() - t0, 2)}
     if rank == 0:
         (out / "eval.json").write_text(json.dumps(stats, indent=2))
-        print(f"[agvm-ds] {args.model}: " + ", ".join(
-            f"{k}={v:.4f}" for k, v in stats.items() if k.endswith(("AP", "mIoU")))
-            + f"; {out / 'eval.json'}", flush=True)
+        sizes = "/".join(str(s) for s in sizes_of(info))
+        print(f"[agvm-ds] {args.model} (min_size {sizes}, max_size {info['transform']['max_size']}): "
+              + ", ".join(f"{k}={v:.4f}" for k, v in stats.items() if k.endswith(("AP", "mIoU")))
+              + f"; {out / 'eval.json'}", flush=True)
     return 0
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    set_cpu_threads()  # before torch loads (a torchrun/deepspeed rank is left alone)
     if args.model is None:
         return score_file(args)
     from agvm_ds.errors import ConfigError

@@ -24,6 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from launch.tool_setup import set_cpu_threads  # noqa: E402
+
 
 def _world_size(ds: dict, given: int | None) -> int:
     if given is not None:
@@ -74,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="data-parallel ranks (default: from the batch sizes in the file)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
+    set_cpu_threads()  # before torch loads
     if args.deepspeed_config is None and args.model is None:
         print("error: give --deepspeed_config or --model", file=sys.stderr)
         return 2

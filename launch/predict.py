@@ -1,7 +1,13 @@
 """Run a trained model on image files: a results JSON and one rendered PNG per image.
 
     python launch/predict.py --model PATH --images FILE_OR_DIR [FILE_OR_DIR ...] --output_dir DIR
-        [--score_threshold 0.3] [--device cpu|cuda] [--batch_size 4]
+        [--score_threshold 0.3] [--min_size N [N ...]] [--max_size N] [--device cpu|cuda] [--batch_size 4]
+
+``--min_size`` / ``--max_size`` replace the test-time resize the model records (its
+evaluation size, or what its export records); several ``--min_size`` values predict each image
+at each size and merge the boxes (test-time augmentation, :mod:`agvm_ds.inference.test_time`).
+``--score_threshold`` defaults to the export's recorded one, else 0.3. Boxes are always in
+the input image's pixels, whatever the size it was predicted at.
 
 ``PATH`` is an export (``launch/export.py``) or a checkpoint folder
 (``runs/X/checkpoints/step_N``), checked against its completion marker or recorded checksums
@@ -34,14 +40,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
 
+from launch.tool_setup import add_test_arguments, check_test_arguments, set_cpu_threads  # noqa: E402
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Predict on images with a trained model.")
     p.add_argument("--model", required=True, help="an export folder or runs/X/checkpoints/step_N")
     p.add_argument("--images", required=True, nargs="+", help="image files and/or folders")
     p.add_argument("--output_dir", required=True)
-    p.add_argument("--score_threshold", type=float, default=0.3,
-                   help="drop detections scoring below this (default 0.3)")
+    add_test_arguments(p)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--no-verify", dest="no_verify", action="store_true",
@@ -53,6 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error("--batch_size: must be >= 1")
+    check_test_arguments(p, args)
     return args
 
 
@@ -136,8 +144,13 @@ def _results(pred: dict, model) -> list[dict] | dict:
     return results
 
 
+#: the score threshold of a model whose export records none
+DEFAULT_SCORE_THRESHOLD = 0.3
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    set_cpu_threads()  # before torch loads
     from agvm_ds.errors import ConfigError
     from agvm_ds.data.errors import DatasetError
 
@@ -157,6 +170,7 @@ def _run(args) -> int:
     import agvm_ds
     from agvm_ds.inference import ModelFileError
     from agvm_ds.inference.predictor import open_image
+    from agvm_ds.inference.test_time import apply_test_options, score_threshold
     from agvm_ds.inference.render import render
 
     out = check_output_dir(args.output_dir, args.images)
@@ -167,6 +181,8 @@ def _run(args) -> int:
         raise ModelFileError("--device cuda: no CUDA device is available here")
     model = agvm_ds.load_model(args.model, device=args.device, verify=not args.no_verify,
                                trust_code=args.trust_code)
+    model.info = apply_test_options(model.info, args.min_size, args.max_size)
+    threshold = score_threshold(model.info, args.score_threshold, DEFAULT_SCORE_THRESHOLD)
     out.mkdir(parents=True, exist_ok=True)
     semantic = model.info["task"] == "semantic"
     keys, stems = output_names(files)
@@ -180,7 +196,7 @@ def _run(args) -> int:
                 except ModelFileError as err:  # damaged or refused: the others still count
                     print(f"warning: {err}; skipped", file=sys.stderr)
                     skipped += 1
-            preds = model.predict([image for _, image in chunk], score_threshold=args.score_threshold,
+            preds = model.predict([image for _, image in chunk], score_threshold=threshold,
                                   batch_size=args.batch_size) if chunk else []
             for (k, image), pred in zip(chunk, preds):
                 stem = stems[k]

@@ -82,3 +82,20 @@ def test_an_inferred_partition_is_announced_in_one_line(capsys):
                                               "the generic fallback (one module per top-level child) cut trunk, out")
     build_partition(odd, {"a": ["trunk."], "b": ["out."]}, AGVMConfig())
     assert capsys.readouterr() == ("", "")
+
+
+def test_initialize_checks_a_deepspeed_scheduler_section_and_keeps_it():
+    # initialize's own preflight (the one before deepspeed.initialize) takes a scheduler of
+    # DeepSpeed's and refuses an unknown type by name (README's config table); the launcher's
+    # refusal of the section is test_config_run's
+    from agvm_ds.api import check_deepspeed_support, read_agvm_section
+
+    base = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "optimizer": OPT,
+            "gradient_clipping": 0.0}
+    sched = {"type": "WarmupLR", "params": {"warmup_num_steps": 10}}
+    cfg = {**base, "scheduler": sched}
+    check_deepspeed_support(cfg, read_agvm_section(cfg, None))
+    assert cfg["scheduler"] == sched  # left for deepspeed.initialize to build
+    bad = {**base, "scheduler": {"type": "WarmupLRR"}}
+    with pytest.raises(ConfigError, match=r"^scheduler\.type: 'WarmupLRR' is not one of DeepSpeed's"):
+        check_deepspeed_support(bad, read_agvm_section(bad, None))

@@ -7,9 +7,11 @@
 * real ``launch/train.py`` runs: an enabled tensorboard monitor whose package does not
   import (a ``tensorboard`` package on ``PYTHONPATH`` whose ``__init__`` raises) is refused
   with one ``error:`` line for the whole 2-rank job; a tiny 2-rank run with tensorboard
-  installed writes ``Train/*``, ``AGVM/*`` and ``Eval/*`` scalars equal to ``metrics.jsonl``
-  and ``eval.json``, and its console holds nothing but agvm-ds's lines and the progress bar
-  between agvm-ds's first and last line, the rest being in ``log_rank<N>.txt``.
+  installed and ``log_every: 10`` writes ``Train/*`` (steps 10 and 12), ``AGVM/*`` (every
+  update step: 1, 6, 11) and ``Eval/*`` scalars equal to ``metrics.jsonl`` and ``eval.json``
+  (issue 32 item 2), the progress bar ending on the last update's μ, and its console holds
+  nothing but agvm-ds's lines and the progress bar between agvm-ds's first and last line,
+  the rest being in ``log_rank<N>.txt``.
 """
 
 from __future__ import annotations
@@ -127,8 +129,11 @@ def _hidden_tensorboard(root: Path) -> Path:
 def _tb_config(path: Path) -> Path:
     cfg = copy.deepcopy(TINY)
     cfg["tensorboard"] = {"enabled": True}
-    cfg["agvm"].update(interval=1, start_step=0)  # AGVM updates in a 4-step run
-    cfg["train"].update(max_steps=4, checkpoint_every=0, checkpoint_at_end=False, eval_at_end=True)
+    # the quickstart's log_every 10 with AGVM updates that never fall on its multiples
+    # (0-based steps 0, 5, 10: records 1, 6, 11), as the quickstart's τ 10 from step 10 gives 11, 21, …
+    cfg["agvm"].update(interval=5, start_step=0)
+    cfg["train"].update(max_steps=12, log_every=10, checkpoint_every=0, checkpoint_at_end=False,
+                        eval_at_end=True)
     return write_config(path, cfg)
 
 
@@ -181,20 +186,32 @@ def _scalars(out: Path) -> dict[str, dict[int, float]]:
 
 
 def test_tensorboard_holds_train_agvm_and_eval_scalars(tiny_tb_run):
-    out, _ = tiny_tb_run
+    out, console = tiny_tb_run
     scalars = _scalars(out)
     rows = metrics(out)
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    # TensorBoard stores float32: compare to the JSON records at float32 precision
-    assert scalars["Train/loss"] == pytest.approx({r["step"]: r["loss"] for r in rows}, rel=1e-6)
-    assert scalars["Train/lr"] == pytest.approx({r["step"]: r["lr"] for r in rows}, rel=1e-6)
-    updates = {(r["step"], m): s["mu"] for r in rows for m, s in (r.get("agvm") or {}).items()}
-    assert updates, rows  # interval 1 from step 0: AGVM updated in this run
-    got = {(step, tag.rsplit("/", 1)[1]): v for tag, series in scalars.items()
-           if tag.startswith("AGVM/mu/") for step, v in series.items()}
-    assert got == pytest.approx(updates, rel=1e-6)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    # Train/* on the logged steps (log_every 10) and the last one; TensorBoard stores
+    # float32: compare to the JSON records at float32 precision
+    logged = [r for r in rows if r["step"] in (10, 12)]
+    assert scalars["Train/loss"] == pytest.approx({r["step"]: r["loss"] for r in logged}, rel=1e-6)
+    assert scalars["Train/lr"] == pytest.approx({r["step"]: r["lr"] for r in logged}, rel=1e-6)
+    # every AGVM update is in metrics.jsonl and, with the same values, in TensorBoard,
+    # although no update step is a multiple of log_every
+    update_steps = [r["step"] for r in rows if r.get("agvm")]
+    assert update_steps == [1, 6, 11], update_steps
+    for stat in ("cos", "phi", "mu"):
+        want = {(r["step"], m): s[stat] for r in rows for m, s in (r.get("agvm") or {}).items()}
+        got = {(step, tag.rsplit("/", 1)[1]): v for tag, series in scalars.items()
+               if tag.startswith(f"AGVM/{stat}/") for step, v in series.items()}
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-7), stat
+    b_noise = {r["step"]: r["agvm_b_noise"] for r in rows if r.get("agvm") and r["agvm_b_noise"] is not None}
+    assert scalars.get("Train/agvm_b_noise", {}) == pytest.approx(b_noise, rel=1e-6)
+    # the progress bar's last μ is the last update's (its head module, 2 decimals)
+    head, last = list(rows[10]["agvm"].items())[-1]
+    bar = [piece for line in console.split("\n") for piece in line.split("\r") if piece.startswith("train:")]
+    assert bar and f"mu_{head}={last['mu']:.2f}" in bar[-1], bar[-1:]
     final = json.loads((out / "eval.json").read_text())
-    assert scalars["Eval/bbox_AP"] == pytest.approx({4: final["bbox_AP"]}, abs=1e-7)
+    assert scalars["Eval/bbox_AP"] == pytest.approx({12: final["bbox_AP"]}, abs=1e-7)
 
 
 def test_console_is_agvm_ds_lines_and_the_bar_only(tiny_tb_run):
@@ -206,7 +223,7 @@ def test_console_is_agvm_ds_lines_and_the_bar_only(tiny_tb_run):
     between = items[ours[0]:ours[-1] + 1]
     strays = [item for item in between if not item.startswith((*OWN_PREFIXES, "train:"))]
     assert strays == [], console
-    assert any(item.startswith("train:") and "4/4" in item for item in between), console
+    assert any(item.startswith("train:") and "12/12" in item for item in between), console
 
     logs = {rank: (out / f"log_rank{rank}.txt").read_text() for rank in (0, 1)}
     assert all(text.startswith(f"===== agvm-ds rank {rank},") for rank, text in logs.items())

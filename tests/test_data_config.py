@@ -53,3 +53,14 @@ def test_build_from_synthetic_cache(tmp_path):
         assert ds.image_root.is_dir() and any(ds.image_root.iterdir()), ds.image_root
     assert train.ann_file.is_file() and val.ann_file.is_file() and val.ann_file != train.ann_file
     assert train.root == val.root == semantic.root
+
+
+def test_readme_states_the_path_template_defaults():
+    # issue 32: the defaults of image_dir / ann_file / sem_seg_dir are written in README's data table
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| `image_dir`, `ann_file`, `sem_seg_dir` |"))
+    stated = [v.strip().strip("`") for v in row.split("|")[2].split(",")]
+    fields = DataConfig.model_fields
+    assert stated == [fields[k].default for k in ("image_dir", "ann_file", "sem_seg_dir")], row

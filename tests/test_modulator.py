@@ -262,8 +262,11 @@ def test_noise_scale_reaches_metrics_monitor_summary_and_plot(tmp_path):
     assert ("Train/agvm_b_noise", 4) in names
     line = noise_scale_line(rep, 512)
     b = {k: s["b_noise"] for k, s in rep["modules"].items()}
-    assert line == (f"gradient-noise scale (last smoothed): model ≈ {rep['b_noise']:.3g} samples, per module "
-                    f"backbone {b['backbone']:.3g}, neck {b['neck']:.3g}; this run's global batch: 512")
+    assert line.startswith(f"gradient-noise scale B_noise (last smoothed): model ≈ {rep['b_noise']:.3g} samples, "
+                           f"per module backbone {b['backbone']:.3g}, neck {b['neck']:.3g}; this run's global batch: "
+                           f"512 ({512 / rep['b_noise']:.2g} × B_noise). B_noise is the batch at which gradient "
+                           f"noise and signal are about equal: far below it"), line
+    assert "far above it a larger batch buys little per step" in line and "\n" not in line
     assert ("model undefined, per module neck undefined;" in
             noise_scale_line(Modulator(mods, "backbone").report() | {"modules": {"neck": {}}}, 1))
     assert noise_scale_line({"step": -1, "modules": {}, "b_noise": None}, 16) is None

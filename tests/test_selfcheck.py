@@ -107,3 +107,22 @@ def test_selfcheck_sees_a_loss_scale_that_was_never_applied(runs):
     print("\n".join(lines))
     assert code == 1 and lines[3].startswith("FAIL loss scale applied by the backward vs divided out"), lines
     assert runs[1][5][0] == 1
+
+
+def test_the_readme_self_check_commands_parse_as_their_launchers_read_them():
+    # issue 32: the README's commands, read with DeepSpeed's and torchrun's own parsers; the
+    # deepspeed launcher knows --module only (no -m), torchrun takes -m
+    import re
+    import shlex
+
+    from deepspeed.launcher.runner import parse_args as deepspeed_args
+    from torch.distributed.run import get_args_parser as torchrun_parser
+
+    text = " ".join((REPO / "README.md").read_text().split())  # the command wraps over lines
+    ds_cmd = re.search(r"`(deepspeed --num_gpus N [^`]*agvm_ds\.selfcheck [^`]*)`", text).group(1)
+    tr_cmd = re.search(r"`(torchrun --nproc_per_node N -m agvm_ds\.selfcheck[^`]*)`", text).group(1)
+    ds = deepspeed_args(shlex.split(ds_cmd.replace(" N ", " 2 "))[1:])
+    assert ds.module and ds.num_gpus == 2 and ds.user_script == "agvm_ds.selfcheck", ds
+    assert ds.user_args == ["--deepspeed_config", "ds_configs/X.json"]
+    tr = torchrun_parser().parse_args(shlex.split(tr_cmd.replace(" N ", " 2 ").replace("…", "--x"))[1:])
+    assert tr.module and tr.training_script == "agvm_ds.selfcheck", tr

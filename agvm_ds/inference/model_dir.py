@@ -12,7 +12,8 @@ An export folder (``launch/export.py``) holds
   builder, its kwargs and ``num_classes``; user code is imported again only with
   ``trust_code=True``), ``task``, ``num_classes``, ``class_names`` and ``category_ids`` (contiguous label
   ``c`` is COCO category ``category_ids[c]``), ``transform`` (the test-time resize and
-  normalization), ``dtype``, ``source`` (checkpoint, step, ZeRO stage, training ranks) and
+  normalization; ``min_size`` a list: test-time augmentation), ``score_threshold`` (when
+  exported with one: ``predict``'s default; :mod:`agvm_ds.inference.test_time`), ``dtype``, ``source`` (checkpoint, step, ZeRO stage, training ranks) and
   ``run`` (the training run's resolved ``config.json``, which evaluation reads its dataset
   and batch size from), and ``files`` (size and CRC-32 of both weights files, checked on
   load; format version 2).
@@ -230,12 +231,18 @@ def _file_record(out: Path, names: tuple[str, ...]) -> dict[str, dict[str, int]]
 
 
 def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, dtype: str = "fp32",
-                      verify: bool = True, trust_code: bool = False) -> Path:
+                      verify: bool = True, trust_code: bool = False,
+                      test_options: Optional[dict] = None) -> Path:
     """Write ``model.safetensors``, ``backbone.safetensors`` and ``config.json`` (which
     records both files' sizes and CRC-32) of a training checkpoint into ``output_dir``;
     return ``output_dir``. ``verify``: check the checkpoint against its marker first
     (:func:`~agvm_ds.inference.verify.verify_checkpoint`); ``trust_code``: a run whose
-    ``model.builder`` is user code imports it (to check the tensors against the network)."""
+    ``model.builder`` is user code imports it (to check the tensors against the network).
+    ``test_options``: keyword arguments of
+    :func:`~agvm_ds.inference.test_time.apply_test_options` (``min_size``, ``max_size``,
+    ``score``), recorded in ``config.json`` for ``load_model``/``predict``."""
+    from agvm_ds.inference.test_time import apply_test_options
+
     from safetensors.torch import save_file
 
     from agvm_ds.inference.deepspeed_files import find_checkpoint, read_weights
@@ -246,7 +253,7 @@ def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, dtype: str
     tag_dir = find_checkpoint(checkpoint)
     run_file = run_config_of(tag_dir)
     run = _read_json(run_file, "the run's config.json beside the checkpoints")
-    info = model_info(run, str(run_file))
+    info = apply_test_options(model_info(run, str(run_file)), **(test_options or {}))
     state, source = read_weights(tag_dir, verify)
     model = build_network(info, trust_code)
     check_state(model, state, str(tag_dir))
@@ -301,8 +308,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
             raises one line naming the code.
 
     Returns the ``nn.Module`` with ``model.info`` (the export's ``config.json`` content),
-    ``model.class_names`` and ``model.predict(images, score_threshold=0.0)`` for images
-    (file paths, PIL images, ``H x W x 3`` uint8 arrays); a padded batch tensor with
+    ``model.class_names`` and ``model.predict(images, score_threshold=None)`` for images
+    (file paths, PIL images, ``H x W x 3`` uint8 arrays; at the recorded test-time sizes,
+    with the export's recorded score threshold unless one is given, else 0); a padded batch tensor with
     targets still goes to the network's own ``predict(images, targets)``.
 
     Raises:

@@ -11,7 +11,7 @@ keys refused, as everywhere in agvm-ds) and returns the validated values, so ``"
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import Field, ValidationError
 
@@ -22,7 +22,8 @@ FORMAT = "agvm-ds-export"
 
 
 class TransformRecord(ConfigModel):
-    min_size: int = Field(ge=1)
+    # several sizes: test-time augmentation (agvm_ds.inference.test_time)
+    min_size: Union[Annotated[int, Field(ge=1)], Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)]]
     max_size: Optional[int] = Field(None, ge=1)
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -54,6 +55,7 @@ class ExportRecord(ConfigModel):
     backbone_key_prefix: str = "backbone."
     source: dict[str, Any] = {}
     run: dict[str, Any]
+    score_threshold: Optional[float] = Field(None, ge=0, le=1, description="predict's default (export --score_threshold)")
     files: Optional[dict[str, FileRecord]] = None
 
 
@@ -76,4 +78,5 @@ def check_export_record(record: dict, path: Path) -> dict:
         raise ModelFileError(f"{path}: {key}.num_classes: {network.get('num_classes')!r} but "
                              f"num_classes is {valid.num_classes}")
     return valid.model_dump(mode="json", exclude_none=False,
-                            exclude={k for k in ("model_spec", "model_builder") if getattr(valid, k) is None})
+                            exclude={k for k in ("model_spec", "model_builder", "score_threshold")
+                                     if getattr(valid, k) is None})

@@ -303,7 +303,7 @@ def _train_in_folder(run: RunConfig, out_dir: Path, resume: Optional[str], rank:
             saving = bool(tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0)
             evaluating = bool(tcfg.eval_every and done % tcfg.eval_every == 0 and done < total)
             if done % tcfg.log_every == 0 or done == total or saving or evaluating:
-                _write_records(pending, losses, writer, log_every=tcfg.log_every)
+                _write_records(pending, losses, writer, log_every=tcfg.log_every, last_step=total)
                 record = pending[-1]
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.3g}",
                                 img_s=f"{record['images_per_s']:.1f}",
@@ -355,12 +355,16 @@ def check_skip_streak(streak: int, step: int, limit: int) -> None:
                            f"data or loss, lower the lr, or raise train.max_consecutive_skips")
 
 
-def _write_records(pending: list[dict], losses: LossLog, writer: MetricsWriter, log_every: int) -> None:
-    """Fill the pending records' losses (one collective) and write them, in step order."""
+def _write_records(pending: list[dict], losses: LossLog, writer: MetricsWriter, log_every: int,
+                   last_step: int) -> None:
+    """Fill the pending records' losses (one collective) and write them, in step order:
+    ``Train/*`` monitor events on every ``log_every``-th step and the run's last, AGVM's on
+    every update step (:meth:`MetricsWriter.write`)."""
     for partial, reduced in zip(pending, losses.flush()):
         record = {"step": partial["step"], "epoch": partial["epoch"], **reduced, **partial}
         partial.update(record)  # the caller reads the last one for the progress bar
-        writer.write(record, to_monitor=record["step"] % log_every == 0)
+        step = record["step"]
+        writer.write(record, train_events=step % log_every == 0 or step == last_step)
         if not math.isfinite(record["loss"]):
             logger.warning("step %d: non-finite loss %s", record["step"], record["loss"])
 

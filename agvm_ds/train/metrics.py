@@ -7,6 +7,12 @@ where AGVM updated μ, ``"agvm": {module: {"cos", "phi", "mu", "b_noise"}}`` and
 model's ``"agvm_b_noise"`` (:func:`agvm_model_fields`). ``b_noise`` is the smoothed
 gradient-noise scale in samples (:mod:`agvm_ds.core.modulator`), ``null`` while undefined.
 
+The monitor gets ``Train/*`` on the logged steps (``train.log_every``) and ``AGVM/*`` on every
+update step, whatever ``train.log_every`` is (:meth:`MetricsWriter.write`); both are written
+when the records are, at the next logged step, with the record's own step number. The AGVM
+values come from the modulator's host-side state, which ``controller._resolve`` fills on
+update steps (its one host read per update): writing them costs no device sync.
+
 Notes:
     On resume the file is cut back to the steps before the resumed one, so it always has
     exactly one line per step of the run, as if it had never stopped.
@@ -90,6 +96,16 @@ def _finite(x: Any) -> Any:
     return x
 
 
+#: What each module's entry of the ``"agvm"`` record holds (numbers become monitor events).
+AGVM_KEYS = ("cos", "phi", "mu", "b_noise")
+#: the whole model's AGVM fields of an update record (:func:`agvm_model_fields`)
+AGVM_MODEL_KEYS = ("agvm_b_noise",)
+
+
+def _scalar(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 class MetricsWriter:
     """Appends step records on rank 0 and mirrors scalars to DeepSpeed's monitor."""
 
@@ -105,17 +121,28 @@ class MetricsWriter:
                 fh.write(json.dumps(r) + "\n")
         self._fh = open(path, "a", buffering=1)
 
-    def write(self, record: dict[str, Any], to_monitor: bool = True) -> None:
+    def write(self, record: dict[str, Any], train_events: bool = True) -> None:
+        """Append ``record``; to the monitor go its ``Train/*`` scalars when ``train_events``
+        (the logged steps) and, whatever ``train_events`` is, the AGVM scalars of an update
+        step (``AGVM/<stat>/<module>`` and ``Train/agvm_b_noise``): updates fall every τ
+        steps from ``agvm.start_step``, which need not meet ``train.log_every``'s multiples,
+        and a μ curve missing from TensorBoard/W&B is the thing a user comes for."""
         if not self.enabled:
             return
         self._fh.write(json.dumps(_finite(record)) + "\n")
-        if to_monitor and self.monitor is not None and getattr(self.monitor, "enabled", False):
-            step = record["step"]
-            events = [(f"Train/{k}", float(v), step) for k, v in record.items()
-                      if k not in ("step", "epoch") and isinstance(v, (int, float))]
-            for module, stats in (record.get("agvm") or {}).items():
-                events += [(f"AGVM/{k}/{module}", float(v), step) for k, v in stats.items()
-                           if isinstance(v, (int, float))]
+        if self.monitor is None or not getattr(self.monitor, "enabled", False):
+            return
+        step = record["step"]
+        update = record.get("agvm") or {}
+        events = []
+        for k, v in record.items():
+            if k in ("step", "epoch") or not _scalar(v):  # None (undefined B_noise) is no event
+                continue
+            if (bool(update) if k in AGVM_MODEL_KEYS else train_events):
+                events.append((f"Train/{k}", float(v), step))
+        for module, stats in update.items():
+            events += [(f"AGVM/{k}/{module}", float(v), step) for k, v in stats.items() if _scalar(v)]
+        if events:
             self.monitor.write_events(events)
 
     def write_eval(self, step: int, stats: dict[str, float]) -> None:
@@ -129,8 +156,6 @@ class MetricsWriter:
             self._fh = None
 
 
-#: What each module's entry of the ``"agvm"`` record holds (numbers become monitor events).
-AGVM_KEYS = ("cos", "phi", "mu", "b_noise")
 
 
 def _number(x: Any) -> Optional[float]:
@@ -167,7 +192,14 @@ def noise_scale_line(modulation: Optional[dict], global_batch: int) -> Optional[
     if not modulation or not modulation.get("modules"):
         return None
     per = ", ".join(f"{name} {_samples(s.get('b_noise'))}" for name, s in modulation["modules"].items())
-    model = modulation.get("b_noise")
-    model = "model undefined" if model is None else f"model ≈ {model:.3g} samples"
-    return (f"gradient-noise scale (last smoothed): {model}, per module {per}; "
-            f"this run's global batch: {global_batch}")
+    b_noise = modulation.get("b_noise")
+    model = "model undefined" if b_noise is None else f"model ≈ {b_noise:.3g} samples"
+    ratio = "" if not b_noise else f" ({global_batch / b_noise:.2g} × B_noise)"
+    return (f"gradient-noise scale B_noise (last smoothed): {model}, per module {per}; "
+            f"this run's global batch: {global_batch}{ratio}. {NOISE_MEANING}")
+
+
+#: what the B_noise number says, printed with it (docs/agvm.md, "Gradient-noise scale")
+NOISE_MEANING = ("B_noise is the batch at which gradient noise and signal are about equal: far below it a "
+                 "larger batch trains about as well per sample in fewer steps, far above it a larger "
+                 "batch buys little per step (McCandlish et al. 2018)")
