@@ -291,8 +291,8 @@ def test_a_dataset_with_other_classes_than_the_model_is_one_line(tmp_path, capsy
 
 @pytest.mark.parametrize("case, problem", [
     ("no_class_names", "class_names: Field required"),
-    ("string_transform_size", "transform.min_size: Input should be a valid integer, unable to "
-                              "parse string as an integer"),
+    ("string_transform_size", "transform.min_size: Value error, must be a positive integer or a "
+                              "non-empty list of them, got 'big'"),
     ("unknown_key", "num_clases: unknown key (did you mean 'num_classes'?)"),
     ("short_category_ids", "category_ids: 1 entries but num_classes is 6"),
     ("bad_run_data", "run.data.min_sise: unknown key (did you mean 'min_size'?)"),

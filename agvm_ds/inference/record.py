@@ -11,9 +11,9 @@ keys refused, as everywhere in agvm-ds) and returns the validated values, so ``"
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from agvm_ds.config.base import ConfigModel, format_validation_error
 from agvm_ds.errors import ModelFileError
@@ -23,7 +23,15 @@ FORMAT = "agvm-ds-export"
 
 class TransformRecord(ConfigModel):
     # several sizes: test-time augmentation (agvm_ds.inference.test_time)
-    min_size: Union[Annotated[int, Field(ge=1)], Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)]]
+    min_size: Union[int, list[int]]
+
+    @field_validator("min_size", mode="before")
+    @classmethod
+    def _sizes(cls, v):
+        sizes = v if isinstance(v, list) else [v]
+        if not sizes or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes):
+            raise ValueError(f"must be a positive integer or a non-empty list of them, got {v!r}")
+        return v
     max_size: Optional[int] = Field(None, ge=1)
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
