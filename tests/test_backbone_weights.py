@@ -208,3 +208,17 @@ def test_refusals_are_one_line_naming_the_file(tmp_path):
     # the pickled file really is a pickle: refused by weights-only loading, not by a name check
     with pytest.raises(pickle.UnpicklingError):
         torch.load(tmp_path / "pickle.pt", weights_only=True)
+
+
+def test_safetensors_whose_first_byte_looks_like_a_pickle(tmp_path):
+    """A safetensors header length ending in byte 0x80 (pickle's opcode) is still safetensors."""
+    from safetensors.torch import save
+
+    spec = load_spec("semantic_fpn_uninet_tiny").backbone
+    src = build_backbone(spec)
+    tensors = {k: v.contiguous() for k, v in src.state_dict().items()}
+    blob = next(b for b in (save(tensors, metadata={"pad": "x" * i}) for i in range(512)) if b[0] == 0x80)
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(blob)
+    r = load_backbone_weights(path, build_backbone(spec))
+    assert (r.missing, r.unexpected, r.loaded) == ([], [], r.total)

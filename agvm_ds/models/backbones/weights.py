@@ -78,8 +78,12 @@ def read_weights(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise ConfigError(f"{_KEY}: {path} does not exist")
     with open(path, "rb") as fh:
-        head = fh.read(4)
-    if head == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save's zip / legacy pickle
+        head = fh.read(9)
+    # safetensors: an 8-byte little-endian header length, then the JSON header; checked
+    # first, since its first byte may be any value (0x80 included)
+    n = int.from_bytes(head[:8], "little") if len(head) == 9 else -1
+    safetensors = 2 <= n <= path.stat().st_size - 8 and head[8:9] == b"{"
+    if not safetensors and (head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"):  # torch.save: zip / legacy
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
