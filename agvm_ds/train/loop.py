@@ -157,6 +157,9 @@ def build_job(run: RunConfig, out_dir: Path, rank: int, world: int,
     t0 = time.perf_counter()
     model = B.build_model(run, getattr(train_set, "num_classes", None))
     t1 = time.perf_counter()
+    report = getattr(getattr(model, "backbone", None), "weights_report", None)
+    if report is not None:  # what model.backbone_checkpoint gave: counts and first names
+        job.say(report.line())
     job.partition = resolve_partition(model, anchor=resolved.agvm.anchor)  # once, for groups and engine
     weight_decay = float(resolved.deepspeed["optimizer"].get("params", {}).get("weight_decay", 0.0))
     groups = B.build_param_groups(model, job.partition, weight_decay, resolved.base_lr,

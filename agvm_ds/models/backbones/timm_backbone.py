@@ -8,10 +8,12 @@ permuted to the NCHW the necks expect, based on the wrapper's ``output_fmt``.
 makes them SyncBatchNorm, ``frozen_bn`` FrozenBatchNorm2d (the detectron2 / mmdetection
 default for pretrained backbones; from random weights it only rescales).
 
-Weights start random. Pretrained weights come only from a local file (``checkpoint``) -
-timm's own ``pretrained_cfg_overlay={"file": ...}`` loads it into the full classifier
-model before the feature wrapper prunes it, so any checkpoint timm can read works, with
-timm's key remapping (e.g. for Swin's relative-position tables) applied.
+Weights start random. Pretrained weights come only from a local file (``checkpoint``),
+loaded into the ``features_only`` model by
+:func:`~agvm_ds.models.backbones.weights.load_backbone_weights` before any BatchNorm is
+converted (so ``frozen_bn`` freezes the checkpoint's statistics). timm's model-specific
+checkpoint filters (e.g. resizing a ViT's position table) are not applied: a tensor of
+another shape is refused, naming it.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from agvm_ds.errors import ConfigError
+from agvm_ds.models.backbones.weights import load_backbone_weights
 from agvm_ds.models.layers import convert_batchnorm
-from agvm_ds.models.backbones.weights_file import read_weights_file
 from agvm_ds.models.norms import count_batchnorms
 
 __all__ = ["TimmBackbone"]
@@ -46,19 +48,13 @@ class TimmBackbone(nn.Module):
             if key in spec.name:
                 for k, v in extra.items():
                     kwargs.setdefault(k, v)
-        pretrained = False
-        if spec.checkpoint and not _on_meta_device():
-            path = Path(spec.checkpoint).expanduser()
-            if not path.is_file():
-                raise ConfigError(f"backbone.checkpoint: {path} does not exist")
-            if path.suffix != ".safetensors":  # timm unpickles the rest: refuse there in one line
-                read_weights_file(path, mmap=True)  # mapped, not read: a check of its globals
-            pretrained = True
-            kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
+        load = bool(spec.checkpoint) and not _on_meta_device()
+        if load and not Path(spec.checkpoint).expanduser().is_file():  # before building
+            raise ConfigError(f"backbone.checkpoint: {Path(spec.checkpoint).expanduser()} does not exist")
         def create(out_indices):
             extra = {} if out_indices is None else {"out_indices": tuple(out_indices)}
             try:
-                return timm.create_model(spec.name, pretrained=pretrained, features_only=True,
+                return timm.create_model(spec.name, pretrained=False, features_only=True,
                                          **extra, **kwargs)
             except RuntimeError as err:  # unknown model / no feature support
                 raise ConfigError(f"backbone.name: timm cannot build {spec.name!r} with "
@@ -75,6 +71,7 @@ class TimmBackbone(nn.Module):
         if spec.norm != "bn" and not count_batchnorms(model):
             raise ConfigError(f"backbone.norm: {spec.norm!r} converts BatchNorm layers, but timm's "
                               f"{spec.name!r} has none")
+        self.weights_report = load_backbone_weights(spec.checkpoint, model) if load else None
         # timm builds plain nn.BatchNorm2d layers: "bn" makes them run under DeepSpeed's bf16
         # mode, "syncbn"/"frozen_bn" replace them (after any checkpoint was loaded into them)
         self.body = convert_batchnorm(model, spec.norm)
