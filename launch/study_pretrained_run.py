@@ -62,6 +62,8 @@ def dry_run(args, base: dict, assignments: list, backbone: Path, threads: int) -
                   f"~{sp.cell_seconds(cell, configs[cell]):.0f} s")
     _log(f"total estimate {_hours(total)} (rates of launch/study_pretrained.RATES; "
          f"budget 3 h for the default grid)")
+    if args.full:
+        _log("--full is the GPU grid: this estimate uses the 2-core machine's CPU rates (no GPU rate measured)")
     _log("tau/alpha: " + ("from " + str(args.out / "selection.json") if selection else
                           "no selection.json yet; the grid's AGVM cells wait for --select"))
     refusal = sp.check_backbone(backbone)
