@@ -6,6 +6,7 @@ launcher, the engines, AGVM) and writes ``docs/large_batch.md``::
     python launch/study.py                   # the default grid, ~1.5 h on the 2-core machine
     python launch/study.py --full            # more seeds, 64x, for a GPU machine
     python launch/study.py --cells sgd-agvm-b16-s0 --set train.epochs=0.05   # one cell
+    python launch/study.py --grid pretrained --dry-run   # issue 33's grid: launch/study_pretrained.py
 
 Grid: optimizer {SGD, AdamW} x {plain, AGVM} x batch {1x, 8x, 32x} of a base batch of 16,
 seeds per batch from :data:`SEEDS` (>= 2 at the largest). Every cell starts from

@@ -90,7 +90,8 @@ def main(args, argv) -> int:
         return dry_run(args, base, assignments, backbone, threads)
     cells = sp.selection_cells(args.full) if args.select else sp.grid(args.full)
     if args.cells:
-        known = {c.name: c for c in sp.grid(True) + sp.grid(False) + sp.selection_cells(True)}
+        known = {c.name: c for c in sp.grid(True) + sp.grid(False) + sp.selection_cells(True)
+                 + sp.selection_cells(False)}
         unknown = [n for n in args.cells if n not in known]
         if unknown:
             print(f"error: --cells: unknown cell(s) {', '.join(unknown)}; names look like "

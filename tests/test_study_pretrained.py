@@ -170,3 +170,37 @@ def test_report_from_fake_cells(tmp_path, capsys):
     doc.write_text("# mine\n\nreading kept\n\n" + text)
     write_report(out, doc, cells, command="again")
     assert "reading kept" in doc.read_text() and doc.read_text().count("study:begin") == 1
+
+
+@pytest.mark.parametrize("detector", ["retina", "frcnn"])
+def test_cell_model_section_loads_the_weights_with_frozen_statistics(detector, tmp_path):
+    """The cell's ``model`` section, as the launcher reads it, builds a backbone holding the
+    checkpoint's tensors, BatchNorm statistics included, and frozen_bn keeps them in train mode."""
+    import torch
+
+    from agvm_ds.config.model import ModelConfig
+    from agvm_ds.models.backbones import build_backbone
+
+    torch.manual_seed(0)
+    source = build_backbone(ModelConfig(spec=sp.DETECTORS["frcnn"][0], num_classes=6).model_spec().backbone)
+    for buf in source.buffers():
+        if buf.is_floating_point():
+            buf.uniform_(0.5, 1.5)  # statistics no fresh BatchNorm has
+    path = tmp_path / "bb.pt"
+    torch.save(source.state_dict(), path)
+    cell = next(c for c in sp.grid() if c.detector == detector)
+    cfg = sp.cell_config(cell, _base(), [], path, "frozen_bn", SELECTION)
+    backbone = build_backbone(ModelConfig(**cfg["model"]).model_spec().backbone)
+    loaded = backbone.state_dict()
+    floats = [k for k, v in source.state_dict().items() if v.is_floating_point()]
+    assert sum("running_var" in k for k in floats if k in loaded) >= 10  # the statistics are there
+    for key in floats:
+        if key in loaded:
+            assert torch.equal(loaded[key], source.state_dict()[key]), key
+    assert any("Frozen" in type(m).__name__ for m in backbone.modules())
+    backbone.train()
+    x = torch.randn(2, 3, 64, 64)
+    backbone(x)  # a training-mode forward must not move frozen statistics
+    for key, value in source.state_dict().items():
+        if "running" in key and key in backbone.state_dict():
+            assert torch.equal(backbone.state_dict()[key], value), key
