@@ -190,7 +190,8 @@ def write_report(out: Path, doc: Path, cells, command: str, selection_path: Path
              "p-values are one-sided, AGVM against plain at the same batch (H1: higher final AP; fewer "
              "epochs to target). Epochs to target: `>E` = never reached by the last evaluation (censored, "
              "slower than every run that reached it). Gap closed: (AP_AGVM − AP_plain) / (AP_plain@1× − "
-             "AP_plain), bootstrap over seeds.", "",
+             "AP_plain), bootstrap over seeds. A failed cell (exit ≠ 0, e.g. stopped on non-finite "
+             "gradients) is left out of the AP statistics and counts as never reaching the target.", "",
              *table_lines(analysis), "", "### Verdict (filled from the numbers)", "", text, ""]
     if phi_png is not None:
         block += [f"![Φ per module over training]({phi_png.relative_to(doc.parent).as_posix()})", ""]

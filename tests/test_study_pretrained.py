@@ -42,6 +42,21 @@ def test_grid_cells_and_seeds():
     assert {(c.detector, c.optimizer) for c in full} >= {("frcnn", "adamw")}
 
 
+def test_full_grid_configs_validate(tmp_path):
+    """--full (for a GPU) is never trained here: every kind of its run files must pass the
+    launcher's validation, with x64 at lr 64 x base (linear)."""
+    from agvm_ds.config.run import load_run_config
+    from agvm_ds.train.schedule import scaled_lr
+
+    cells = sp.grid(full=True) + sp.selection_cells(full=True)
+    for cell in {(c.detector, c.optimizer, c.agvm, c.batch, c.heldout): c for c in cells}.values():
+        path = tmp_path / f"{cell.name}.json"
+        path.write_text(json.dumps(sp.cell_config(cell, _base(), [], tmp_path / "bb", "bn", SELECTION, full=True)))
+        run = load_run_config(path, world_size=1)
+        assert scaled_lr(run.train.lr_scaling, cell.batch) == pytest.approx(
+            study.OPTIMIZERS[cell.optimizer][1] * cell.multiplier, rel=1e-12)
+
+
 @pytest.mark.parametrize("name", ["frcnn-sgd-plain-b16-s0", "retina-adamw-agvm-b128-s1", "retina-sgd-agvm-b512-s4"])
 def test_cell_config_linear_lr_warmup_epochs_pretrained(name, tmp_path):
     from agvm_ds.config.run import load_run_config
