@@ -19,11 +19,11 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from agvm_ds.train.metrics import read_metrics
+from agvm_ds.train.plot import modulation_series
 from launch import study_stats as st
 from launch.study_pretrained import TARGET_FRACTION
 from launch.study_report import BEGIN, END, RUN_SUBDIR, plot_phi, replace_block
-from agvm_ds.train.metrics import read_metrics
-from agvm_ds.train.plot import modulation_series
 
 ALPHA = 0.05
 

@@ -164,6 +164,11 @@ def test_report_from_fake_cells(tmp_path, capsys):
         _fake_cell(out, cells[-1], [0.1, 0.2, plain32[s]], 0.05)
         cells.append(C("retina", "sgd", True, 32, s))
         _fake_cell(out, cells[-1], [0.2, 0.4, agvm32[s]], 0.3)
+    # Faster R-CNN/SGD: plain at 32x is as good as at 1x -> "no gap"
+    for s, (ap1, ap32, apg) in enumerate(((0.40, 0.41, 0.40), (0.41, 0.40, 0.42), (0.42, 0.42, 0.41))):
+        for agvm, batch_x, final in ((False, 1, ap1), (False, 32, ap32), (True, 32, apg)):
+            cells.append(C("frcnn", "sgd", agvm, batch_x, s))
+            _fake_cell(out, cells[-1], [0.2, 0.3, final], 0.5)
     write_report(out, doc, cells, command="python launch/study.py --grid pretrained",
                  selection_path=tmp_path / "none.json")
     text = doc.read_text()
@@ -180,6 +185,7 @@ def test_report_from_fake_cells(tmp_path, capsys):
     closed = ((0.46 + 0.52 + 0.53) / 3 - 0.32) / (0.52 - 0.32)
     assert f"{100 * closed:.0f} % (" in agvm_row and f"AGVM closes {100 * closed:.0f} %" in verdict
     assert "retina/sgd at ×32 (batch 512): plain loses 0.200 AP" in text
+    assert "frcnn/sgd at ×32 (batch 512): no gap — plain loses 0.000 AP" in verdict
     assert (doc.parent / "images" / "large_batch_pretrained_phi.png").stat().st_size > 0
     # a second build keeps the hand-written text outside the block and holds one block
     doc.write_text("# mine\n\nreading kept\n\n" + text)
