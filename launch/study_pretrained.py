@@ -33,6 +33,7 @@ the 2-core machine; ``--dry-run`` prints the estimate from :data:`RATES` (measur
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -132,6 +133,15 @@ def check_backbone(path: Path) -> Optional[str]:
             f"(bench/pretrain_backbone.py, issue 33 item 1)")
 
 
+def _repo_relative(path: Path) -> str:
+    """Inside the repository relative to it (the launcher runs there): fingerprints then do not
+    depend on where the clone lives."""
+    try:
+        return str(Path(path).resolve().relative_to(study.REPO))
+    except ValueError:
+        return str(path)
+
+
 def cell_config(cell: PretrainedCell, base: dict, assignments: list, backbone: Path, norm: str,
                 selection: Optional[dict], full: bool = False) -> dict:
     """One cell's run file: the default grid's cell (optimizer, layout, seed, plain = clamp
@@ -140,7 +150,7 @@ def cell_config(cell: PretrainedCell, base: dict, assignments: list, backbone: P
     spec, overrides = DETECTORS[cell.detector]
     cfg["model"] = {"spec": spec, "num_classes": base["model"]["num_classes"],
                     "overrides": {**overrides, "backbone.norm": norm},
-                    "backbone_checkpoint": str(backbone)}
+                    "backbone_checkpoint": _repo_relative(backbone)}
     synthetic = cfg["data"]["synthetic"]
     synthetic["train"], synthetic["val"] = ((FULL_TRAIN_IMAGES, FULL_VAL_IMAGES) if full
                                             else (TRAIN_IMAGES, VAL_IMAGES))
@@ -226,4 +236,15 @@ def write_selection(out: Path, records: dict[PretrainedCell, float]) -> dict:
 
 
 def configs_for(cells, base: dict, assignments, backbone: Path, norm: str, selection, full: bool) -> dict:
-    return {c: cell_config(c, copy.deepcopy(base), assignments, backbone, norm, selection, full) for c in cells}
+    """{cell: run file}. The weights' sha256 goes into each file's ``_comment`` and so into the
+    cell's fingerprint: remade weights retrain the cells instead of reusing them."""
+    stamp = None
+    if Path(backbone).is_file():
+        stamp = f"backbone weights sha256 {hashlib.sha256(Path(backbone).read_bytes()).hexdigest()}"
+    configs = {}
+    for c in cells:
+        cfg = cell_config(c, copy.deepcopy(base), assignments, backbone, norm, selection, full)
+        if stamp:
+            cfg["_comment"] = [stamp]
+        configs[c] = cfg
+    return configs

@@ -77,6 +77,8 @@ def test_cell_config_linear_lr_warmup_epochs_pretrained(name, tmp_path):
     assert steps == sp.EPOCHS * images // b and warmup == sp.WARMUP_EPOCHS * images // b
     assert run.train.eval_every == images // b  # one evaluation per epoch
     assert cfg["model"]["backbone_checkpoint"] == str(backbone)
+    default = sp.cell_config(cell, _base(), [], sp.DEFAULT_BACKBONE, "frozen_bn", SELECTION)
+    assert default["model"]["backbone_checkpoint"] == "models/pretrained/uninet_tiny_shapes.safetensors"
     assert cfg["model"]["overrides"]["backbone.norm"] == "frozen_bn"
     assert cfg["model"]["spec"] == sp.DETECTORS[cell.detector][0]
     if cell.agvm:
@@ -225,3 +227,18 @@ def test_cell_model_section_loads_the_weights_with_frozen_statistics(detector, t
     for key, value in source.state_dict().items():
         if "running" in key and key in backbone.state_dict():
             assert torch.equal(backbone.state_dict()[key], value), key
+
+
+def test_remade_weights_change_the_fingerprint(tmp_path):
+    from agvm_ds.config.run import load_run_config
+
+    weights = tmp_path / "bb.safetensors"
+    cell = sp.grid()[0]
+    prints = []
+    for content in (b"first", b"first", b"second"):
+        weights.write_bytes(content)
+        cfg = sp.configs_for([cell], _base(), [], weights, "frozen_bn", SELECTION, False)[cell]
+        prints.append(study.fingerprint(cfg))
+    assert prints[0] == prints[1] != prints[2]
+    (tmp_path / "run.json").write_text(json.dumps(cfg))
+    load_run_config(tmp_path / "run.json", world_size=1)  # _comment is allowed in a run file
