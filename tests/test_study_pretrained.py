@@ -242,3 +242,39 @@ def test_remade_weights_change_the_fingerprint(tmp_path):
     assert prints[0] == prints[1] != prints[2]
     (tmp_path / "run.json").write_text(json.dumps(cfg))
     load_run_config(tmp_path / "run.json", world_size=1)  # _comment is allowed in a run file
+
+
+def test_select_then_grid_wiring(tmp_path, monkeypatch, capsys):
+    """--select trains the held-out cells (faked here: no training), records the best tau/alpha,
+    and the grid's AGVM cells then carry it; the plain cells keep PLAIN_INTERVAL."""
+    weights, out = tmp_path / "bb.safetensors", tmp_path / "cells"
+    weights.write_bytes(b"w")
+    seen = {}
+
+    def fake_run_cells(configs, where, jobs, port, threads, log):
+        records = []
+        for cell, cfg in configs.items():
+            seen[cell] = cfg
+            if cell.heldout:  # the faster candidate wins on the held-out draw
+                run = where / cell.name / "run"
+                run.mkdir(parents=True)
+                ap = 0.3 if cell.interval == 2 else 0.2
+                (run / "eval.json").write_text(json.dumps({"bbox_AP": ap}))
+            records.append({"cell": cell.name, "rc": 0})
+        return records
+
+    monkeypatch.setattr(study, "run_cells", fake_run_cells)
+    common = ["--grid", "pretrained", "--out", str(out), "--doc", str(tmp_path / "doc.md"),
+              "--backbone_checkpoint", str(weights)]
+    assert study.main(common + ["--select"]) == 0
+    assert all(c.heldout and cfg["data"]["synthetic"]["seed"] == 1 for c, cfg in seen.items())
+    chosen = json.loads((out / "selection.json").read_text())["chosen"]
+    assert chosen == {k: {"interval": 2, "momentum": 0.9} for k in ("frcnn/sgd", "retina/sgd", "retina/adamw")}
+    seen.clear()
+    assert study.main(common) == 0
+    assert len(seen) == len(sp.grid())
+    for cell, cfg in seen.items():
+        assert cfg["data"]["synthetic"]["seed"] == 0
+        assert cfg["agvm"]["interval"] == (2 if cell.agvm else sp.PLAIN_INTERVAL)
+        assert cfg["_comment"][0].startswith("backbone weights sha256 ")
+    assert "No cells have run yet" in (tmp_path / "doc.md").read_text()
