@@ -18,7 +18,7 @@ export PYTHONWARNINGS ?= ignore::DeprecationWarning,ignore::FutureWarning
 # compiles torch and DeepSpeed again (~8 s per rank start, ~100 process starts in make test)
 export PYTHONDONTWRITEBYTECODE :=
 
-.PHONY: install test train bench study clean
+.PHONY: install test train bench study study-pretrained clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -43,6 +43,13 @@ bench: $(STAMP)
 # issue 14's large-batch study: ~1.5 h on the 2-core machine; finished cells are reused
 study: $(STAMP)
 	$(BIN)/python launch/study.py
+
+# issue 33's study under the paper's conditions (docs/large_batch_pretrained.md): tau/alpha on the
+# held-out draw, then the grid; ~2.9 h on the 2-core machine (--dry-run prints the estimate);
+# needs models/pretrained/uninet_tiny_shapes.safetensors (bench/pretrain_backbone.py)
+study-pretrained: $(STAMP)
+	$(BIN)/python launch/study.py --grid pretrained --select
+	$(BIN)/python launch/study.py --grid pretrained
 
 clean:
 	rm -rf $(VENV) .cache runs

@@ -6,6 +6,7 @@ launcher, the engines, AGVM) and writes ``docs/large_batch.md``::
     python launch/study.py                   # the default grid, ~1.5 h on the 2-core machine
     python launch/study.py --full            # more seeds, 64x, for a GPU machine
     python launch/study.py --cells sgd-agvm-b16-s0 --set train.epochs=0.05   # one cell
+    python launch/study.py --grid pretrained --dry-run   # issue 33's grid: launch/study_pretrained.py
 
 Grid: optimizer {SGD, AdamW} x {plain, AGVM} x batch {1x, 8x, 32x} of a base batch of 16,
 seeds per batch from :data:`SEEDS` (>= 2 at the largest). Every cell starts from
@@ -213,9 +214,11 @@ def run_cell(cell: Cell, cfg: dict, out: Path, port: int, threads: int, log) -> 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=REPO / "runs" / "study", help="one dir per cell")
-    p.add_argument("--doc", type=Path, default=REPO / "docs" / "large_batch.md",
-                   help="report to (re)write; its generated block only")
+    p.add_argument("--out", type=Path, default=None,
+                   help="one dir per cell (default runs/study, runs/study_pretrained)")
+    p.add_argument("--doc", type=Path, default=None,
+                   help="report to (re)write, its generated block only (default "
+                        "docs/large_batch.md, docs/large_batch_pretrained.md)")
     p.add_argument("--full", action="store_true",
                    help="the GPU grid: 64x, more seeds, LAMB and LARS (untuned lr)")
     p.add_argument("--cells", nargs="*", default=None, metavar="NAME",
@@ -228,12 +231,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch threads per cell (default: cores // jobs)")
     p.add_argument("--port", type=int, default=29710, help="first master port (one per job)")
     p.add_argument("--no-run", action="store_true", help="only rebuild the report from --out")
+    p.add_argument("--grid", choices=("default", "pretrained"), default="default",
+                   help="default: the study of docs/large_batch.md (random init); pretrained: "
+                        "issue 33's paper conditions (launch/study_pretrained.py)")
+    p.add_argument("--select", action="store_true",
+                   help="pretrained grid: choose AGVM's tau/alpha on the held-out draw first")
+    p.add_argument("--dry-run", action="store_true",
+                   help="pretrained grid: list the cells, validate their run files, print the "
+                        "CPU-time estimate; train nothing")
+    p.add_argument("--backbone_checkpoint", type=Path, default=None,
+                   help="pretrained grid: backbone weights (default: "
+                        "models/pretrained/uninet_tiny_shapes.safetensors)")
+    p.add_argument("--backbone_norm", choices=("frozen_bn", "bn"), default="frozen_bn",
+                   help="pretrained grid: what the backbone's BatchNorms do")
     p.add_argument("--command", default=None, help=argparse.SUPPRESS)  # shown atop the doc
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    pretrained = args.grid == "pretrained"
+    args.out = args.out or REPO / "runs" / ("study_pretrained" if pretrained else "study")
+    args.doc = args.doc or REPO / "docs" / ("large_batch_pretrained.md" if pretrained else "large_batch.md")
+    if pretrained:
+        from launch.study_pretrained_run import main as pretrained_main
+
+        return pretrained_main(args, argv)
+    if args.select or args.dry_run:
+        print("error: --select and --dry-run belong to --grid pretrained", file=sys.stderr)
+        return 2
     from launch.study_report import write_report
 
     cells = grid(args.full)
@@ -259,25 +285,36 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[study {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     if not args.no_run:
-        prepare_data(next(iter(configs.values())), log)
-        free_ports = list(range(args.port, args.port + args.jobs))
-
-        def work(cell: Cell) -> dict:
-            port = free_ports.pop()
-            try:
-                return run_cell(cell, configs[cell], args.out, port, threads, log)
-            finally:
-                free_ports.append(port)
-
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            records = list(pool.map(work, cells))
-        failed = [r["cell"] for r in records if r["rc"] != 0]
-        if failed:
-            log(f"{len(failed)} cell(s) failed: {', '.join(failed)}")
+        run_cells(configs, args.out, args.jobs, args.port, threads, log)
     command = args.command or "python launch/study.py " + " ".join(argv if argv is not None else sys.argv[1:])
     doc = write_report(args.out, args.doc, cells, command=command.strip())
     log(f"report: {doc}")
     return 0
+
+
+def run_cells(configs: dict, out: Path, jobs: int, port: int, threads: int, log) -> list[dict]:
+    """Train ``configs`` ({cell: run file}, in order) ``jobs`` at a time; the records."""
+    seen = set()
+    for cfg in configs.values():  # each distinct benchmark once, before the cells start
+        key = json.dumps(cfg["data"], sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            prepare_data(cfg, log)
+    free_ports = list(range(port, port + jobs))
+
+    def work(cell) -> dict:
+        slot = free_ports.pop()
+        try:
+            return run_cell(cell, configs[cell], out, slot, threads, log)
+        finally:
+            free_ports.append(slot)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        records = list(pool.map(work, configs))
+    failed = [r["cell"] for r in records if r["rc"] != 0]
+    if failed:
+        log(f"{len(failed)} cell(s) failed: {', '.join(failed)}")
+    return records
 
 
 def prepare_data(cfg: dict, log) -> None:

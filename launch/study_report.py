@@ -146,8 +146,9 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_phi(groups: dict, path: Path) -> Path | None:
-    """Fig. 1 style: Φ per module over training, plain cells (seed 0), smallest and largest batch."""
+def plot_phi(groups: dict, path: Path, per_epoch: bool = False) -> Path | None:
+    """Fig. 1 style: Φ per module over training, plain cells (seed 0), smallest and largest batch.
+    ``per_epoch``: x in epochs (records carry ``steps_per_epoch``), so that batches line up."""
     batches = sorted({k[2] for k in groups})
     opts = sorted({k[0] for k in groups})
     if not batches:
@@ -167,12 +168,13 @@ def plot_phi(groups: dict, path: Path) -> Path | None:
                 rs = sorted(groups.get((opt, agvm, batch), []), key=lambda r: r["seed"])
                 if not rs:
                     continue
+                scale = rs[0]["steps_per_epoch"] if per_epoch else 1
                 for k, (module, d) in enumerate(rs[0]["series"].items()):
-                    ax.plot(d["step"], d["phi"], style, color=f"C{k}", linewidth=1.3,
+                    ax.plot([s / scale for s in d["step"]], d["phi"], style, color=f"C{k}", linewidth=1.3,
                             label=f"{module}{' (AGVM)' if agvm else ''}")
             ax.set_yscale("log")
             ax.set_title(f"{opt}, batch {batch}: Φ per module (— plain, ··· AGVM)", fontsize=9)
-            ax.set_xlabel("iteration")
+            ax.set_xlabel("epoch" if per_epoch else "iteration")
             ax.set_ylabel("Φ = 1 − cos(G1, G2)")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
@@ -232,7 +234,13 @@ def write_report(out: Path, doc: Path, cells, command: str) -> Path:
         if png is not None:
             block += [f"![{caption}]({png.relative_to(doc.parent).as_posix()})", ""]
     block.append(END)
-    text = doc.read_text() if doc.exists() else "# Large-batch study\n\n"
+    return replace_block(doc, block, "# Large-batch study\n\n")
+
+
+def replace_block(doc: Path, block: list[str], new_doc_head: str) -> Path:
+    """Write ``block`` (BEGIN ... END lines) over the generated block of ``doc``, keeping
+    everything outside it; a new doc starts with ``new_doc_head``."""
+    text = doc.read_text() if doc.exists() else new_doc_head
     if BEGIN in text and END in text:
         pre, rest = text.split(BEGIN, 1)
         post = rest.split(END, 1)[1]
