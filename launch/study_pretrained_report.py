@@ -80,7 +80,9 @@ def analyse(records: list[dict]) -> dict:
     for det, opt in sorted({k[:2] for k in by}):
         batches = sorted({k[3] for k in by if k[:2] == (det, opt)})
         ref = [r["ap"] for r in by.get((det, opt, False, batches[0]), []) if math.isfinite(r["ap"])]
-        target = TARGET_FRACTION * statistics.fmean(ref) if ref else float("nan")
+        # no target without a x1 run that learned something: a target of 0 is "reached" by the
+        # first evaluation of any run, which would make every epochs-to-target equal and empty
+        target = TARGET_FRACTION * statistics.fmean(ref) if ref and statistics.fmean(ref) > 0 else float("nan")
         cells = {}
         for (d, o, agvm, batch), rs in by.items():
             if (d, o) != (det, opt):

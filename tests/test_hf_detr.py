@@ -49,13 +49,7 @@ HF_TOP_K = {"detr": 100, "deformable_detr": 100, "rt_detr": _SMALL["num_queries"
 NUM_CLASSES = 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """2 shared cores: torch's default threads oversubscribe them (many times slower under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _batch():

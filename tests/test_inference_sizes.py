@@ -33,15 +33,7 @@ from launch.tool_setup import cores_available, set_cpu_threads  # noqa: E402
 W, H, SIDE, CAP = 40, 52, 300, 400  # J's size; --min_size 300 makes it 300 x 390 (scale 7.5)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """In-process forwards on one thread: on the shared 2-core machine two spinning OpenMP
-    threads make each forward 10-20x slower under load (launch/tool_setup.py); every
-    comparison here runs under the same setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

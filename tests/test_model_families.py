@@ -225,13 +225,7 @@ def _reference_detections(model, images, targets):
     return out, raw
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """2 shared cores: torch's default threads oversubscribe them (10x slower under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -195,6 +195,25 @@ def test_report_from_fake_cells(tmp_path, capsys):
     assert "reading kept" in doc.read_text() and doc.read_text().count("study:begin") == 1
 
 
+def test_no_target_when_the_reference_runs_learned_nothing(tmp_path, capsys):
+    """A x1 plain AP of 0 would make the target 0, "reached" by every run's first evaluation:
+    the report gives no target and no run counts as reaching it."""
+    from launch.study_pretrained_report import write_report
+
+    C = sp.PretrainedCell
+    out, doc = tmp_path / "cells", tmp_path / "docs" / "large_batch_pretrained.md"
+    cells = []
+    for s in range(3):
+        for agvm, batch_x, curve in ((False, 1, [0.0, 0.0, 0.0]), (False, 32, [0.0, 0.1, 0.2]),
+                                     (True, 32, [0.1, 0.2, 0.3])):
+            cells.append(C("retina", "sgd", agvm, batch_x, s))
+            _fake_cell(out, cells[-1], curve, 0.5)
+    write_report(out, doc, cells, command="x", selection_path=tmp_path / "none.json")
+    rows = [line for line in doc.read_text().splitlines() if line.startswith("| retina | sgd | 512 |")]
+    assert len(rows) == 2 and all(">3, >3, >3" in row for row in rows)  # nothing "reached" a target of 0
+    assert "retina/sgd —" in doc.read_text()  # the targets line shows none
+
+
 @pytest.mark.parametrize("detector", ["retina", "frcnn"])
 def test_cell_model_section_loads_the_weights_with_frozen_statistics(detector, tmp_path):
     """The cell's ``model`` section, as the launcher reads it, builds a backbone holding the

@@ -16,7 +16,7 @@ from agvm_ds.models.backbones import build_backbone
 from agvm_ds.models.necks import build_neck
 from agvm_ds.ops import clip_boxes
 
-__all__ = ["DenseModel", "image_sizes", "to_original_boxes", "original_size"]
+__all__ = ["DenseModel", "image_sizes", "to_original_boxes", "original_size", "check_training_call"]
 
 
 def image_sizes(images: Tensor, targets: list[dict] | None) -> list[tuple[int, int]]:
@@ -53,6 +53,16 @@ def to_original_boxes(boxes: Tensor, target: dict | None, resized: tuple[int, in
     return clip_boxes(boxes, original_size(target, resized))
 
 
+def check_training_call(model: nn.Module, images: Tensor, targets: list[dict] | None) -> None:
+    """The training half of the contract: ``model(images, targets)`` needs one target per image
+    (every detector that follows the contract checks its call here, so the message is one)."""
+    if targets is None:
+        raise ValueError(f"{type(model).__name__}.forward computes training losses and needs "
+                         "targets; use .predict(images, targets) for inference")
+    if len(targets) != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {len(targets)} targets")
+
+
 class DenseModel(nn.Module):
     """Backbone + FPN neck; subclasses add the heads and implement ``losses``/``inference``."""
 
@@ -69,11 +79,7 @@ class DenseModel(nn.Module):
         return self.neck(self.backbone(images))
 
     def forward(self, images: Tensor, targets: list[dict] | None = None) -> dict[str, Tensor]:
-        if targets is None:
-            raise ValueError(f"{type(self).__name__}.forward computes training losses and needs "
-                             "targets; use .predict(images, targets) for inference")
-        if len(targets) != images.shape[0]:
-            raise ValueError(f"{images.shape[0]} images but {len(targets)} targets")
+        check_training_call(self, images, targets)
         targets = [{k: (v.to(images.device) if isinstance(v, Tensor) else v) for k, v in t.items()}
                    for t in targets]
         return self.losses(self.extract(images), images, targets)

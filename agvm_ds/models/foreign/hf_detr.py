@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from agvm_ds.errors import ConfigError
-from agvm_ds.models.detectors.base import image_sizes, to_original_boxes
+from agvm_ds.models.detectors.base import check_training_call, image_sizes, to_original_boxes
 from agvm_ds.ops.assignment import linear_sum_assignment
 from agvm_ds.ops.boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 
@@ -269,11 +269,7 @@ class HFDetectorContract(nn.Module):
 
     # ---- training -------------------------------------------------------------------------
     def forward(self, images: Tensor, targets: list[dict] | None = None) -> dict[str, Tensor]:
-        if targets is None:
-            raise ValueError(f"{type(self).__name__}.forward computes training losses and needs "
-                             "targets; use .predict(images, targets) for inference")
-        if len(targets) != images.shape[0]:
-            raise ValueError(f"{images.shape[0]} images but {len(targets)} targets")
+        check_training_call(self, images, targets)
         out = super().forward(pixel_values=images, pixel_mask=self.pixel_mask_of(images, image_sizes(images, targets)),
                               labels=self.hf_labels(images, targets))
         return self.weighted_losses(out.loss_dict)
