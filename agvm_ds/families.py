@@ -13,8 +13,8 @@ or ``model.spec`` for the package's own spec files):
 
 Adding a family is one row::
 
-    register_family(Family("hf_detr", "agvm_ds.models.hf_detr:build", task="boxes",
-                           partition="inferred", note="Hugging Face DETR built from config"))
+    register_family(Family("my_detr", "my_package.detectors:build", task="boxes",
+                           partition="inferred", note="my DETR variant"))
 
 (or one more entry in :data:`ROWS` for a family the package ships). The row's ``target`` is
 imported on first use, never by the read-only config check. How it is called:
