@@ -113,7 +113,9 @@ class ROIBoxHead(nn.Module):
         counts = [len(p) for p in proposals]
         results = []
         for p, pr, d, size in zip(proposals, probs.split(counts), deltas.split(counts), sizes):
-            boxes = self.coder.decode(d, p).view(len(p), -1, 4)
+            # the per-box width from the deltas, not -1: an image with no proposal (an RPN that
+            # kept none, seen at batch 512 in the pretrained study) has zero rows to infer it from
+            boxes = self.coder.decode(d, p).view(len(p), d.shape[-1] // 4, 4)
             boxes = clip_boxes(boxes, size).expand(len(p), k, 4)
             keep = torch.nonzero(pr > s.score_thresh)  # [m, 2]: (proposal, class)
             b = boxes[keep[:, 0], keep[:, 1]]
