@@ -154,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weight_decay", type=float, default=0.05)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (part of reproducibility)")
     args = p.parse_args(argv)
+    out, sidecar = Path(args.out), Path(str(args.out) + ".json")
+    taken = [str(f) for f in (out, sidecar) if f.exists()]
+    if taken:  # never over shipped weights or another run's: reproduce into a new path, compare hashes
+        print(f"error: --out: {', '.join(taken)} already exists; write to a new path and compare its "
+              "sha256 with the existing sidecar's", file=sys.stderr)
+        return 2
     command = "python bench/pretrain_backbone.py " + shlex.join(sys.argv[1:] if argv is None else argv)
 
     from safetensors.torch import save_file

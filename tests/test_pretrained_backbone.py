@@ -80,3 +80,20 @@ def test_resnet18_weights_load_into_the_resnet18_detector(tmp_path):
     state = load_file(str(out))
     for k, v in model.backbone.body.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+def test_an_existing_out_is_refused_before_any_work(tmp_path, capsys):
+    """The documented command names the shipped file: rerunning it must not overwrite it."""
+
+    spec = importlib.util.spec_from_file_location("pretrain_backbone", REPO / "bench" / "pretrain_backbone.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    shipped = REPO / "models" / "pretrained" / "uninet_tiny_shapes.safetensors"
+    before = hashlib.sha256(shipped.read_bytes()).hexdigest()
+    assert mod.main(["--out", str(shipped), "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --out: {shipped}") and "\n" not in err
+    assert hashlib.sha256(shipped.read_bytes()).hexdigest() == before
+    (tmp_path / "w.safetensors.json").write_text("{}")  # a sidecar alone is another run's too
+    assert mod.main(["--out", str(tmp_path / "w.safetensors"), "--steps", "1"]) == 2
+    assert not (tmp_path / "w.safetensors").exists()
