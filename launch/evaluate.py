@@ -196,7 +196,7 @@ def evaluate_model(args) -> int:
     from agvm_ds.data import build_dataset
     from agvm_ds.data.transforms import collate
     from agvm_ds.evaluation.distributed import evaluate_dataset, infer_task
-    from agvm_ds.inference.model_dir import check_output_folder
+    from agvm_ds.inference.model_dir import check_results_destination
     from agvm_ds.inference.test_time import MultiScale, merge_predictions, merge_settings, sizes_of, transforms
 
     divisor = 32  # collate's default, which evaluate_dataset pads to
@@ -205,14 +205,14 @@ def evaluate_model(args) -> int:
     device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
               if torch.cuda.is_available() else torch.device("cpu"))
     if args.output_dir:  # before the model is read
-        check_output_folder(Path(args.output_dir))
+        check_results_destination(Path(args.output_dir))
     model = agvm_ds.load_model(args.model, device=device, verify=not args.no_verify,
                                trust_code=args.trust_code)
     data, batch = evaluation_settings(model.info["run"], args.override,
                                       run_source(Path(args.model), model.info))
     info = evaluation_info(model.info, data, args)
     out = Path(args.output_dir) if args.output_dir else default_output_dir(Path(args.model), model.info)
-    check_output_folder(out)
+    check_results_destination(out)
     val = build_dataset(data, "val", train=False)
     check_classes(val, model.info["num_classes"], args.model)
     val.transform = MultiScale(transforms(info))

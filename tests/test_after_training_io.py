@@ -237,3 +237,20 @@ def test_resume_does_not_follow_a_marker_entry_out_of_its_checkpoint(tmp_path):
         with pytest.raises(CheckpointError, match="every checkpoint .* is damaged"):
             resolve_resume("auto", tag.parent, warn=warned.append)
         assert len(warned) == 1 and f"entry {name!r} {why}" in warned[0]
+
+
+def test_evaluate_never_writes_its_results_into_a_run_a_checkpoint_or_an_export(tmp_path, capsys):
+    """`--output_dir runs/X` replaced the run's own eval.json; a checkpoint folder got
+    eval.json and predictions.json beside the files its marker lists. Refused before the model
+    is read (the --model here does not even exist), nothing written."""
+    from launch import evaluate
+
+    for name in ("checkpoints", "metrics.jsonl", "agvm_ds_complete.json", "model.safetensors"):
+        folder = tmp_path / name.replace(".", "_")
+        folder.mkdir()
+        (folder / name).mkdir() if name == "checkpoints" else (folder / name).write_text("{}")
+        before = sorted(p.name for p in folder.iterdir())
+        code = evaluate.main(["--model", str(tmp_path / "absent"), "--output_dir", str(folder)])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.startswith(f"error: --output_dir {folder}: is ") and f"holds {name}" in err, err
+        assert "\n" not in err and sorted(p.name for p in folder.iterdir()) == before

@@ -37,7 +37,7 @@ from torch import nn
 
 from agvm_ds.errors import ConfigError, ModelFileError, UntrustedCodeError
 from agvm_ds.inference.record import FORMAT, check_export_record
-from agvm_ds.inference.verify import NO_VERIFY_HINT, crc32_of, member_path
+from agvm_ds.inference.verify import MARKER, NO_VERIFY_HINT, crc32_of, member_path
 
 FORMAT_VERSION = 2  # 2: config.json records each weights file's size and CRC-32
 WEIGHTS = "model.safetensors"
@@ -199,6 +199,20 @@ def check_output_folder(out: Path) -> None:
                 raise ModelFileError(f"--output_dir {out}: is a file, not a folder" if path == out
                                      else f"--output_dir {out}: {path} is a file, not a folder")
             return
+
+
+def check_results_destination(out: Path) -> None:
+    """Refuse an ``out`` that evaluate's ``eval.json`` / ``predictions.json`` would land in
+    beside someone else's files: a training run's folder (its own ``eval.json`` is the run's
+    record), a checkpoint folder (its marker lists what it holds) or an export."""
+    check_output_folder(out)
+    if not out.is_dir():
+        return
+    for name, what in (("checkpoints", "a training run's folder"), ("metrics.jsonl", "a training run's folder"),
+                       (MARKER, "a checkpoint folder"), (WEIGHTS, "an export")):
+        if (out / name).exists():
+            raise ModelFileError(f"--output_dir {out}: is {what} (it holds {name}); write the results "
+                                 "into a new folder")
 
 
 def check_export_destination(out: Path) -> None:
