@@ -102,6 +102,20 @@ def grid(full: bool = False) -> list[Cell]:
             for opt in optimizers for agvm in (False, True)]
 
 
+def pick_cells(default: list, names: list | None, known: list) -> list | None:
+    """``--cells``: the named cells (any of ``known``) in the order given, else ``default``;
+    None after the one-line error when a name is unknown."""
+    if not names:
+        return default
+    by_name = {c.name: c for c in known}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        print(f"error: --cells: unknown cell(s) {', '.join(unknown)}; names look like "
+              f"{default[0].name}", file=sys.stderr)
+        return None
+    return [by_name[n] for n in names]
+
+
 def set_key(cfg: dict, dotted: str, value) -> None:
     node = cfg
     *parents, leaf = dotted.split(".")
@@ -262,15 +276,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from launch.study_report import write_report
 
-    cells = grid(args.full)
-    if args.cells:
-        known = {c.name: c for c in grid(True) + grid(False)}
-        unknown = [n for n in args.cells if n not in known]
-        if unknown:
-            print(f"error: --cells: unknown cell(s) {', '.join(unknown)}; names look like "
-                  f"{cells[0].name}", file=sys.stderr)
-            return 2
-        cells = [known[n] for n in args.cells]
+    cells = pick_cells(grid(args.full), args.cells, grid(True) + grid(False))
+    if cells is None:
+        return 2
     if args.jobs < 1:
         print("error: --jobs must be >= 1", file=sys.stderr)
         return 2

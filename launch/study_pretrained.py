@@ -56,11 +56,18 @@ DETECTORS = {
     "retina": ("models/retinanet_uninet_tiny.json", {"head.anchors.size_per_stride": 2.0}),
     "frcnn": ("models/faster_rcnn_uninet_tiny.json", {"rpn.anchors.size_per_stride": 4.0}),
 }
-#: the CPU grid trains Faster R-CNN with SGD only (the paper's Fig. 1 setting): at ~18 images/s
-#: it costs 5x RetinaNet per image, and AdamW's cells would not fit 3 hours (``--full`` has them)
-OPTIMIZERS = {"retina": ("sgd", "adamw"), "frcnn": ("sgd",)}
+#: the CPU grid is RetinaNet's: Faster R-CNN costs 5-10x RetinaNet per image on this machine,
+#: and giving the largest batch a few hundred steps (below) leaves no room for it in 3 hours;
+#: ``--full`` (the GPU grid) has both detectors and both optimizers
+OPTIMIZERS = {"retina": ("sgd", "adamw")}
 FULL_OPTIMIZERS = {"retina": ("sgd", "adamw"), "frcnn": ("sgd", "adamw")}
 
+#: 1x is 4 images: at a fixed image budget the largest batch gets 1/32 of 1x's steps, and the
+#: 2-core machine affords ~20k images per cell. From 16 images (the default grid's 1x), 32x was
+#: batch 512 with 24 steps in 8 epochs and learned nothing (AP <= 0.035 in every seed, session
+#: 13's partial run); from 4 it is batch 128 with 160 steps. The lr keeps the default grid's
+#: per-16-images value and scales linearly (0.005 for SGD at 4, 0.16 at 128)
+BASE_BATCH = 4
 MULTIPLIERS = (1, 8, 32)
 FULL_MULTIPLIERS = (1, 8, 32, 64)
 #: (plain seeds, AGVM seeds) per multiplier: >= 5 at the largest; three plain seeds at 1x make
@@ -68,9 +75,9 @@ FULL_MULTIPLIERS = (1, 8, 32, 64)
 SEEDS = {1: (3, 1), 8: (2, 2), 32: (5, 5)}
 FULL_SEEDS = {1: (5, 5), 8: (5, 5), 32: (10, 10), 64: (10, 10)}
 
-TRAIN_IMAGES = 1536       # a multiple of the largest batch (3 steps per epoch at 512); sized by --dry-run
+TRAIN_IMAGES = 2048       # a multiple of the largest batch (16 steps per epoch at 128); sized by --dry-run
 VAL_IMAGES = 128
-EPOCHS = 8
+EPOCHS = 10
 WARMUP_EPOCHS = 2
 FULL_TRAIN_IMAGES, FULL_VAL_IMAGES, FULL_EPOCHS = 8192, 500, 16
 
@@ -94,7 +101,7 @@ class PretrainedCell:
 
     @property
     def batch(self) -> int:
-        return study.BASE_BATCH * self.multiplier
+        return BASE_BATCH * self.multiplier
 
     @property
     def heldout(self) -> bool:
@@ -106,7 +113,10 @@ class PretrainedCell:
         return base + (f"-heldout-t{self.interval}-a{self.momentum}" if self.heldout else "")
 
     def layout(self) -> tuple[int, int]:
-        return study.Cell(self.optimizer, self.agvm, self.multiplier, self.seed).layout()
+        """(micro batch, gradient accumulation steps) on one rank: at least two micro-batches
+        (AGVM's micro estimator needs two gradient halves), at most study.LARGE_MICRO images each."""
+        micro = min(study.LARGE_MICRO, self.batch // 2)
+        return micro, self.batch // micro
 
 
 def grid(full: bool = False) -> list[PretrainedCell]:
@@ -114,7 +124,7 @@ def grid(full: bool = False) -> list[PretrainedCell]:
     mults, seeds = (FULL_MULTIPLIERS, FULL_SEEDS) if full else (MULTIPLIERS, SEEDS)
     opts = FULL_OPTIMIZERS if full else OPTIMIZERS
     return [PretrainedCell(det, opt, agvm, m, s)
-            for det in ("frcnn", "retina") for m in mults for agvm in (False, True)
+            for det in opts for m in mults for agvm in (False, True)
             for s in range(seeds[m][agvm]) for opt in opts[det]]
 
 
@@ -122,7 +132,7 @@ def selection_cells(full: bool = False) -> list[PretrainedCell]:
     top = (FULL_MULTIPLIERS if full else MULTIPLIERS)[-1]
     opts = FULL_OPTIMIZERS if full else OPTIMIZERS
     return [PretrainedCell(det, opt, True, top, 0, tau, alpha)
-            for det in ("frcnn", "retina") for opt in opts[det] for tau, alpha in CANDIDATES]
+            for det in opts for opt in opts[det] for tau, alpha in CANDIDATES]
 
 
 def check_backbone(path: Path) -> Optional[str]:
@@ -156,6 +166,7 @@ def cell_config(cell: PretrainedCell, base: dict, assignments: list, backbone: P
                                             else (TRAIN_IMAGES, VAL_IMAGES))
     if cell.heldout:
         synthetic["seed"] = HELDOUT_DATA_SEED
+    cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"] = cell.layout()
     train = cfg["train"]
     train["epochs"], train["warmup_epochs"] = (FULL_EPOCHS if full else EPOCHS), WARMUP_EPOCHS
     train["lr_scaling"] = {"base_lr": train["lr_scaling"]["base_lr"], "base_batch": study.BASE_BATCH,
@@ -182,22 +193,30 @@ def cell_config(cell: PretrainedCell, base: dict, assignments: list, backbone: P
     return cfg
 
 
-#: measured images/s of one cell on one thread, training and evaluation at micro batch 8 | 32, and
-#: the fixed seconds of a cell (launcher, model, engine, data loaders): 2026-12-08 on this 2-core
-#: machine under its usual load (load average 4-6 from other engineers' jobs), from one tiny
-#: real cell of each (launch/study.py --set data.synthetic.train=1024 --set data.synthetic.val=64
-#: --set train.epochs=0.25 (batch 16) | 1 (batch 512); numbers in docs/large_batch_pretrained.md)
-RATES = {"retina": {"train": {8: 102.0, 32: 75.0}, "eval": {8: 168.0, 32: 96.0}, "fixed_s": 20.0},
+#: measured images/s of one cell on one thread by micro batch, and the fixed seconds of a cell
+#: (launcher, model, engine, data loaders). RetinaNet: 2026-12-08 on this 2-core machine, idle,
+#: from the difference of 0.25 and 1.25 epochs of 2048 images of one real cell per layout
+#: (numbers and command in docs/large_batch_pretrained.md); evaluation is taken at the training
+#: rate (it errs long: evaluation ran 1.3-1.6x faster than training in the first measurement).
+#: Faster R-CNN: the first measurement (micro 8 | 32, load average 4-6); it has no micro-2 rate,
+#: and only ``--full`` has its cells
+RATES = {"retina": {"train": {2: 39.0, 16: 120.0, 32: 170.0}, "fixed_s": 12.0},
          "frcnn": {"train": {8: 16.4, 32: 21.4}, "eval": {8: 23.0, 32: 33.0}, "fixed_s": 25.0}}
+
+
+def _rate(table: dict, micro: int) -> float:
+    return table[min(table, key=lambda k: abs(k - micro))]
 
 
 def cell_seconds(cell: PretrainedCell, cfg: dict) -> float:
     rate = RATES[cell.detector]
-    micro = 8 if cfg["train_micro_batch_size_per_gpu"] <= 8 else 32
+    micro = cfg["train_micro_batch_size_per_gpu"]
     steps, _ = study.schedule_steps(cfg, cell.batch)
     evals = math.ceil(steps / cfg["train"]["eval_every"])
-    return (steps * cell.batch / rate["train"][micro]
-            + evals * cfg["data"]["synthetic"]["val"] / rate["eval"][micro] + rate["fixed_s"])
+    train_rate = _rate(rate["train"], micro)
+    eval_rate = _rate(rate.get("eval", rate["train"]), micro)
+    return (steps * cell.batch / train_rate
+            + evals * cfg["data"]["synthetic"]["val"] / eval_rate + rate["fixed_s"])
 
 
 def estimate(configs: dict, jobs: int) -> float:

@@ -88,16 +88,10 @@ def main(args, argv) -> int:
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     if args.dry_run:
         return dry_run(args, base, assignments, backbone, threads)
-    cells = sp.selection_cells(args.full) if args.select else sp.grid(args.full)
-    if args.cells:
-        known = {c.name: c for c in sp.grid(True) + sp.grid(False) + sp.selection_cells(True)
-                 + sp.selection_cells(False)}
-        unknown = [n for n in args.cells if n not in known]
-        if unknown:
-            print(f"error: --cells: unknown cell(s) {', '.join(unknown)}; names look like "
-                  f"{cells[0].name}", file=sys.stderr)
-            return 2
-        cells = [known[n] for n in args.cells]
+    cells = study.pick_cells(sp.selection_cells(args.full) if args.select else sp.grid(args.full), args.cells,
+                             sp.grid(True) + sp.grid(False) + sp.selection_cells(True) + sp.selection_cells(False))
+    if cells is None:
+        return 2
     selection = sp.read_selection(args.out)
     command = args.command or "python launch/study.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if not args.no_run:

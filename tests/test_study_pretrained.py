@@ -29,17 +29,17 @@ def _base() -> dict:
 
 def test_grid_cells_and_seeds():
     cells = sp.grid()
-    assert {c.batch for c in cells} == {16, 128, 512}
-    assert {(c.detector, c.optimizer) for c in cells} == {("retina", "sgd"), ("retina", "adamw"), ("frcnn", "sgd")}
+    assert {c.batch for c in cells} == {4, 32, 128}
+    assert {(c.detector, c.optimizer) for c in cells} == {("retina", "sgd"), ("retina", "adamw")}
     for det, opt in {(c.detector, c.optimizer) for c in cells}:
         for agvm in (False, True):
-            seeds = [c.seed for c in cells if (c.detector, c.optimizer, c.agvm, c.batch) == (det, opt, agvm, 512)]
+            seeds = [c.seed for c in cells if (c.detector, c.optimizer, c.agvm, c.batch) == (det, opt, agvm, 128)]
             assert sorted(seeds) == list(range(5))  # >= 5 seeds at the largest batch
-        assert len([c for c in cells if (c.detector, c.optimizer, c.agvm, c.batch) == (det, opt, False, 16)]) >= 3
+        assert len([c for c in cells if (c.detector, c.optimizer, c.agvm, c.batch) == (det, opt, False, 4)]) >= 3
     assert len({c.name for c in cells + sp.selection_cells()}) == len(cells) + len(sp.selection_cells())
     full = sp.grid(full=True)
-    assert {c.batch for c in full} == {16, 128, 512, 1024}
-    assert {(c.detector, c.optimizer) for c in full} >= {("frcnn", "adamw")}
+    assert {c.batch for c in full} == {4, 32, 128, 256}
+    assert {(c.detector, c.optimizer) for c in full} == {(d, o) for d in ("retina", "frcnn") for o in ("sgd", "adamw")}
 
 
 def test_full_grid_configs_validate(tmp_path):
@@ -53,11 +53,12 @@ def test_full_grid_configs_validate(tmp_path):
         path = tmp_path / f"{cell.name}.json"
         path.write_text(json.dumps(sp.cell_config(cell, _base(), [], tmp_path / "bb", "bn", SELECTION, full=True)))
         run = load_run_config(path, world_size=1)
+        per_16 = study.OPTIMIZERS[cell.optimizer][1]  # the default grid's lr per 16 images
         assert scaled_lr(run.train.lr_scaling, cell.batch) == pytest.approx(
-            study.OPTIMIZERS[cell.optimizer][1] * cell.multiplier, rel=1e-12)
+            per_16 * sp.BASE_BATCH / 16 * cell.multiplier, rel=1e-12)
 
 
-@pytest.mark.parametrize("name", ["frcnn-sgd-plain-b16-s0", "retina-adamw-agvm-b128-s1", "retina-sgd-agvm-b512-s4"])
+@pytest.mark.parametrize("name", ["retina-sgd-plain-b4-s0", "retina-adamw-agvm-b32-s1", "retina-sgd-agvm-b128-s4"])
 def test_cell_config_linear_lr_warmup_epochs_pretrained(name, tmp_path):
     from agvm_ds.config.run import load_run_config
     from agvm_ds.train.schedule import scaled_lr
@@ -72,7 +73,9 @@ def test_cell_config_linear_lr_warmup_epochs_pretrained(name, tmp_path):
     base_lr = study.OPTIMIZERS[cell.optimizer][1]
     assert scaled_lr(run.train.lr_scaling, b) == pytest.approx(base_lr * b / 16, rel=1e-12)  # linear, no sqrt
     images = cfg["data"]["synthetic"]["train"]
-    assert images % 512 == 0 and cfg["data"]["synthetic"]["seed"] == 0
+    assert images % 128 == 0 and cfg["data"]["synthetic"]["seed"] == 0
+    micro, gas = cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]
+    assert micro * gas == b and gas >= 2 and micro <= study.LARGE_MICRO  # two halves for AGVM's estimator
     steps, warmup = study.schedule_steps(cfg, b)
     assert steps == sp.EPOCHS * images // b and warmup == sp.WARMUP_EPOCHS * images // b
     assert run.train.eval_every == images // b  # one evaluation per epoch
@@ -89,7 +92,7 @@ def test_cell_config_linear_lr_warmup_epochs_pretrained(name, tmp_path):
 
 def test_selection_cells_use_the_heldout_draw_and_write_the_choice(tmp_path):
     cells = sp.selection_cells()
-    assert {c.batch for c in cells} == {512} and all(c.agvm for c in cells)
+    assert {c.batch for c in cells} == {128} and all(c.agvm for c in cells)
     cfg = sp.cell_config(cells[0], _base(), [], tmp_path / "bb", "bn", None)
     assert cfg["data"]["synthetic"]["seed"] == sp.HELDOUT_DATA_SEED == 1
     assert (cfg["agvm"]["interval"], cfg["agvm"]["momentum"]) == (cells[0].interval, cells[0].momentum)
@@ -176,7 +179,7 @@ def test_report_from_fake_cells(tmp_path, capsys):
     text = doc.read_text()
     verdict = capsys.readouterr().out
     assert "Targets" in text and "retina/sgd 0.515" in text
-    rows = [line for line in text.splitlines() if line.startswith("| retina | sgd | 512 |")]
+    rows = [line for line in text.splitlines() if line.startswith("| retina | sgd | 128 |")]
     plain_row, agvm_row = rows
     assert "| no | 3 | s0 0.300, s1 0.320, s2 0.340 | 0.320 |" in plain_row  # olympic of 3 = the middle
     assert ">3, >3, >3" in plain_row                                       # censored at epoch 3
@@ -186,8 +189,8 @@ def test_report_from_fake_cells(tmp_path, capsys):
     assert f"| {p_ett:.3f} |" in agvm_row
     closed = ((0.46 + 0.52 + 0.53) / 3 - 0.32) / (0.52 - 0.32)
     assert f"{100 * closed:.0f} % (" in agvm_row and f"AGVM closes {100 * closed:.0f} %" in verdict
-    assert "retina/sgd at ×32 (batch 512): plain loses 0.200 AP" in text
-    assert "frcnn/sgd at ×32 (batch 512): no gap — plain loses 0.000 AP" in verdict
+    assert "retina/sgd at ×32 (batch 128): plain loses 0.200 AP" in text
+    assert "frcnn/sgd at ×32 (batch 128): no gap — plain loses 0.000 AP" in verdict
     assert (doc.parent / "images" / "large_batch_pretrained_phi.png").stat().st_size > 0
     # a second build keeps the hand-written text outside the block and holds one block
     doc.write_text("# mine\n\nreading kept\n\n" + text)
@@ -209,7 +212,7 @@ def test_no_target_when_the_reference_runs_learned_nothing(tmp_path, capsys):
             cells.append(C("retina", "sgd", agvm, batch_x, s))
             _fake_cell(out, cells[-1], curve, 0.5)
     write_report(out, doc, cells, command="x", selection_path=tmp_path / "none.json")
-    rows = [line for line in doc.read_text().splitlines() if line.startswith("| retina | sgd | 512 |")]
+    rows = [line for line in doc.read_text().splitlines() if line.startswith("| retina | sgd | 128 |")]
     assert len(rows) == 2 and all(">3, >3, >3" in row for row in rows)  # nothing "reached" a target of 0
     assert "retina/sgd —" in doc.read_text()  # the targets line shows none
 
@@ -230,7 +233,7 @@ def test_cell_model_section_loads_the_weights_with_frozen_statistics(detector, t
             buf.uniform_(0.5, 1.5)  # statistics no fresh BatchNorm has
     path = tmp_path / "bb.pt"
     torch.save(source.state_dict(), path)
-    cell = next(c for c in sp.grid() if c.detector == detector)
+    cell = next(c for c in sp.grid(full=True) if c.detector == detector)
     cfg = sp.cell_config(cell, _base(), [], path, "frozen_bn", SELECTION)
     backbone = build_backbone(ModelConfig(**cfg["model"]).model_spec().backbone)
     loaded = backbone.state_dict()
@@ -288,7 +291,7 @@ def test_select_then_grid_wiring(tmp_path, monkeypatch, capsys):
     assert study.main(common + ["--select"]) == 0
     assert all(c.heldout and cfg["data"]["synthetic"]["seed"] == 1 for c, cfg in seen.items())
     chosen = json.loads((out / "selection.json").read_text())["chosen"]
-    assert chosen == {k: {"interval": 2, "momentum": 0.9} for k in ("frcnn/sgd", "retina/sgd", "retina/adamw")}
+    assert chosen == {k: {"interval": 2, "momentum": 0.9} for k in ("retina/sgd", "retina/adamw")}
     seen.clear()
     assert study.main(common) == 0
     assert len(seen) == len(sp.grid())
@@ -297,3 +300,11 @@ def test_select_then_grid_wiring(tmp_path, monkeypatch, capsys):
         assert cfg["agvm"]["interval"] == (2 if cell.agvm else sp.PLAIN_INTERVAL)
         assert cfg["_comment"][0].startswith("backbone weights sha256 ")
     assert "No cells have run yet" in (tmp_path / "doc.md").read_text()
+
+
+@pytest.mark.parametrize("grid_args, like", [([], "sgd-plain-b16-s0"), (["--grid", "pretrained"], "retina-sgd-plain-b4-s0")])
+def test_an_unknown_cell_name_is_one_line_in_both_grids(grid_args, like, tmp_path, capsys):
+    rc = study.main(grid_args + ["--out", str(tmp_path), "--cells", "sgd-plain-b16-s0x"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [f"error: --cells: unknown cell(s) sgd-plain-b16-s0x; names look like {like}"]
+    assert not any(tmp_path.iterdir())  # refused before anything is written
