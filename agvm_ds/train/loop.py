@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -45,22 +44,19 @@ from agvm_ds.errors import ConfigError
 from agvm_ds.config.run import RunConfig
 from agvm_ds.partition import PartitionError, resolve_partition
 from agvm_ds.data.errors import DatasetError
-from agvm_ds.models.norms import average_batchnorm_statistics
 from agvm_ds.train import build as B
 from agvm_ds.errors import CheckpointError
 from agvm_ds.train import elastic
-from agvm_ds.train.checkpoint import (layout, load_checkpoint, read_marker, save_checkpoint,
-                                      select_checkpoint, tag_for)
+from agvm_ds.train.checkpoint import layout, load_checkpoint, read_marker, select_checkpoint, tag_for
 from agvm_ds.train.distributed import maybe_inject_fault, poison_loss
-from agvm_ds.train.evaluate import evaluate
 from agvm_ds.train.metrics import (LossLog, MetricsWriter, agvm_model_fields, agvm_record,
-                                   noise_scale_line, read_metrics)
-from agvm_ds.train.plot import plot_modulation
+                                   read_metrics, write_records)
+from agvm_ds.train.periodic import evaluate_step, finish_run, save_step
 from agvm_ds.train.sampler import (SeededDataset, StepBatchSampler, StepSampler, mix_seed,
                                    seed_all)
 from agvm_ds.train.resolve import ResolvedRun, resolve_run
 from agvm_ds.train.schedule import LrSchedule, build_lr_schedule, clip_norm_at
-from agvm_ds.train.summary import bar_mu, eval_line, peak_rss_bytes, summary_lines
+from agvm_ds.train.summary import bar_mu, peak_rss_bytes, summary_lines
 from agvm_ds.train.resume_policy import settle_resume
 from agvm_ds.train.rundir import RunFolder, claim_run_folder
 from agvm_ds.train.timeline import begin_timeline
@@ -306,7 +302,7 @@ def _train_in_folder(run: RunConfig, out_dir: Path, resume: Optional[str], rank:
             saving = bool(tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0)
             evaluating = bool(tcfg.eval_every and done % tcfg.eval_every == 0 and done < total)
             if done % tcfg.log_every == 0 or done == total or saving or evaluating:
-                _write_records(pending, losses, writer, log_every=tcfg.log_every, last_step=total)
+                write_records(pending, losses, writer, log_every=tcfg.log_every, last_step=total)
                 record = pending[-1]
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.3g}",
                                 img_s=f"{record['images_per_s']:.1f}",
@@ -314,24 +310,24 @@ def _train_in_folder(run: RunConfig, out_dir: Path, resume: Optional[str], rank:
                 pending = []
             bar.update(1)
             if saving:
-                _save(job, done)
+                save_step(job, done)
                 last_saved = done
             if evaluating:
-                _evaluate(job, done, writer, final=False)
+                evaluate_step(job, done, writer, final=False)
         bar.close()
         train_s = time.perf_counter() - train_t0
         if tcfg.checkpoint_at_end and last_saved != total:
-            _save(job, total)
+            save_step(job, total)
             last_saved = total
         if tcfg.eval_at_end:
-            stats = _evaluate(job, total, writer, final=True)
+            stats = evaluate_step(job, total, writer, final=True)
     finally:
         writer.close()
         bar.close()
     peaks = collectives.gather_objects(peak_rss_bytes(), dst=0)  # every rank's, one gather
     if rank == 0 and peaks is not None and all(p is not None for p in peaks):
         job.say("peak RSS per rank (VmHWM): " + ", ".join(f"{p / 2 ** 30:.2f}" for p in peaks) + " GiB")
-    _finish(job, stats)
+    finish_run(job, stats)
     if rank == 0:
         last = job.ckpt_dir / tag_for(last_saved) if last_saved > 0 else None
         for line in summary_lines(total, total - start, train_s, time.time() - started,
@@ -356,72 +352,6 @@ def check_skip_streak(streak: int, step: int, limit: int) -> None:
                            f"row (up to step {step + 1}: non-finite gradients, or a loss scale that keeps "
                            f"overflowing), so the run would train nothing; stopping. Look for NaN/inf in the "
                            f"data or loss, lower the lr, or raise train.max_consecutive_skips")
-
-
-def _write_records(pending: list[dict], losses: LossLog, writer: MetricsWriter, log_every: int,
-                   last_step: int) -> None:
-    """Fill the pending records' losses (one collective) and write them, in step order:
-    ``Train/*`` monitor events on every ``log_every``-th step and the run's last, AGVM's on
-    every update step (:meth:`MetricsWriter.write`)."""
-    for partial, reduced in zip(pending, losses.flush()):
-        record = {"step": partial["step"], "epoch": partial["epoch"], **reduced, **partial}
-        partial.update(record)  # the caller reads the last one for the progress bar
-        step = record["step"]
-        writer.write(record, train_events=step % log_every == 0 or step == last_step)
-        if not math.isfinite(record["loss"]):
-            logger.warning("step %d: non-finite loss %s", record["step"], record["loss"])
-
-
-def _finish(job: Job, stats: Optional[dict]) -> None:
-    if job.rank != 0:
-        return
-    if job.run.train.plot:
-        png = plot_modulation(job.out_dir / "metrics.jsonl", job.out_dir / "agvm_modulation.png",
-                              title=job.run.name, global_batch=job.run.global_batch)
-        if png:
-            job.say(f"wrote {png}")
-    # the modulator's host-side state: no collective, so rank 0 alone may read it
-    noise = noise_scale_line(api.modulation(job.engine), job.run.global_batch)
-    if noise:
-        job.say(noise)
-
-
-def _save(job: Job, steps_done: int) -> None:
-    state = {"sampler": job.sampler.position(steps_done), "run": job.run.name,
-             "global_batch": job.run.global_batch}
-    # DeepSpeed saves rank 0's buffers and a resume loads them on every rank: make every
-    # rank's BatchNorm statistics equal first, so a resumed run continues the same model
-    average_batchnorm_statistics(job.engine.module)
-    # a world-size-independent copy of the state too, where the elastic path supports the run
-    extra = None if not job.elastic_saves else (
-        lambda tag_dir: elastic.save_state(job.engine, tag_dir, steps_done))
-    t0 = time.perf_counter()
-    tag_dir = save_checkpoint(job.engine, job.ckpt_dir, steps_done, state, job.run.train.keep_checkpoints,
-                              extra=extra, protect=(job.resumed_from,) if job.resumed_from is not None else ())
-    if job.rank == 0:
-        size = sum(int(e.get("size", 0)) for e in read_marker(tag_dir).get("files", {}).values())
-        job.say(f"checkpoint saved: {tag_dir} ({size / 2 ** 20:.1f} MiB, {time.perf_counter() - t0:.1f} s)")
-
-
-def _evaluate(job: Job, step: int, writer: MetricsWriter, final: bool) -> Optional[dict]:
-    t0 = time.perf_counter()
-    batch = job.run.train.eval_batch_size or job.run.micro_batch
-    # every rank scores its shard: with per-rank BatchNorm statistics each shard would be
-    # scored by a different model (DeepSpeed broadcasts buffers only at start-up)
-    average_batchnorm_statistics(job.engine.module)
-    stats = evaluate(job.engine, job.run, job.val_set, batch_size=batch, rank=job.rank,
-                     world=job.world)
-    if job.rank == 0 and stats is not None:
-        stats = {"step": step, **stats, "eval_time_s": round(time.perf_counter() - t0, 2)}
-        with open(job.out_dir / "eval_history.jsonl", "a") as fh:
-            fh.write(json.dumps(stats) + "\n")
-        if final:
-            (job.out_dir / "eval.json").write_text(json.dumps(stats, indent=2))
-        writer.write_eval(step, stats)
-        if not final:  # the final one is in the end-of-run summary
-            job.say(eval_line(step, stats))
-    collectives.barrier()
-    return stats
 
 
 def _collate_fn():

@@ -21,6 +21,7 @@ Notes:
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Optional
@@ -28,6 +29,8 @@ from typing import Any, Optional
 import torch
 
 from agvm_ds import collectives
+
+logger = logging.getLogger("agvm_ds.train")
 
 
 class LossLog:
@@ -203,3 +206,17 @@ def noise_scale_line(modulation: Optional[dict], global_batch: int) -> Optional[
 NOISE_MEANING = ("B_noise is the batch at which gradient noise and signal are about equal: far below it a "
                  "larger batch trains about as well per sample in fewer steps, far above it a larger "
                  "batch buys little per step (McCandlish et al. 2018)")
+
+
+def write_records(pending: list[dict], losses: LossLog, writer: MetricsWriter, log_every: int,
+                   last_step: int) -> None:
+    """Fill the pending records' losses (one collective) and write them, in step order:
+    ``Train/*`` monitor events on every ``log_every``-th step and the run's last, AGVM's on
+    every update step (:meth:`MetricsWriter.write`)."""
+    for partial, reduced in zip(pending, losses.flush()):
+        record = {"step": partial["step"], "epoch": partial["epoch"], **reduced, **partial}
+        partial.update(record)  # the caller reads the last one for the progress bar
+        step = record["step"]
+        writer.write(record, train_events=step % log_every == 0 or step == last_step)
+        if not math.isfinite(record["loss"]):
+            logger.warning("step %d: non-finite loss %s", record["step"], record["loss"])
