@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch.distributed as dist
 
-    from agvm_ds.train.distributed import init_distributed
+    from agvm_ds.process_group import init_distributed
 
     try:  # the launcher's process group (deepspeed / torchrun env), or a single rank
         rank, world, _ = init_distributed()

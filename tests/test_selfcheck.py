@@ -98,7 +98,7 @@ def test_selfcheck_command_line_single_rank(tmp_path):
 
 def test_selfcheck_with_its_rendezvous_port_in_use_is_one_line_saying_master_port(tmp_path):
     """The self-check opens its process group as the launcher does (one function,
-    ``train.distributed.init_distributed``): a taken MASTER_PORT is the launcher's one line."""
+    ``agvm_ds.process_group.init_distributed``): a taken MASTER_PORT is the launcher's one line."""
     import socket
 
     path = tmp_path / "run.json"
