@@ -363,29 +363,6 @@ def startup_check(run_dict: dict, rank: int, world: int) -> None:
         raise SelfCheckFailed("agvm.selfcheck: a check failed (lines above); not training")
 
 
-def _init_distributed() -> tuple[int, int]:
-    """The launcher's process group (deepspeed / torchrun env), or a single rank."""
-    import deepspeed
-    import deepspeed.ops
-    import torch.distributed as dist
-    from deepspeed.accelerator import get_accelerator
-
-    if "RANK" not in os.environ:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    on_cpu = get_accelerator().device_name() == "cpu"
-    if on_cpu:  # DeepSpeed's CPU shm comm op serves inference only; skip its 36 s JIT build
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    else:
-        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else None, verbose=False)
-    return dist.get_rank(), dist.get_world_size()
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m agvm_ds.selfcheck", description=__doc__.split("\n")[0])
     p.add_argument("--deepspeed_config", required=True, help="the run file (DeepSpeed sections + agvm)")
@@ -403,7 +380,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch.distributed as dist
 
-    rank, world = _init_distributed()
+    from agvm_ds.process_group import init_distributed
+
+    try:  # the launcher's process group (deepspeed / torchrun env), or a single rank
+        rank, world, _ = init_distributed()
+    except ConfigError as err:  # the rendezvous port in use: every rank would say it
+        if rank0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
     try:
         return selfcheck(run_dict, rank, world, max(2, args.steps), say=lambda line: print(line, flush=True))
     finally:

@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, fn in checks:
         if name.startswith(("zero", "throughput")) and not group:
             # one process group for the in-process checks: NCCL on CUDA, gloo on CPU
-            from agvm_ds.train.distributed import init_distributed
+            from agvm_ds.process_group import init_distributed
 
             init_distributed()
             group = True
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps({"device": args.device, "smoke": args.smoke, "checks": results},
                                   indent=1, default=str))
     if group:
-        from agvm_ds.train.distributed import teardown
+        from agvm_ds.process_group import teardown
 
         teardown(all(r.get("ok") for r in results.values()))
     return 0 if all(r.get("ok") for r in results.values()) else 1

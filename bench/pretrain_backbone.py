@@ -2,7 +2,11 @@
 """Pretrain the miniature's backbone on a shape-classification task; write safetensors + sidecar.
 
     .venv/bin/python bench/pretrain_backbone.py --backbone uninet_tiny \
-        --out models/pretrained/uninet_tiny_shapes.safetensors
+        --out models/pretrained/uninet_tiny_shapes.safetensors      # made the shipped file
+
+An existing ``--out`` is refused (the shipped weights are never overwritten): to reproduce
+them, write to a new path (``--out /tmp/uninet_tiny_shapes.safetensors``) and compare its
+sha256 with ``models/pretrained/uninet_tiny_shapes.safetensors.json``'s.
 
 Two tasks, both from the embedded generator (:func:`agvm_ds.data.shapes.render_scene`:
 gradient background, blotches, lines and dots as clutter, rotated, stretched, shaded shapes

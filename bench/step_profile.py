@@ -397,7 +397,7 @@ def _emit(reports: list, args) -> None:
 def rank_main(args) -> int:
     """A rank under the deepspeed launcher."""
     from agvm_ds import collectives
-    from agvm_ds.train.distributed import init_distributed, teardown
+    from agvm_ds.process_group import init_distributed, teardown
 
     ok = False
     try:

@@ -141,7 +141,7 @@ def main() -> int:
     import deepspeed
 
     if deepspeed.get_accelerator().device_name() == "cpu":
-        from agvm_ds.train.distributed import skip_shm_comm_build
+        from agvm_ds.process_group import skip_shm_comm_build
 
         skip_shm_comm_build()  # a 36 s JIT build DeepSpeed needs only for inference all-reduces
     deepspeed.init_distributed()

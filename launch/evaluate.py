@@ -269,7 +269,7 @@ def main(argv=None) -> int:
     ok = False
     try:
         if distributed:
-            from agvm_ds.train.distributed import init_distributed
+            from agvm_ds.process_group import init_distributed
 
             init_distributed()
         code = evaluate_model(args)
@@ -281,7 +281,7 @@ def main(argv=None) -> int:
         return 2
     finally:
         if distributed:
-            from agvm_ds.train.distributed import teardown
+            from agvm_ds.process_group import teardown
 
             teardown(ok)
 

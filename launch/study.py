@@ -229,10 +229,10 @@ def run_cell(cell: Cell, cfg: dict, out: Path, port: int, threads: int, log) -> 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=None,
-                   help="one dir per cell (default runs/study, runs/study_pretrained)")
+                   help="one dir per cell (default runs/study, runs/study_pretrained[_full])")
     p.add_argument("--doc", type=Path, default=None,
                    help="report to (re)write, its generated block only (default "
-                        "docs/large_batch.md, docs/large_batch_pretrained.md)")
+                        "docs/large_batch.md, docs/large_batch_pretrained[_full].md)")
     p.add_argument("--full", action="store_true",
                    help="the GPU grid: 64x, more seeds, LAMB and LARS (untuned lr)")
     p.add_argument("--cells", nargs="*", default=None, metavar="NAME",
@@ -265,8 +265,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     pretrained = args.grid == "pretrained"
-    args.out = args.out or REPO / "runs" / ("study_pretrained" if pretrained else "study")
-    args.doc = args.doc or REPO / "docs" / ("large_batch_pretrained.md" if pretrained else "large_batch.md")
+    # the pretrained --full grid (a GPU) has cells of the CPU grid's names (b128 is 32x there,
+    # 8x in --full) and its own results: its own folder and report, never the CPU grid's
+    stem = ("study_pretrained" + ("_full" if args.full else "")) if pretrained else "study"
+    args.out = args.out or REPO / "runs" / stem
+    args.doc = args.doc or REPO / "docs" / (f"large_batch_pretrained{'_full' if args.full else ''}.md"
+                                            if pretrained else "large_batch.md")
     if pretrained:
         from launch.study_pretrained_run import main as pretrained_main
 

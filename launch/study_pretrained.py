@@ -60,7 +60,7 @@ DETECTORS = {
 #: and giving the largest batch a few hundred steps (below) leaves no room for it in 3 hours;
 #: ``--full`` (the GPU grid) has both detectors and both optimizers
 OPTIMIZERS = {"retina": ("sgd", "adamw")}
-FULL_OPTIMIZERS = {"retina": ("sgd", "adamw"), "frcnn": ("sgd", "adamw")}
+FULL_OPTIMIZERS = {"frcnn": ("sgd", "adamw"), "retina": ("sgd", "adamw")}  # slowest first
 
 #: 1x is 4 images: at a fixed image budget the largest batch gets 1/32 of 1x's steps, and the
 #: 2-core machine affords ~20k images per cell. From 16 images (the default grid's 1x), 32x was
@@ -68,6 +68,9 @@ FULL_OPTIMIZERS = {"retina": ("sgd", "adamw"), "frcnn": ("sgd", "adamw")}
 #: 13's partial run); from 4 it is batch 128 with 160 steps. The lr keeps the default grid's
 #: per-16-images value and scales linearly (0.005 for SGD at 4, 0.16 at 128)
 BASE_BATCH = 4
+#: --full (a GPU) starts from the paper's 1x, 16 images, up to 64x = 1024, with 32768 images x
+#: 16 epochs: 512 steps at 1024
+FULL_BASE_BATCH = 16
 MULTIPLIERS = (1, 8, 32)
 FULL_MULTIPLIERS = (1, 8, 32, 64)
 #: (plain seeds, AGVM seeds) per multiplier: >= 5 at the largest; three plain seeds at 1x make
@@ -79,7 +82,7 @@ TRAIN_IMAGES = 2048       # a multiple of the largest batch (16 steps per epoch 
 VAL_IMAGES = 128
 EPOCHS = 10
 WARMUP_EPOCHS = 2
-FULL_TRAIN_IMAGES, FULL_VAL_IMAGES, FULL_EPOCHS = 8192, 500, 16
+FULL_TRAIN_IMAGES, FULL_VAL_IMAGES, FULL_EPOCHS = 32768, 500, 16
 
 #: (tau = agvm.interval, alpha = agvm.momentum) candidates for --select: the paper's default,
 #: and one that acts within the 24 steps of the CPU grid's largest batch (two, for the budget)
@@ -98,10 +101,11 @@ class PretrainedCell:
     seed: int
     interval: Optional[int] = None   # set on --select's cells only (the grid reads selection.json)
     momentum: Optional[float] = None
+    base: int = BASE_BATCH           # the 1x batch: FULL_BASE_BATCH in --full
 
     @property
     def batch(self) -> int:
-        return BASE_BATCH * self.multiplier
+        return self.base * self.multiplier
 
     @property
     def heldout(self) -> bool:
@@ -123,7 +127,8 @@ def grid(full: bool = False) -> list[PretrainedCell]:
     """Slowest cells first (Faster R-CNN, then small batches), as study.grid orders them."""
     mults, seeds = (FULL_MULTIPLIERS, FULL_SEEDS) if full else (MULTIPLIERS, SEEDS)
     opts = FULL_OPTIMIZERS if full else OPTIMIZERS
-    return [PretrainedCell(det, opt, agvm, m, s)
+    base = FULL_BASE_BATCH if full else BASE_BATCH
+    return [PretrainedCell(det, opt, agvm, m, s, base=base)
             for det in opts for m in mults for agvm in (False, True)
             for s in range(seeds[m][agvm]) for opt in opts[det]]
 
@@ -131,7 +136,8 @@ def grid(full: bool = False) -> list[PretrainedCell]:
 def selection_cells(full: bool = False) -> list[PretrainedCell]:
     top = (FULL_MULTIPLIERS if full else MULTIPLIERS)[-1]
     opts = FULL_OPTIMIZERS if full else OPTIMIZERS
-    return [PretrainedCell(det, opt, True, top, 0, tau, alpha)
+    base = FULL_BASE_BATCH if full else BASE_BATCH
+    return [PretrainedCell(det, opt, True, top, 0, tau, alpha, base=base)
             for det in opts for opt in opts[det] for tau, alpha in CANDIDATES]
 
 

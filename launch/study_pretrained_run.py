@@ -89,7 +89,7 @@ def main(args, argv) -> int:
     if args.dry_run:
         return dry_run(args, base, assignments, backbone, threads)
     cells = study.pick_cells(sp.selection_cells(args.full) if args.select else sp.grid(args.full), args.cells,
-                             sp.grid(True) + sp.grid(False) + sp.selection_cells(True) + sp.selection_cells(False))
+                             sp.grid(args.full) + sp.selection_cells(args.full))
     if cells is None:
         return 2
     selection = sp.read_selection(args.out)

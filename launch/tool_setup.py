@@ -34,7 +34,7 @@ def cores_available(cgroup_cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
 def set_cpu_threads(environ: Optional[dict] = None) -> Optional[int]:
     """For a tool run as one plain process: ``OMP_NUM_THREADS`` = :func:`cores_available` and
     ``OMP_WAIT_POLICY=PASSIVE``, each unless the user set it. Nothing for a launcher's rank
-    (deepspeed/torchrun give those their share; ``agvm_ds.train.distributed``) or once torch
+    (deepspeed/torchrun give those their share; ``agvm_ds.process_group``) or once torch
     is loaded (OpenMP reads both at torch's import: they would change nothing then but our
     children's environment). Returns the thread count set, or None.
 

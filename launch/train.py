@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None, console=None) -> int:
                 time.sleep(ERROR_GRACE_S)
             return 2
 
-    from agvm_ds.train.distributed import init_distributed, teardown
+    from agvm_ds.process_group import init_distributed, teardown
 
     ok, folder = False, None
     try:

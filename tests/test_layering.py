@@ -33,6 +33,9 @@ FORBIDDEN = {
     "partition_infer": ("partition", "models", "core", "train", "data", "evaluation", "api", "optim", "config"),
     "core": ("train", "models", "data", "evaluation", "api"),
     "models": ("train", "core", "data", "evaluation", "api"),
+    # opening/closing the process group: every entry point's, so below all of them
+    "process_group": ("core", "optim", "train", "models", "data", "evaluation", "api", "partition", "inference",
+                      "selfcheck", "report"),
     # optim/: base optimizers and their exact layer-wise norms; refusals use agvm_ds.errors
     "optim": ("config", "core", "train", "models", "data", "evaluation", "api", "partition"),
     # the ground floor: DeepSpeed's flat partitions and the user-error type

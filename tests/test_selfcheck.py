@@ -96,6 +96,27 @@ def test_selfcheck_command_line_single_rank(tmp_path):
         assert proc.returncode == 2 and out.count("error: ") == 1 and needle in out, out[-2000:]
 
 
+def test_selfcheck_with_its_rendezvous_port_in_use_is_one_line_saying_master_port(tmp_path):
+    """The self-check opens its process group as the launcher does (one function,
+    ``agvm_ds.process_group.init_distributed``): a taken MASTER_PORT is the launcher's one line."""
+    import socket
+
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(QUICKSTART))
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0",
+               "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        proc = subprocess.run([sys.executable, "-m", "agvm_ds.selfcheck", "--deepspeed_config", str(path)],
+                              capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-2000:]
+    assert proc.stderr.splitlines() == [
+        f"error: the rendezvous port {port} on 127.0.0.1 is already in use (another job, or one "
+        "still exiting): pass the launcher a free port with --master_port"], proc.stderr[-2000:]
+
+
 def test_selfcheck_sees_a_loss_scale_that_was_never_applied(runs):
     code, lines = runs[0][4]
     print("\n".join(lines))

@@ -38,7 +38,7 @@ def test_grid_cells_and_seeds():
         assert len([c for c in cells if (c.detector, c.optimizer, c.agvm, c.batch) == (det, opt, False, 4)]) >= 3
     assert len({c.name for c in cells + sp.selection_cells()}) == len(cells) + len(sp.selection_cells())
     full = sp.grid(full=True)
-    assert {c.batch for c in full} == {4, 32, 128, 256}
+    assert {c.batch for c in full} == {16, 128, 512, 1024}  # the paper's 1x (16) up to 64x
     assert {(c.detector, c.optimizer) for c in full} == {(d, o) for d in ("retina", "frcnn") for o in ("sgd", "adamw")}
 
 
@@ -54,8 +54,7 @@ def test_full_grid_configs_validate(tmp_path):
         path.write_text(json.dumps(sp.cell_config(cell, _base(), [], tmp_path / "bb", "bn", SELECTION, full=True)))
         run = load_run_config(path, world_size=1)
         per_16 = study.OPTIMIZERS[cell.optimizer][1]  # the default grid's lr per 16 images
-        assert scaled_lr(run.train.lr_scaling, cell.batch) == pytest.approx(
-            per_16 * sp.BASE_BATCH / 16 * cell.multiplier, rel=1e-12)
+        assert scaled_lr(run.train.lr_scaling, cell.batch) == pytest.approx(per_16 * cell.multiplier, rel=1e-12)
 
 
 @pytest.mark.parametrize("name", ["retina-sgd-plain-b4-s0", "retina-adamw-agvm-b32-s1", "retina-sgd-agvm-b128-s4"])
@@ -308,3 +307,14 @@ def test_an_unknown_cell_name_is_one_line_in_both_grids(grid_args, like, tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err == [f"error: --cells: unknown cell(s) sgd-plain-b16-s0x; names look like {like}"]
     assert not any(tmp_path.iterdir())  # refused before anything is written
+
+
+def test_the_full_grid_has_its_own_folder_and_report(tmp_path, monkeypatch):
+    """--full's cells share names with the CPU grid's (b128: 32x here, 8x there): by default
+    they go to runs/study_pretrained_full and docs/large_batch_pretrained_full.md, so a GPU
+    run never retrains over or rewrites the CPU grid's results."""
+    seen = {}
+    monkeypatch.setattr("launch.study_pretrained_run.main", lambda args, argv: seen.update(out=args.out, doc=args.doc) or 0)
+    for full, stem in ((False, "study_pretrained"), (True, "study_pretrained_full")):
+        assert study.main(["--grid", "pretrained", "--no-run"] + (["--full"] if full else [])) == 0
+        assert seen["out"] == REPO / "runs" / stem and seen["doc"] == REPO / "docs" / f"large_{stem.replace('study', 'batch')}.md"

@@ -34,6 +34,16 @@ def _pair(v, what: str):
     raise ValueError(f"{what} must be one number or [height, width]")
 
 
+def _pixel_size(v):
+    """``size`` of a crop step: one positive int or [height, width] → (height, width); None stays."""
+    if v is None:
+        return v
+    h, w = _pair(v, "size")
+    if not (isinstance(h, int) and isinstance(w, int) and h >= 1 and w >= 1):
+        raise ValueError("size must be positive integers")
+    return (h, w)
+
+
 class ResizeStep(ConfigModel):
     """Shortest-edge resize (the pipeline without ``data.transforms`` is resize + flip)."""
 
@@ -74,10 +84,7 @@ class LargeScaleJitterStep(ConfigModel):
     @field_validator("size")
     @classmethod
     def _size(cls, v):
-        h, w = _pair(v, "size")
-        if not (isinstance(h, int) and isinstance(w, int) and h >= 1 and w >= 1):
-            raise ValueError("size must be positive integers")
-        return (h, w)
+        return _pixel_size(v)
 
     @model_validator(mode="after")
     def _range(self):
@@ -99,12 +106,7 @@ class RandomCropStep(ConfigModel):
     @field_validator("size")
     @classmethod
     def _size(cls, v):
-        if v is None:
-            return v
-        h, w = _pair(v, "size")
-        if not (isinstance(h, int) and isinstance(w, int) and h >= 1 and w >= 1):
-            raise ValueError("size must be positive integers")
-        return (h, w)
+        return _pixel_size(v)
 
     @field_validator("relative")
     @classmethod

@@ -11,7 +11,7 @@ caller with the rank's traceback; a rank that dies or hangs fails the call after
 otherwise aborts at interpreter exit now and then, measured with deepspeed 0.19.8).
 
 Notes:
-    As in the launcher (:func:`agvm_ds.train.distributed.skip_shm_comm_build`), DeepSpeed's
+    As in the launcher (:func:`agvm_ds.process_group.skip_shm_comm_build`), DeepSpeed's
     CPU shared-memory comm op (a 36 s JIT build, used only by inference all-reduces) is not
     built; JIT caches live in ``<repo>/.cache/torch_extensions`` unless
     ``TORCH_EXTENSIONS_DIR`` is already set.
@@ -54,7 +54,7 @@ def _rank_main(rank, world_size, port, fn, args, queue, env):
     import deepspeed.comm as dist
     import torch.distributed as tdist
 
-    from agvm_ds.train.distributed import skip_shm_comm_build
+    from agvm_ds.process_group import skip_shm_comm_build
 
     try:
         skip_shm_comm_build()

@@ -48,7 +48,7 @@ from agvm_ds.train import build as B
 from agvm_ds.errors import CheckpointError
 from agvm_ds.train import elastic
 from agvm_ds.train.checkpoint import layout, load_checkpoint, read_marker, select_checkpoint, tag_for
-from agvm_ds.train.distributed import maybe_inject_fault, poison_loss
+from agvm_ds.train.faults import maybe_inject_fault, poison_loss
 from agvm_ds.train.metrics import (LossLog, MetricsWriter, agvm_model_fields, agvm_record,
                                    read_metrics, write_records)
 from agvm_ds.train.periodic import evaluate_step, finish_run, save_step

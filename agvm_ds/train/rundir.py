@@ -170,16 +170,23 @@ def folder_state(out_dir: Path) -> tuple[list[str], list[str]]:
     return run, other
 
 
+def new_stamped_folder(parent: Path, prefix: str, stamp: Optional[str] = None) -> Path:
+    """Create and return ``parent/<prefix><stamp>`` (stamp: the local time), with ``-2``,
+    ``-3``, ... appended when a folder of that name exists: what is moved aside never lands
+    in, or merges with, an earlier move's folder."""
+    stamp = stamp or time.strftime("%Y%m%d-%H%M%S")
+    dest, n = parent / f"{prefix}{stamp}", 1
+    while dest.exists():
+        n += 1
+        dest = parent / f"{prefix}{stamp}-{n}"
+    dest.mkdir(parents=True)
+    return dest
+
+
 def move_previous_run(out_dir: Path, stamp: Optional[str] = None) -> tuple[Path, list[str]]:
     """Move everything in ``out_dir`` but the lock and earlier ``previous_*`` folders into
     a new ``out_dir/previous_<stamp>/``; return it and the names moved."""
-    stamp = stamp or time.strftime("%Y%m%d-%H%M%S")
-    dest = out_dir / f"{PREVIOUS_PREFIX}{stamp}"
-    n = 1
-    while dest.exists():
-        n += 1
-        dest = out_dir / f"{PREVIOUS_PREFIX}{stamp}-{n}"
-    dest.mkdir()
+    dest = new_stamped_folder(out_dir, PREVIOUS_PREFIX, stamp)
     moved = []
     for entry in sorted(out_dir.iterdir()):
         if entry.name == LOCK_NAME or entry.name.startswith(PREVIOUS_PREFIX):

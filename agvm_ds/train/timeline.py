@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
 from agvm_ds import collectives
 from agvm_ds.errors import CheckpointError
 from agvm_ds.train.checkpoint import _TAG, read_marker
+from agvm_ds.train.rundir import new_stamped_folder
 
 __all__ = ["ABANDONED_PREFIX", "begin_timeline", "start_timeline", "tag_step"]
 
@@ -56,13 +56,7 @@ def start_timeline(ckpt_dir: Path, base_step: int, stamp: Optional[str] = None) 
                 newer.append((int(m.group(1)), d))
     if not newer:
         return [], None
-    stamp = stamp or time.strftime("%Y%m%d-%H%M%S")
-    dest = ckpt_dir / f"{ABANDONED_PREFIX}{stamp}"
-    n = 1
-    while dest.exists():
-        n += 1
-        dest = ckpt_dir / f"{ABANDONED_PREFIX}{stamp}-{n}"
-    dest.mkdir(parents=True)
+    dest = new_stamped_folder(ckpt_dir, ABANDONED_PREFIX, stamp)
     names = []
     for _, d in sorted(newer):
         os.replace(d, dest / d.name)

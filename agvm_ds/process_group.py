@@ -1,4 +1,5 @@
-"""Process-group set-up and tear-down for the launcher, plus the test-only fault knob.
+"""The process group every entry point opens and closes: ``launch/train.py``, ``launch/evaluate.py``,
+``python -m agvm_ds.selfcheck``, the benchmarks and the examples (one function each way).
 
 Notes:
     * ``TORCH_EXTENSIONS_DIR`` defaults to ``<repo>/.cache/torch_extensions`` so DeepSpeed's
@@ -9,21 +10,18 @@ Notes:
       backend JIT-compiles it at start-up (36 s on a fresh 2-core machine, measured
       2026-12-02) although only ``inference_all_reduce`` (tensor-parallel inference) uses
       it; training's collectives go through gloo either way. ``AGVM_DS_SHM_COMM=1`` keeps it.
+    * A rendezvous port in use (EADDRINUSE on rank 0) is one line naming ``--master_port``.
     * :func:`teardown` is barrier + ``destroy_process_group``; without it processes
       sometimes abort at exit (measured with deepspeed 0.19.8). After a failure it only destroys.
-    * ``AGVM_DS_FAULT_AT_STEP=N`` makes rank ``AGVM_DS_FAULT_RANK`` (default 1) leave with
-      ``os._exit(17)`` just before optimizer step N+1 (i.e. after N steps) — for tests
-      of crash handling and resumption; never set it in real runs.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 
 from agvm_ds.config.files import REPO_ROOT
 
-FAULT_EXIT_CODE = 17
+__all__ = ["init_distributed", "skip_shm_comm_build", "teardown"]
 
 
 def init_distributed() -> tuple[int, int, int]:
@@ -105,24 +103,3 @@ def teardown(ok: bool) -> None:
         tdist.destroy_process_group()
     except Exception:  # noqa: BLE001 - a peer is gone; the exit code already says so
         pass
-
-
-def maybe_inject_fault(steps_done: int, rank: int) -> None:
-    """Test-only: die hard on the configured rank once ``steps_done`` reaches the set step."""
-    at = os.environ.get("AGVM_DS_FAULT_AT_STEP")
-    if at is None or int(at) != steps_done:
-        return
-    if rank == int(os.environ.get("AGVM_DS_FAULT_RANK", "1")):
-        print(f"[agvm-ds] AGVM_DS_FAULT_AT_STEP={at}: rank {rank} exits now", file=sys.stderr,
-              flush=True)
-        os._exit(FAULT_EXIT_CODE)
-
-
-def poison_loss(loss, steps_done: int):
-    """Test-only: with ``AGVM_DS_NAN_FROM_STEP=N`` every loss from step ``N`` on (0-based) is
-    NaN, so every later optimizer step is skipped (``train.max_consecutive_skips``)."""
-    at = os.environ.get("AGVM_DS_NAN_FROM_STEP")
-    if at is None or steps_done < int(at):
-        return loss
-    return loss * float("nan")
-
