@@ -57,13 +57,13 @@ def _f(x, digits=3) -> str:
     return "∞" if math.isinf(x) else f"{x:.{digits}f}"
 
 
-def _olympic(values) -> str:
+def _olympic(values, digits=3) -> str:
     mean, sd, kept = st.olympic(values)
     if kept == 0:
         return "—"
     if math.isinf(mean):
         return "not reached (≥ 2 censored)"
-    return _f(mean) + ("" if math.isnan(sd) else f" ± {_f(sd)}")
+    return _f(mean, digits) + ("" if math.isnan(sd) else f" ± {_f(sd, digits)}")
 
 
 def _ap_at(history, epoch):
@@ -131,7 +131,7 @@ def table_lines(analysis: dict) -> list[str]:
                 + ", ".join(f"s{r['seed']} {_f(r['ap'])}" + (" (failed)" if r.get("rc") else "") for r in rs)
                 + f" | {_olympic([v for v in c['ap'] if math.isfinite(v)])} | {_olympic([v for v in half if math.isfinite(v)])} | "
                 + ", ".join(">" + _f(epochs, 0) if math.isinf(e) else _f(e, 0) for e in c["ett"])
-                + f" | {_olympic(c['ett'])} | {_f(t['welch_ap'] if t else None)} | "
+                + f" | {_olympic(c['ett'], digits=1)} | {_f(t['welch_ap'] if t else None)} | "
                 f"{_f(t['perm_ap'] if t else None)} | {_f(t['perm_ett'] if t else None)} | "
                 + (f"{_f(100 * closed[0], 0)} % ({_f(100 * closed[1], 0)} – {_f(100 * closed[2], 0)} %)"
                    if math.isfinite(closed[0]) else "—") + " |")
