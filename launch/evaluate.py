@@ -217,7 +217,7 @@ def evaluate_model(args) -> int:
     check_classes(val, model.info["num_classes"], args.model)
     val.transform = MultiScale(transforms(info))
     several = len(sizes_of(info)) > 1
-    nms_thresh, max_detections = merge_settings(info.get("model_spec") or {})
+    nms_thresh, max_detections = merge_settings(info.get("model_spec") or {}, model)
     semantic = infer_task(val) == "semantic"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)

@@ -197,3 +197,23 @@ def test_one_process_tools_set_omp_num_threads_only_when_nobody_did(tmp_path):
     assert cores_available(str(quota)) == min(2, len(os.sched_getaffinity(0)))
     quota.write_text("max 100000\n")
     assert cores_available(str(quota)) == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("family", ["retinanet", "fasterrcnn"])
+def test_a_torchvision_network_merges_sizes_with_its_own_nms_settings(family):
+    """No spec (a ``model.builder`` network): the merge of several test sizes uses the
+    torchvision detector's own NMS IoU and detections per image, not a fixed (0.5, 100)."""
+    import agvm_ds  # noqa: F401  (first: makes torchvision importable on CPU torch)
+    import torchvision
+    from agvm_ds.inference.test_time import DEFAULT_DETECTIONS, DEFAULT_NMS, merge_settings
+
+    detection = torchvision.models.detection
+    if family == "retinanet":
+        net = detection.retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3,
+                                               nms_thresh=0.35, detections_per_img=42)
+    else:
+        net = detection.fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, num_classes=3,
+                                                          box_nms_thresh=0.35, box_detections_per_img=42)
+    assert merge_settings({}, net) == (0.35, 42)
+    assert merge_settings({}, torch.nn.Linear(2, 2)) == (DEFAULT_NMS, DEFAULT_DETECTIONS)  # nothing to read
+    assert merge_settings({"head": {"nms_thresh": 0.6, "max_detections": 7}}, net) == (0.6, 7)  # the spec first

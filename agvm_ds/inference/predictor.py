@@ -76,7 +76,7 @@ def predict_images(model: torch.nn.Module, images: Any, score_threshold: Optiona
         images = [images]
     threshold = recorded(model.info, score_threshold)
     sizes = transforms(model.info)
-    nms_thresh, max_detections = merge_settings(model.info.get("model_spec") or {})
+    nms_thresh, max_detections = merge_settings(model.info.get("model_spec") or {}, model)
     divisor = int(model.info["transform"].get("size_divisibility", 32))
     param = next(model.parameters())
     results: list[dict] = []

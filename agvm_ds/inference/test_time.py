@@ -91,12 +91,20 @@ def transforms(info: dict) -> list:
     return [Transform(s, t["max_size"], 0.0, t["mean"], t["std"]) for s in sizes_of(info)]
 
 
-def merge_settings(spec: dict) -> tuple[float, int]:
-    """(NMS IoU threshold, detections per image) of the model's box head."""
+def merge_settings(spec: dict, network=None) -> tuple[float, int]:
+    """(NMS IoU threshold, detections per image) of the model's box head: the spec's, else
+    the network's own (torchvision detectors keep them as ``nms_thresh`` and
+    ``detections_per_img`` on the module that applies them: the model for RetinaNet/FCOS/SSD,
+    ``roi_heads`` for the R-CNNs), else (0.5, 100) (e.g. DETR, which has no NMS)."""
     for section in _HEAD_SECTIONS:
         head = spec.get(section) if isinstance(spec, dict) else None
         if isinstance(head, dict) and "nms_thresh" in head:
             return float(head["nms_thresh"]), int(head.get("max_detections", DEFAULT_DETECTIONS))
+    if network is not None:
+        for module in network.modules():
+            nms, top = getattr(module, "nms_thresh", None), getattr(module, "detections_per_img", None)
+            if isinstance(nms, (int, float)) and isinstance(top, int) and not isinstance(top, bool):
+                return float(nms), int(top)
     return DEFAULT_NMS, DEFAULT_DETECTIONS
 
 
