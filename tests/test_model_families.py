@@ -416,6 +416,11 @@ def test_the_launcher_runs_every_family_to_predictions(trained, tmp_path, capsys
         assert s == pytest.approx(t, abs=1e-5) and [x1, y1, x2 - x1, y2 - y1] == pytest.approx(bbox, abs=1e-3)
     w, h = Image.open(path).size
     assert float(pred["boxes"][:, 2].max()) <= w and float(pred["boxes"][:, 3].max()) <= h
+    if not user:  # several test sizes merge at the loaded FCOS's own NMS settings (no spec to read)
+        from agvm_ds.inference.test_time import merge_settings
+
+        fcos = next(m for m in model.modules() if type(m).__name__ == "FCOS")
+        assert merge_settings(model.info.get("model_spec") or {}, model) == (fcos.nms_thresh, fcos.detections_per_img)
     if user:  # launch/predict.py too (its --trust_code); each load of the FCOS is seconds of init
         assert predict.main(["--model", str(tmp_path / "export"), "--images", str(path), "--output_dir",
                              str(tmp_path / "pred"), "--score_threshold", "0", *trust]) == 0
