@@ -116,6 +116,19 @@ def pick_cells(default: list, names: list | None, known: list) -> list | None:
     return [by_name[n] for n in names]
 
 
+def check_destinations(out: Path, doc: Path) -> str | None:
+    """The one-line refusal when a study would write over something it should not: ``--doc``
+    is rewritten in place (its generated block replaced, or one appended), so it must be a
+    Markdown file (a run file, weights or any other input named there would be corrupted);
+    ``--out`` holds one folder per cell, so it must not be a file. None when both are fine."""
+    if Path(doc).suffix.lower() != ".md" or Path(doc).is_dir():
+        return (f"error: --doc {doc}: the report is written into a Markdown file (.md), which keeps "
+                f"everything outside its generated block; name one")
+    if Path(out).exists() and not Path(out).is_dir():
+        return f"error: --out {out}: is a file, not a folder (one folder per cell goes there)"
+    return None
+
+
 def set_key(cfg: dict, dotted: str, value) -> None:
     node = cfg
     *parents, leaf = dotted.split(".")
@@ -271,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out = args.out or REPO / "runs" / stem
     args.doc = args.doc or REPO / "docs" / (f"large_batch_pretrained{'_full' if args.full else ''}.md"
                                             if pretrained else "large_batch.md")
+    refusal = check_destinations(args.out, args.doc)
+    if refusal:
+        print(refusal, file=sys.stderr)
+        return 2
     if pretrained:
         from launch.study_pretrained_run import main as pretrained_main
 

@@ -318,3 +318,22 @@ def test_the_full_grid_has_its_own_folder_and_report(tmp_path, monkeypatch):
     for full, stem in ((False, "study_pretrained"), (True, "study_pretrained_full")):
         assert study.main(["--grid", "pretrained", "--no-run"] + (["--full"] if full else [])) == 0
         assert seen["out"] == REPO / "runs" / stem and seen["doc"] == REPO / "docs" / f"large_{stem.replace('study', 'batch')}.md"
+
+
+@pytest.mark.parametrize("grid_args", [[], ["--grid", "pretrained"]])
+def test_a_doc_or_out_that_would_overwrite_an_input_is_refused_in_one_line(grid_args, tmp_path, capsys):
+    """--doc is rewritten in place: naming the base run file (or the weights) would corrupt an
+    input. Both grids refuse it, and an --out that is a file, before anything is written."""
+    run_file = tmp_path / "study_shapes64.json"
+    run_file.write_text('{"x": 1}')
+    weights = tmp_path / "bb.safetensors"
+    weights.write_bytes(b"\x00\x01")
+    for extra, needle in ((["--doc", str(run_file)], f"--doc {run_file}: the report is written into a Markdown"),
+                          (["--doc", str(weights)], f"--doc {weights}:"),
+                          (["--out", str(run_file), "--doc", str(tmp_path / "r.md")], f"--out {run_file}: is a file")):
+        argv = grid_args + ["--out", str(tmp_path / "cells"), "--no-run"] + extra
+        assert study.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+    assert run_file.read_text() == '{"x": 1}' and weights.read_bytes() == b"\x00\x01"
+    assert not (tmp_path / "cells").exists() and not (tmp_path / "r.md").exists()
