@@ -1,7 +1,7 @@
 """Where a training step goes: N steps of a run file through the real training path.
 
 The job is ``agvm_ds.train.loop.train`` itself (``build_job``, the DataLoader it builds,
-``train_step``, the ``LossLog`` flush in ``_write_records``, checkpoints and evaluations
+``train_step``, the ``LossLog`` flush in ``write_records``, checkpoints and evaluations
 as the run file asks), on ranks started by the ``deepspeed`` launcher (the path of
 ``make train``; ``--launcher spawn`` uses ``agvm_ds.testing.distributed.run_distributed``
 instead). Nothing in the package is edited: this script wraps methods on the live objects
@@ -24,9 +24,9 @@ section edge). Sections nest; each one's own ("self") time excludes the sections
   ``scaled_global_norm`` (with its all-reduce); ``inner optimizer``: ``_optimizer_step``
   (AGVM.step: μ applied, the base optimizer's update of the rank's partition);
   ``AGVM step``: ``controller.skip_step`` / ``_resolve`` (wait for the statistics, μ update);
-* ``metrics``: ``LossLog.add`` (every step) and ``_write_records`` (the loss all-reduce,
+* ``metrics``: ``LossLog.add`` (every step) and ``write_records`` (the loss all-reduce,
   host sync and ``metrics.jsonl`` line of each logged step);
-* ``checkpoint`` / ``evaluation``: the loop's ``_save`` / ``_evaluate``;
+* ``checkpoint`` / ``evaluation``: the loop's ``save_step`` / ``evaluate_step`` (``train/periodic.py``);
 * ``other``: the step wall time (from one ``train_step`` start to the next: the whole loop
   iteration) less all of the above: lr schedule, clipping switch, ``_to_device``, seeding,
   AGVM's record, the progress bar, Python.
@@ -77,9 +77,9 @@ ROWS = [
     ("opt_norm", "DeepSpeed grad norm (in step)", "engine"),
     ("opt_inner", "inner optimizer (AGVM.step + base update)", "engine"),
     ("agvm_step", "AGVM step (skip_step / _resolve: wait, mu update)", "engine"),
-    ("metrics", "metrics (LossLog.add + _write_records)", "outside"),
-    ("checkpoint", "checkpoint (_save)", "outside"),
-    ("evaluation", "evaluation (_evaluate)", "outside"),
+    ("metrics", "metrics (LossLog.add + write_records)", "outside"),
+    ("checkpoint", "checkpoint (save_step)", "outside"),
+    ("evaluation", "evaluation (evaluate_step)", "outside"),
     ("other", "other (schedule, bookkeeping, bar, Python)", "outside"),
 ]
 COLLECTIVES = ("all_reduce", "reduce", "reduce_scatter_tensor", "reduce_scatter", "all_gather_into_tensor",
@@ -271,7 +271,8 @@ def profile_rank(rank: int, world: int, opts: dict):
             losses_out._step_profile = True
         return orig_step(job, step, iters[id(batches)][1], losses_out)
 
-    for name, cat in (("_write_records", "metrics"), ("_save", "checkpoint"), ("_evaluate", "evaluation")):
+    # the loop calls these through its own module globals (imported from metrics / periodic)
+    for name, cat in (("write_records", "metrics"), ("save_step", "checkpoint"), ("evaluate_step", "evaluation")):
         sec.wrap(loop, name, cat)
     loop.build_job, loop.train_step = build_job, train_step
     try:

@@ -185,7 +185,7 @@ def write_report(out: Path, doc: Path, cells, command: str, selection_path: Path
     block = [BEGIN, "", f"Command: `{command}`", "",
              f"Cells: {len(records)} of {len(cells)} ran" + (f"; not run: {len(missing)}" if missing else "")
              + f"; their training and evaluation took {sum(r.get('wall_s', 0.0) for r in records) / 3600:.2f} h "
-             "of cell time (the sum over cells; two cells ran at once).", "",
+             "of cell time (the sum over cells; `--jobs` of them run at once).", "",
              "Targets (0.99 × the mean final AP of the smallest batch's plain cells): "
              + (", ".join(f"{d}/{o} {_f(a['target'])}" for (d, o), a in analysis.items()) or "—") + ".", "",
              "AGVM's τ/α (held-out draw, `selection.json`): "
